@@ -1,0 +1,88 @@
+"""Every error scopegate raises, and the HTTP status and code each maps to.
+
+Exception tree::
+
+    ScopegateError
+    ├── InvalidToken                  401 invalid_token
+    ├── Forbidden                     403 forbidden
+    ├── NotFound                      404 not_found
+    ├── InvalidRequest                422 invalid_request
+    │   └── InvalidIdentifier
+    ├── PayloadTooLarge               413 payload_too_large
+    ├── RateLimited                   429 rate_limited
+    ├── Conflict                      409 conflict
+    └── Unavailable                   503
+        ├── AuthorizationUnavailable      authorization_unavailable
+        ├── SourceUnavailable             source_unavailable
+        └── AuditUnavailable              audit_unavailable
+
+A denial is a result, never an exception: these errors mean the gateway could not
+decide, and every one of them makes the request return no content.
+"""
+
+from __future__ import annotations
+
+
+class ScopegateError(Exception):
+    status: int = 500
+    code: str = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidToken(ScopegateError):
+    status = 401
+    code = "invalid_token"
+
+
+class Forbidden(ScopegateError):
+    status = 403
+    code = "forbidden"
+
+
+class NotFound(ScopegateError):
+    status = 404
+    code = "not_found"
+
+
+class InvalidRequest(ScopegateError):
+    status = 422
+    code = "invalid_request"
+
+
+class InvalidIdentifier(InvalidRequest):
+    pass
+
+
+class PayloadTooLarge(ScopegateError):
+    status = 413
+    code = "payload_too_large"
+
+
+class RateLimited(ScopegateError):
+    status = 429
+    code = "rate_limited"
+
+
+class Conflict(ScopegateError):
+    status = 409
+    code = "conflict"
+
+
+class Unavailable(ScopegateError):
+    status = 503
+    code = "unavailable"
+
+
+class AuthorizationUnavailable(Unavailable):
+    code = "authorization_unavailable"
+
+
+class SourceUnavailable(Unavailable):
+    code = "source_unavailable"
+
+
+class AuditUnavailable(Unavailable):
+    code = "audit_unavailable"

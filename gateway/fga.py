@@ -1,0 +1,419 @@
+"""The OpenFGA edge: the only module that talks to OpenFGA.
+
+One :class:`FgaClient` per process holds one connection pool. BatchCheck items get
+unique correlation ids and are mapped back by id, never by position; anything the
+server does not answer for an item is an error for that item. Every SDK, transport
+or decoding failure goes through :func:`fga_errors`, which turns it into
+:class:`AuthorizationUnavailable`: a request that meets it returns no content.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from openfga_sdk import ClientConfiguration, OpenFgaClient
+from openfga_sdk.client.models import (
+    ClientListObjectsRequest,
+    ClientTuple,
+    ClientWriteRequest,
+)
+from openfga_sdk.client.models.write_conflict_opts import (
+    ClientWriteRequestOnDuplicateWrites,
+    ClientWriteRequestOnMissingDeletes,
+    ConflictOptions,
+)
+from openfga_sdk.configuration import RetryParams
+from openfga_sdk.credentials import CredentialConfiguration, Credentials
+from openfga_sdk.exceptions import ApiException, OpenApiException, ValidationException
+from openfga_sdk.models.batch_check_item import BatchCheckItem
+from openfga_sdk.models.batch_check_request import BatchCheckRequest
+from openfga_sdk.models.check_request_tuple_key import CheckRequestTupleKey
+from openfga_sdk.models.create_store_request import CreateStoreRequest
+from openfga_sdk.models.read_request_tuple_key import ReadRequestTupleKey
+from openfga_sdk.models.relationship_condition import RelationshipCondition
+from openfga_sdk.models.write_authorization_model_request import (
+    WriteAuthorizationModelRequest,
+)
+
+from gateway.decision import CheckItem, CheckOutcome
+from gateway.errors import AuthorizationUnavailable, InvalidRequest
+
+MAX_CHECKS_PER_BATCH = 50
+MAX_WRITES_PER_REQUEST = 100
+STORE_NAME = "scopegate"
+MODEL_PATH = Path(__file__).resolve().parent.parent / "fga_models" / "scopegate" / "model.json"
+EXPIRY_CONDITION = "not_expired"
+
+
+@dataclass(frozen=True, slots=True)
+class Tuple:
+    """A relationship tuple in OpenFGA form, optionally with an expiry condition."""
+
+    user: str
+    relation: str
+    object: str
+    expires_at: datetime | None = None
+
+
+@dataclass(slots=True)
+class FgaStats:
+    """Round trips made, for benchmarks and tests (not thread-safe; one event loop)."""
+
+    batch_check_calls: int = 0
+    checks_sent: int = 0
+    list_objects_calls: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ListObjectsResult:
+    ids: frozenset[str]
+    truncated: bool
+    elapsed_s: float = 0.0
+
+
+@dataclass(slots=True)
+class _Pending:
+    items: list[CheckItem] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def fga_errors(action: str) -> Any:
+    """Translate every failure talking to OpenFGA into AuthorizationUnavailable."""
+    try:
+        yield
+    except AuthorizationUnavailable:
+        raise
+    except ValidationException as exc:
+        raise AuthorizationUnavailable(f"OpenFGA rejected {action}: {exc.status}") from exc
+    except ApiException as exc:
+        raise AuthorizationUnavailable(f"OpenFGA {action} failed with HTTP {exc.status}") from exc
+    except (TimeoutError, asyncio.TimeoutError) as exc:
+        raise AuthorizationUnavailable(f"OpenFGA {action} timed out") from exc
+    except (OpenApiException, aiohttp.ClientError, OSError) as exc:
+        raise AuthorizationUnavailable(f"OpenFGA {action} failed: {type(exc).__name__}") from exc
+    except (ValueError, KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
+        raise AuthorizationUnavailable(f"OpenFGA {action}: unreadable answer") from exc
+
+
+def load_model() -> dict[str, Any]:
+    """The authorization model shipped in fga_models/ (JSON form of model.fga)."""
+    model: dict[str, Any] = json.loads(MODEL_PATH.read_text())
+    return model
+
+
+def _model_signature(model: Mapping[str, Any]) -> str:
+    keys = ("schema_version", "type_definitions", "conditions")
+    return json.dumps({k: model.get(k) or None for k in keys}, sort_keys=True)
+
+
+def now_context(now: datetime | None = None) -> dict[str, str]:
+    """Condition context supplied by the gateway itself, never by clients."""
+    moment = now or datetime.now(UTC)
+    return {"current_time": moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")}
+
+
+class FgaClient:
+    """Async OpenFGA client bound to one store and one authorization model."""
+
+    def __init__(
+        self,
+        api_url: str,
+        store_id: str | None = None,
+        model_id: str | None = None,
+        *,
+        timeout_s: float = 2.0,
+        max_parallel_batches: int = 4,
+        consistency: str = "HIGHER_CONSISTENCY",
+        api_token: str | None = None,
+        listobjects_deadline_s: float = 2.5,
+    ) -> None:
+        credentials = None
+        if api_token:
+            credentials = Credentials(
+                method="api_token", configuration=CredentialConfiguration(api_token=api_token)
+            )
+        self._config = ClientConfiguration(
+            api_url=api_url,
+            store_id=store_id,
+            authorization_model_id=model_id,
+            timeout_millisec=max(1, int(timeout_s * 1000)),
+            retry_params=RetryParams(max_retry=0),
+            credentials=credentials,
+        )
+        self.api_url = api_url
+        self.timeout_s = timeout_s
+        self.consistency = consistency
+        self.listobjects_deadline_s = listobjects_deadline_s
+        self._parallel = asyncio.Semaphore(max_parallel_batches)
+        self._client: OpenFgaClient | None = None
+        self.stats = FgaStats()
+
+    @property
+    def client(self) -> OpenFgaClient:
+        if self._client is None:
+            self._client = OpenFgaClient(self._config)
+        return self._client
+
+    @property
+    def store_id(self) -> str:
+        return str(self._config.store_id or "")
+
+    @property
+    def model_id(self) -> str:
+        return str(self._config.authorization_model_id or "")
+
+    async def close(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.close()
+
+    async def __aenter__(self) -> FgaClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- store and model -------------------------------------------------------------
+
+    async def ensure_store_and_model(self, store_name: str = STORE_NAME) -> tuple[str, str]:
+        """Reuse the named store and its latest model; write a model only if it changed."""
+        with fga_errors("store bootstrap"):
+            if not self._config.store_id:
+                stores = await self.client.list_stores({"name": store_name})
+                matches = [s for s in stores.stores if s.name == store_name]
+                if matches:
+                    store_id = sorted(matches, key=lambda s: s.created_at)[0].id
+                else:
+                    store_id = (await self.client.create_store(CreateStoreRequest(name=store_name))).id
+                self.client.set_store_id(store_id)
+                self._config.store_id = store_id
+            wanted = load_model()
+            latest = await self._latest_model()
+            if latest is not None and _model_signature(latest[1]) == _model_signature(wanted):
+                model_id = latest[0]
+            else:
+                body = WriteAuthorizationModelRequest(
+                    schema_version=wanted["schema_version"],
+                    type_definitions=wanted["type_definitions"],
+                    conditions=wanted.get("conditions"),
+                )
+                model_id = (await self.client.write_authorization_model(body)).authorization_model_id
+            self.client.set_authorization_model_id(model_id)
+        return self.store_id, model_id
+
+    async def _latest_model(self) -> tuple[str, dict[str, Any]] | None:
+        try:
+            response = await self.client.read_latest_authorization_model()
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        model = response.authorization_model
+        if model is None:
+            return None
+        data = self.client._api_client.sanitize_for_serialization(model)
+        return str(model.id), data
+
+    # -- checks ----------------------------------------------------------------------
+
+    async def batch_check(
+        self,
+        items: Iterable[CheckItem],
+        *,
+        context: Mapping[str, Any] | None = None,
+        model_id: str | None = None,
+        consistency: str | None = None,
+    ) -> dict[CheckItem, CheckOutcome]:
+        """Check every distinct item; return an outcome for each (errors included).
+
+        Raises AuthorizationUnavailable when a whole BatchCheck call fails.
+        """
+        unique = list(dict.fromkeys(items))
+        ctx = dict(context) if context is not None else now_context()
+        chunks = [
+            unique[i : i + MAX_CHECKS_PER_BATCH] for i in range(0, len(unique), MAX_CHECKS_PER_BATCH)
+        ]
+        results = await asyncio.gather(
+            *(self._batch(chunk, ctx, model_id, consistency) for chunk in chunks)
+        )
+        outcomes: dict[CheckItem, CheckOutcome] = {}
+        for part in results:
+            outcomes.update(part)
+        return outcomes
+
+    async def _batch(
+        self,
+        chunk: Sequence[CheckItem],
+        context: Mapping[str, Any],
+        model_id: str | None,
+        consistency: str | None,
+    ) -> dict[CheckItem, CheckOutcome]:
+        by_id = {f"c{i}": item for i, item in enumerate(chunk)}
+        body = BatchCheckRequest(
+            checks=[
+                BatchCheckItem(
+                    tuple_key=CheckRequestTupleKey(
+                        user=item.user, relation=item.relation, object=item.object
+                    ),
+                    context=dict(context),
+                    correlation_id=cid,
+                )
+                for cid, item in by_id.items()
+            ],
+            authorization_model_id=model_id or self.model_id or None,
+            consistency=consistency or self.consistency,
+        )
+        async with self._parallel:
+            self.stats.batch_check_calls += 1
+            self.stats.checks_sent += len(chunk)
+            with fga_errors("BatchCheck"):
+                response = await asyncio.wait_for(
+                    self.client._api.batch_check(body), timeout=self.timeout_s
+                )
+                answered = dict(response.result or {})
+        return {item: _outcome(answered.get(cid)) for cid, item in by_id.items()}
+
+    async def check(self, item: CheckItem, *, context: Mapping[str, Any] | None = None) -> bool:
+        """A single check through the batch path; anything but a proven True is False."""
+        outcome = (await self.batch_check([item], context=context)).get(item)
+        return bool(outcome is not None and outcome.allowed is True)
+
+    async def list_objects(
+        self,
+        user: str,
+        relation: str,
+        object_type: str,
+        *,
+        context: Mapping[str, Any] | None = None,
+        max_results: int = 1000,
+        consistency: str | None = None,
+    ) -> ListObjectsResult:
+        """ListObjects, flagging answers that may be truncated (never trusted as complete)."""
+        request = ClientListObjectsRequest(
+            user=user,
+            relation=relation,
+            type=object_type,
+            context=dict(context) if context is not None else now_context(),
+        )
+        options = {"consistency": consistency or self.consistency}
+        started = time.monotonic()
+        self.stats.list_objects_calls += 1
+        with fga_errors("ListObjects"):
+            response = await asyncio.wait_for(
+                self.client.list_objects(request, options),  # type: ignore[arg-type]
+                timeout=self.listobjects_deadline_s + self.timeout_s,
+            )
+            objects = [str(o) for o in (response.objects or [])]
+        elapsed = time.monotonic() - started
+        prefix = f"{object_type}:"
+        if any(not o.startswith(prefix) for o in objects):
+            raise AuthorizationUnavailable("OpenFGA ListObjects: unexpected object type")
+        # The server stops at max results or at its deadline and still answers 200:
+        # a full page, or an answer that arrived near the deadline, may be partial.
+        truncated = len(objects) >= max_results or elapsed >= 0.9 * self.listobjects_deadline_s
+        ids = frozenset(o[len(prefix) :] for o in objects)
+        return ListObjectsResult(ids, truncated, elapsed)
+
+    # -- writes ----------------------------------------------------------------------
+
+    async def write(self, writes: Sequence[Tuple] = (), deletes: Sequence[Tuple] = ()) -> None:
+        """Write and delete tuples idempotently, in transactions of at most 100."""
+        ops: list[tuple[str, Tuple]] = [("w", t) for t in writes] + [("d", t) for t in deletes]
+        conflict = ConflictOptions(
+            on_duplicate_writes=ClientWriteRequestOnDuplicateWrites.IGNORE,
+            on_missing_deletes=ClientWriteRequestOnMissingDeletes.IGNORE,
+        )
+        for i in range(0, len(ops), MAX_WRITES_PER_REQUEST):
+            part = ops[i : i + MAX_WRITES_PER_REQUEST]
+            request = ClientWriteRequest(
+                writes=[_client_tuple(t) for kind, t in part if kind == "w"] or None,
+                deletes=[_client_tuple(t) for kind, t in part if kind == "d"] or None,
+            )
+            try:
+                with fga_errors("Write"):
+                    await self.client.write(request, {"conflict": conflict})  # type: ignore[dict-item]
+            except AuthorizationUnavailable as exc:
+                if isinstance(exc.__cause__, ValidationException):
+                    raise InvalidRequest(f"relationship rejected by the model: {exc.__cause__}") from exc
+                raise
+
+    async def read(self, *, user: str | None = None, relation: str | None = None,
+                   object: str | None = None) -> list[Tuple]:
+        """All tuples matching the filter (paged)."""
+        found: list[Tuple] = []
+        token: str | None = None
+        with fga_errors("Read"):
+            while True:
+                options: dict[str, Any] = {"page_size": 100}
+                if token:
+                    options["continuation_token"] = token
+                response = await self.client.read(
+                    ReadRequestTupleKey(user=user, relation=relation, object=object), options
+                )
+                for entry in response.tuples or []:
+                    key = entry.key
+                    found.append(Tuple(key.user, key.relation, key.object))
+                token = response.continuation_token
+                if not token:
+                    return found
+
+    async def stream_changes(self, object_type: str | None = None) -> AsyncIterator[Tuple]:
+        """ReadChanges from the beginning (used by cache invalidation and tools)."""
+        token: str | None = None
+        while True:
+            with fga_errors("ReadChanges"):
+                options: dict[str, Any] = {"page_size": 100}
+                if token:
+                    options["continuation_token"] = token
+                from openfga_sdk.client.models import ClientReadChangesRequest
+
+                response = await self.client.read_changes(
+                    ClientReadChangesRequest(type=object_type), options
+                )
+            for change in response.changes or []:
+                key = change.tuple_key
+                yield Tuple(key.user, key.relation, key.object)
+            if not response.changes or response.continuation_token == token:
+                return
+            token = response.continuation_token
+
+    async def healthy(self) -> bool:
+        try:
+            with fga_errors("health"):
+                await asyncio.wait_for(self.client.get_store(), timeout=self.timeout_s)
+            return True
+        except AuthorizationUnavailable:
+            return False
+
+
+def _client_tuple(t: Tuple) -> ClientTuple:
+    condition = None
+    if t.expires_at is not None:
+        expires = t.expires_at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        condition = RelationshipCondition(name=EXPIRY_CONDITION, context={"expires_at": expires})
+    return ClientTuple(user=t.user, relation=t.relation, object=t.object, condition=condition)
+
+
+def _outcome(result: Any) -> CheckOutcome:
+    """Map one BatchCheck item result. Only an explicit ``allowed: true`` allows."""
+    if result is None:
+        return CheckOutcome(None, "no answer for this item")
+    error = getattr(result, "error", None)
+    if error is not None:
+        return CheckOutcome(None, str(getattr(error, "message", None) or error)[:200])
+    allowed = getattr(result, "allowed", None)
+    if allowed is True:
+        return CheckOutcome(True)
+    if allowed is False or allowed is None:
+        # OpenFGA omits "allowed" when false in JSON; the SDK then reports None.
+        return CheckOutcome(False)
+    return CheckOutcome(None, "unreadable answer")

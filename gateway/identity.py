@@ -1,0 +1,217 @@
+"""Delegation tokens: minting (embedded default) and verification (RFC 8725).
+
+Verification never lets the token choose how it is verified: algorithms come from
+settings, the key from a configured ``kid``, and headers that point elsewhere for a
+key (``jku``, ``x5u``, ``jwk``, ``x5c``) are refused. The verified claims become an
+immutable context that every later step receives; nothing in a request body can
+change who is asking.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from jwt.types import Options
+
+from gateway.errors import InvalidToken
+from gateway.ids import validate_id
+
+ACCESS_TOKEN_TYPE = "at+jwt"
+_FORBIDDEN_HEADERS = ("jku", "x5u", "jwk", "x5c")
+_REQUIRED_CLAIMS = ["iss", "aud", "exp", "iat", "jti", "sub"]
+
+
+@dataclass(frozen=True, slots=True)
+class PrincipalContext:
+    """A verified admin/reviewer caller: a user of a tenant, rights from OpenFGA."""
+
+    tenant: str
+    user: str
+    token_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class DelegationContext:
+    """A verified agent call: user ``user`` delegated task ``task`` to ``agent``."""
+
+    tenant: str
+    user: str
+    agent: str
+    task: str
+    token_id: str
+    expires_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class SigningKey:
+    kid: str
+    private_pem: bytes
+    public_pem: bytes
+
+
+def _thumbprint(public_pem: bytes) -> str:
+    return base64.urlsafe_b64encode(hashlib.sha256(public_pem).digest()[:12]).decode().rstrip("=")
+
+
+def load_or_create_signing_key(data_dir: Path) -> SigningKey:
+    """The embedded default's Ed25519 key, created on first use (mode 0600)."""
+    path = data_dir / "keys" / "ed25519.pem"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        pem = Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(pem)
+        tmp.chmod(0o600)
+        tmp.replace(path)
+    private_pem = path.read_bytes()
+    private = serialization.load_pem_private_key(private_pem, password=None)
+    public_pem = private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return SigningKey(_thumbprint(public_pem), private_pem, public_pem)
+
+
+def parse_ttl(text: str) -> int:
+    """``90s``, ``15m``, ``2h`` (or plain seconds) to seconds."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    text = text.strip()
+    scale = units.get(text[-1:], 1)
+    number = text[:-1] if text[-1:] in units else text
+    if not number.isdigit() or int(number) <= 0:
+        raise ValueError(f"ttl {text!r} must look like 90s, 15m or 2h")
+    return int(number) * scale
+
+
+def issue_token(
+    key: SigningKey,
+    *,
+    issuer: str,
+    audience: str,
+    tenant: str,
+    user: str,
+    agent: str | None = None,
+    task: str | None = None,
+    ttl_s: int = 900,
+    now: int | None = None,
+) -> str:
+    """Mint a delegation token (agent and task) or a principal token (neither)."""
+    if (agent is None) != (task is None):
+        raise ValueError("a delegation token needs both agent and task")
+    issued = int(time.time()) if now is None else now
+    claims: dict[str, Any] = {
+        "iss": issuer,
+        "aud": audience,
+        "iat": issued,
+        "nbf": issued,
+        "exp": issued + ttl_s,
+        "jti": uuid.uuid4().hex,
+        "sub": validate_id(user, "user"),
+        "tenant": validate_id(tenant, "tenant"),
+    }
+    if agent is not None and task is not None:
+        claims["act"] = {"sub": validate_id(agent, "agent")}
+        claims["task"] = validate_id(task, "task")
+    headers = {"kid": key.kid, "typ": ACCESS_TOKEN_TYPE}
+    return jwt.encode(claims, key.private_pem, algorithm="EdDSA", headers=headers)
+
+
+class TokenVerifier:
+    """Verifies tokens against configured keys, algorithms, issuer and audience."""
+
+    def __init__(
+        self,
+        public_keys: Mapping[str, bytes],
+        *,
+        issuer: str,
+        audience: str,
+        algorithms: list[str],
+        leeway_s: int = 5,
+    ) -> None:
+        if not algorithms or any(a.lower() == "none" or a.startswith("HS") for a in algorithms):
+            raise ValueError("only asymmetric algorithms may be configured")
+        if leeway_s > 5:
+            raise ValueError("clock-skew leeway is at most 5 seconds")
+        self._keys = dict(public_keys)
+        self._issuer = issuer
+        self._audience = audience
+        self._algorithms = list(algorithms)
+        self._leeway = leeway_s
+
+    def _claims(self, token: str) -> dict[str, Any]:
+        if not isinstance(token, str) or not token or len(token) > 8192:
+            raise InvalidToken("missing or oversized bearer token")
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError as exc:
+            raise InvalidToken("malformed token") from exc
+        if any(name in header for name in _FORBIDDEN_HEADERS):
+            raise InvalidToken("token headers may not reference keys")
+        if header.get("alg") not in self._algorithms:
+            raise InvalidToken("token algorithm is not accepted")
+        if header.get("typ") != ACCESS_TOKEN_TYPE:
+            raise InvalidToken("not an access token")
+        kid = header.get("kid")
+        if not isinstance(kid, str) or kid not in self._keys:
+            raise InvalidToken("unknown signing key")
+        options: Options = {"require": _REQUIRED_CLAIMS, "verify_signature": True}
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                self._keys[kid],
+                algorithms=self._algorithms,
+                audience=self._audience,
+                issuer=self._issuer,
+                leeway=self._leeway,
+                options=options,
+            )
+        except jwt.PyJWTError as exc:
+            raise InvalidToken(f"token rejected: {type(exc).__name__}") from exc
+        return claims
+
+    def verify_principal(self, token: str) -> PrincipalContext:
+        """An admin or reviewer token: ``sub`` and ``tenant``, no ``act`` or ``task``."""
+        claims = self._claims(token)
+        if "act" in claims or "task" in claims:
+            raise InvalidToken("a delegation token cannot be used for this call")
+        return PrincipalContext(
+            tenant=_claim_id(claims, "tenant"),
+            user=_claim_id(claims, "sub"),
+            token_id=str(claims["jti"]),
+        )
+
+    def verify_delegation(self, token: str) -> DelegationContext:
+        """An agent token: ``sub``, ``act.sub``, ``tenant`` and ``task`` all present."""
+        claims = self._claims(token)
+        act = claims.get("act")
+        if not isinstance(act, dict):
+            raise InvalidToken("token has no act claim naming the agent")
+        return DelegationContext(
+            tenant=_claim_id(claims, "tenant"),
+            user=_claim_id(claims, "sub"),
+            agent=_claim_id(act, "sub"),
+            task=_claim_id(claims, "task"),
+            token_id=str(claims["jti"]),
+            expires_at=int(claims["exp"]),
+        )
+
+
+def _claim_id(claims: Mapping[str, Any], name: str) -> str:
+    value = claims.get(name)
+    try:
+        return validate_id(value, name)
+    except Exception as exc:
+        raise InvalidToken(f"claim {name!r} is missing or not a valid id") from exc

@@ -1,0 +1,98 @@
+"""Identifier validation and per-tenant namespacing.
+
+Clients write bare ids (``d1``) and typed ids local to their tenant
+(``document:d1``, ``group:eng#member``). Only this module turns them into OpenFGA
+ids (``document:acme/d1``), so two tenants' ids can never collide and nothing a
+client sends can smuggle a separator into a tuple.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from gateway.errors import Forbidden, InvalidIdentifier
+
+MAX_ID_LENGTH = 128
+# ASCII only: ids that differ by case stay distinct, and unicode look-alikes,
+# separators (# : @ /), whitespace and control characters are refused outright.
+_BARE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+SEPARATOR = "/"
+
+OBJECT_TYPES = frozenset({"user", "agent", "tenant", "group", "task", "source", "folder", "document"})
+PUBLIC_RELATIONS = frozenset(
+    {"member", "admin", "reviewer", "parent", "owner", "viewer", "agent_viewer"}
+)
+
+
+def validate_id(value: object, what: str = "id") -> str:
+    """Return ``value`` if it is an acceptable bare id, else raise InvalidIdentifier."""
+    if not isinstance(value, str) or not _BARE_ID.fullmatch(value) or ".." in value:
+        raise InvalidIdentifier(
+            f"{what} must be 1-{MAX_ID_LENGTH} characters of A-Z a-z 0-9 . _ - "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+def scoped(tenant: str, bare_id: str) -> str:
+    """The namespaced id of ``bare_id`` inside ``tenant`` (both already validated)."""
+    return f"{tenant}{SEPARATOR}{bare_id}"
+
+
+def unscoped(tenant: str, namespaced: str) -> str:
+    """Inverse of :func:`scoped`; raises if the id is not in ``tenant``."""
+    prefix = f"{tenant}{SEPARATOR}"
+    if not namespaced.startswith(prefix):
+        raise InvalidIdentifier("identifier belongs to another tenant")
+    return namespaced[len(prefix) :]
+
+
+@dataclass(frozen=True, slots=True)
+class TypedRef:
+    """A client-side typed reference such as ``group:eng#member``."""
+
+    type: str
+    id: str
+    relation: str | None = None
+
+    def to_fga(self, tenant: str) -> str:
+        """The OpenFGA form, namespaced per tenant (tenants are their own namespace)."""
+        object_id = self.id if self.type == "tenant" else scoped(tenant, self.id)
+        base = f"{self.type}:{object_id}"
+        return f"{base}#{self.relation}" if self.relation else base
+
+    def __str__(self) -> str:
+        base = f"{self.type}:{self.id}"
+        return f"{base}#{self.relation}" if self.relation else base
+
+
+def parse_ref(
+    value: object,
+    tenant: str,
+    allowed_types: frozenset[str] = OBJECT_TYPES,
+    allow_relation: bool = False,
+) -> TypedRef:
+    """Parse a client typed id, refusing other tenants, unknown types and bad ids."""
+    if not isinstance(value, str) or len(value) > 2 * MAX_ID_LENGTH:
+        raise InvalidIdentifier("reference must be a string like 'document:d1'")
+    head, sep, relation = value.partition("#")
+    type_name, colon, bare = head.partition(":")
+    if not colon or type_name not in allowed_types:
+        raise InvalidIdentifier(
+            f"reference {value[:64]!r} must be one of {sorted(allowed_types)} followed by ':id'"
+        )
+    validate_id(bare, f"{type_name} id")
+    if sep:
+        if not allow_relation or relation not in {"member"}:
+            raise InvalidIdentifier("only '#member' usersets are accepted")
+    if type_name == "tenant" and bare != tenant:
+        raise Forbidden("references to another tenant are not accepted")
+    return TypedRef(type_name, bare, relation if sep else None)
+
+
+def fga_object(type_name: str, tenant: str, bare_id: str) -> str:
+    """``document:acme/d1`` from its parts; tenants map to ``tenant:acme``."""
+    if type_name == "tenant":
+        return f"tenant:{bare_id}"
+    return f"{type_name}:{scoped(tenant, bare_id)}"

@@ -1,0 +1,73 @@
+"""All configuration in one place, built by :func:`load_settings`, never at import."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_DATA_DIR = Path(".scopegate")
+
+
+class Settings(BaseSettings):
+    """Environment variables use the ``SCOPEGATE_`` prefix (``SCOPEGATE_OPENFGA_URL``)."""
+
+    model_config = SettingsConfigDict(env_prefix="SCOPEGATE_", extra="ignore")
+
+    environment: Literal["development", "production"] = "development"
+    data_dir: Path = DEFAULT_DATA_DIR
+
+    # OpenFGA: unset URL means "start and manage one on SQLite in data_dir".
+    openfga_url: str | None = None
+    openfga_store_id: str | None = None
+    openfga_model_id: str | None = None
+    openfga_api_token: str | None = None
+    openfga_binary: str | None = None
+    openfga_timeout_s: float = Field(default=2.0, gt=0)
+    openfga_max_parallel_batches: int = Field(default=4, ge=1, le=32)
+    openfga_consistency: Literal["HIGHER_CONSISTENCY", "MINIMIZE_LATENCY"] = "HIGHER_CONSISTENCY"
+
+    # Identity.
+    token_issuer: str = "scopegate"
+    token_audience: str = "scopegate"
+    token_algorithms: list[str] = ["EdDSA"]
+    token_leeway_s: int = Field(default=5, ge=0, le=5)
+    trusted_issuers_pem: dict[str, str] = {}
+    jwks_url: str | None = None
+
+    # Vector store.
+    chroma_url: str | None = None
+
+    # Retrieval.
+    overfetch: int = Field(default=4, ge=1, le=50)
+    max_candidates: int = Field(default=2000, ge=10)
+    request_timeout_s: float = Field(default=10.0, gt=0)
+    strategy: Literal["postfilter", "prefilter", "adaptive"] = "adaptive"
+    listobjects_max_results: int = Field(default=1000, ge=1)
+
+    # Audit.
+    audit_dsn: str | None = None
+    audit_redact_queries: bool = False
+    audit_redaction_key: str = "development-only-redaction-key"
+    audit_retention_days: int | None = None
+
+    # HTTP.
+    max_body_bytes: int = Field(default=1_000_000, ge=1024)
+    rate_limit_per_minute: int | None = None
+
+    def check_production(self) -> None:
+        """Refuse development placeholders outside development."""
+        if self.environment == "production":
+            if self.audit_redact_queries and self.audit_redaction_key.startswith("development"):
+                raise ValueError("SCOPEGATE_AUDIT_REDACTION_KEY must be set in production")
+            if not self.trusted_issuers_pem and not self.jwks_url:
+                raise ValueError("production needs SCOPEGATE_TRUSTED_ISSUERS_PEM or SCOPEGATE_JWKS_URL")
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from the environment, with explicit overrides winning."""
+    settings = Settings(**overrides)  # type: ignore[arg-type]
+    settings.check_production()
+    return settings
