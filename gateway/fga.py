@@ -13,8 +13,8 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -80,11 +80,6 @@ class ListObjectsResult:
     elapsed_s: float = 0.0
 
 
-@dataclass(slots=True)
-class _Pending:
-    items: list[CheckItem] = field(default_factory=list)
-
-
 @contextlib.contextmanager
 def fga_errors(action: str) -> Any:
     """Translate every failure talking to OpenFGA into AuthorizationUnavailable."""
@@ -96,7 +91,7 @@ def fga_errors(action: str) -> Any:
         raise AuthorizationUnavailable(f"OpenFGA rejected {action}: {exc.status}") from exc
     except ApiException as exc:
         raise AuthorizationUnavailable(f"OpenFGA {action} failed with HTTP {exc.status}") from exc
-    except (TimeoutError, asyncio.TimeoutError) as exc:
+    except TimeoutError as exc:
         raise AuthorizationUnavailable(f"OpenFGA {action} timed out") from exc
     except (OpenApiException, aiohttp.ClientError, OSError) as exc:
         raise AuthorizationUnavailable(f"OpenFGA {action} failed: {type(exc).__name__}") from exc
@@ -110,9 +105,20 @@ def load_model() -> dict[str, Any]:
     return model
 
 
-def _model_signature(model: Mapping[str, Any]) -> str:
+def _prune(value: Any) -> Any:
+    """Drop empty fields, which the server adds on read ("", [], {}, null)."""
+    if isinstance(value, dict):
+        pruned = {k: _prune(v) for k, v in value.items()}
+        return {k: v for k, v in pruned.items() if v not in ("", [], {}, None)}
+    if isinstance(value, list):
+        return [_prune(v) for v in value]
+    return value
+
+
+def model_signature(model: Mapping[str, Any]) -> str:
+    """A canonical form of a model, equal for the file and what the server returns."""
     keys = ("schema_version", "type_definitions", "conditions")
-    return json.dumps({k: model.get(k) or None for k in keys}, sort_keys=True)
+    return json.dumps(_prune({k: model.get(k) for k in keys}), sort_keys=True)
 
 
 def now_context(now: datetime | None = None) -> dict[str, str]:
@@ -193,12 +199,14 @@ class FgaClient:
                 if matches:
                     store_id = sorted(matches, key=lambda s: s.created_at)[0].id
                 else:
-                    store_id = (await self.client.create_store(CreateStoreRequest(name=store_name))).id
+                    store_id = (
+                        await self.client.create_store(CreateStoreRequest(name=store_name))
+                    ).id
                 self.client.set_store_id(store_id)
                 self._config.store_id = store_id
             wanted = load_model()
             latest = await self._latest_model()
-            if latest is not None and _model_signature(latest[1]) == _model_signature(wanted):
+            if latest is not None and model_signature(latest[1]) == model_signature(wanted):
                 model_id = latest[0]
             else:
                 body = WriteAuthorizationModelRequest(
@@ -206,7 +214,9 @@ class FgaClient:
                     type_definitions=wanted["type_definitions"],
                     conditions=wanted.get("conditions"),
                 )
-                model_id = (await self.client.write_authorization_model(body)).authorization_model_id
+                model_id = (
+                    await self.client.write_authorization_model(body)
+                ).authorization_model_id
             self.client.set_authorization_model_id(model_id)
         return self.store_id, model_id
 
@@ -240,7 +250,8 @@ class FgaClient:
         unique = list(dict.fromkeys(items))
         ctx = dict(context) if context is not None else now_context()
         chunks = [
-            unique[i : i + MAX_CHECKS_PER_BATCH] for i in range(0, len(unique), MAX_CHECKS_PER_BATCH)
+            unique[i : i + MAX_CHECKS_PER_BATCH]
+            for i in range(0, len(unique), MAX_CHECKS_PER_BATCH)
         ]
         results = await asyncio.gather(
             *(self._batch(chunk, ctx, model_id, consistency) for chunk in chunks)
@@ -343,11 +354,14 @@ class FgaClient:
                     await self.client.write(request, {"conflict": conflict})  # type: ignore[dict-item]
             except AuthorizationUnavailable as exc:
                 if isinstance(exc.__cause__, ValidationException):
-                    raise InvalidRequest(f"relationship rejected by the model: {exc.__cause__}") from exc
+                    raise InvalidRequest(
+                        f"relationship rejected by the model: {exc.__cause__}"
+                    ) from exc
                 raise
 
-    async def read(self, *, user: str | None = None, relation: str | None = None,
-                   object: str | None = None) -> list[Tuple]:
+    async def read(
+        self, *, user: str | None = None, relation: str | None = None, object: str | None = None
+    ) -> list[Tuple]:
         """All tuples matching the filter (paged)."""
         found: list[Tuple] = []
         token: str | None = None
@@ -365,26 +379,6 @@ class FgaClient:
                 token = response.continuation_token
                 if not token:
                     return found
-
-    async def stream_changes(self, object_type: str | None = None) -> AsyncIterator[Tuple]:
-        """ReadChanges from the beginning (used by cache invalidation and tools)."""
-        token: str | None = None
-        while True:
-            with fga_errors("ReadChanges"):
-                options: dict[str, Any] = {"page_size": 100}
-                if token:
-                    options["continuation_token"] = token
-                from openfga_sdk.client.models import ClientReadChangesRequest
-
-                response = await self.client.read_changes(
-                    ClientReadChangesRequest(type=object_type), options
-                )
-            for change in response.changes or []:
-                key = change.tuple_key
-                yield Tuple(key.user, key.relation, key.object)
-            if not response.changes or response.continuation_token == token:
-                return
-            token = response.continuation_token
 
     async def healthy(self) -> bool:
         try:

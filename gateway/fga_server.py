@@ -24,11 +24,17 @@ from gateway.errors import AuthorizationUnavailable
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _PR_SET_PDEATHSIG = 1
+LISTOBJECTS_DEADLINE_S = 3
+LISTOBJECTS_MAX_RESULTS = 1000
 
 
 def find_openfga_binary(configured: str | None = None) -> str:
     """The configured binary, the project-local build, or one on PATH."""
-    candidates = [configured, str(REPO_ROOT / ".tools" / "bin" / "openfga"), shutil.which("openfga")]
+    candidates = [
+        configured,
+        str(REPO_ROOT / ".tools" / "bin" / "openfga"),
+        shutil.which("openfga"),
+    ]
     for candidate in candidates:
         if candidate and os.access(candidate, os.X_OK):
             return candidate
@@ -103,9 +109,13 @@ class ManagedOpenFGA:
             "--metrics-enabled=false",
             "--log-level",
             "warn",
+            "--listObjects-deadline",
+            f"{LISTOBJECTS_DEADLINE_S}s",
+            "--listObjects-max-results",
+            str(LISTOBJECTS_MAX_RESULTS),
         ]
         log = self._log_path.open("ab")
-        self.process = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
+        self.process = subprocess.Popen(
             args, stdout=log, stderr=log, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent
         )
         log.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
 import time
 import uuid
 from collections.abc import Mapping
@@ -26,7 +27,7 @@ from jwt.types import Options
 from gateway.errors import InvalidToken
 from gateway.ids import validate_id
 
-ACCESS_TOKEN_TYPE = "at+jwt"
+ACCESS_TOKEN_TYPE = "at+jwt"  # the JWT typ header of access tokens (RFC 9068)
 _FORBIDDEN_HEADERS = ("jku", "x5u", "jwk", "x5c")
 _REQUIRED_CLAIMS = ["iss", "aud", "exp", "iat", "jti", "sub"]
 
@@ -74,8 +75,13 @@ def load_or_create_signing_key(data_dir: Path) -> SigningKey:
             serialization.NoEncryption(),
         )
         tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(pem)
-        tmp.chmod(0o600)
+        # Created 0600 from the first byte: writing first and chmod-ing after would
+        # leave the private key readable by others for a moment (umask 022 -> 0644).
+        # O_EXCL: never reuse a stale .tmp (and its mode) or follow a planted symlink.
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(pem)
         tmp.replace(path)
     private_pem = path.read_bytes()
     private = serialization.load_pem_private_key(private_pem, password=None)

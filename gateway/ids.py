@@ -19,7 +19,9 @@ MAX_ID_LENGTH = 128
 _BARE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SEPARATOR = "/"
 
-OBJECT_TYPES = frozenset({"user", "agent", "tenant", "group", "task", "source", "folder", "document"})
+OBJECT_TYPES = frozenset(
+    {"user", "agent", "tenant", "group", "task", "source", "folder", "document"}
+)
 PUBLIC_RELATIONS = frozenset(
     {"member", "admin", "reviewer", "parent", "owner", "viewer", "agent_viewer"}
 )
@@ -83,9 +85,8 @@ def parse_ref(
             f"reference {value[:64]!r} must be one of {sorted(allowed_types)} followed by ':id'"
         )
     validate_id(bare, f"{type_name} id")
-    if sep:
-        if not allow_relation or relation not in {"member"}:
-            raise InvalidIdentifier("only '#member' usersets are accepted")
+    if sep and (not allow_relation or relation != "member"):
+        raise InvalidIdentifier("only '#member' usersets are accepted")
     if type_name == "tenant" and bare != tenant:
         raise Forbidden("references to another tenant are not accepted")
     return TypedRef(type_name, bare, relation if sep else None)

@@ -22,6 +22,7 @@ class Settings(BaseSettings):
     # OpenFGA: unset URL means "start and manage one on SQLite in data_dir".
     openfga_url: str | None = None
     openfga_store_id: str | None = None
+    openfga_store_name: str = "scopegate"
     openfga_model_id: str | None = None
     openfga_api_token: str | None = None
     openfga_binary: str | None = None
@@ -63,7 +64,9 @@ class Settings(BaseSettings):
             if self.audit_redact_queries and self.audit_redaction_key.startswith("development"):
                 raise ValueError("SCOPEGATE_AUDIT_REDACTION_KEY must be set in production")
             if not self.trusted_issuers_pem and not self.jwks_url:
-                raise ValueError("production needs SCOPEGATE_TRUSTED_ISSUERS_PEM or SCOPEGATE_JWKS_URL")
+                raise ValueError(
+                    "production needs SCOPEGATE_TRUSTED_ISSUERS_PEM or SCOPEGATE_JWKS_URL"
+                )
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -1,0 +1,517 @@
+"""The Chroma connector: embedded (a persistent path) or a Chroma server (a URL).
+
+Scoping is physical: each (tenant, source) pair has its own cosine collection, named
+from a hash of the pair and carrying the pair in its metadata, which is verified every
+time the collection is opened. Every chunk is stamped with ``tenant``, ``source``,
+``document_id`` and (when its id is ``<document_id>#<n>``) ``chunk_index``.
+
+:meth:`ChromaStore.search` is one unfiltered nearest-neighbour query. The pre-filter
+path, :meth:`ChromaStore.search_documents`, never uses a metadata filter (a full scan
+in Chroma): a second collection per pair maps each document id to its chunk ids, the
+chunks are fetched by id and ranked exactly in numpy. That index is written before the
+chunks and cleared after them, so it always lists at least every stored chunk.
+
+Chroma's client is synchronous; every call runs in a worker thread under a deadline,
+and every failure leaves through :func:`chroma_errors` as SourceUnavailable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import sqlite3
+import threading
+import urllib.parse
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
+
+import chromadb
+import httpx
+import numpy as np
+from chromadb.api import ClientAPI
+from chromadb.api.client import Client
+from chromadb.api.models.Collection import Collection
+from chromadb.api.types import Include
+from chromadb.config import Settings
+from chromadb.errors import ChromaError, NotFoundError
+
+from connectors.base import Candidate, ChunkRecord, Metadata
+from connectors.chunking import chunk_index
+from connectors.memory import STAMP_KEYS, Matrix, check_chunks, cosine_top_n
+from gateway.errors import ScopegateError, SourceUnavailable
+
+T = TypeVar("T")
+
+CHUNKS = "chunks"
+DOCUMENT_INDEX = "document_index"
+_TEXT: Include = ["documents", "metadatas"]
+
+# Everything a Chroma call can raise: its own errors, the HTTP transport (httpx), the
+# disk and SQLite underneath the embedded mode, a server or deadline timeout
+# (TimeoutError is an OSError), argument validation (ValueError, TypeError), numpy,
+# and answers that do not have the expected shape (LookupError, AttributeError).
+UPSTREAM_ERRORS: tuple[type[Exception], ...] = (
+    ChromaError,
+    httpx.HTTPError,
+    OSError,
+    sqlite3.Error,
+    ValueError,
+    TypeError,
+    LookupError,
+    AttributeError,
+    ArithmeticError,
+    RuntimeError,
+)
+
+
+@contextlib.contextmanager
+def chroma_errors(action: str) -> Iterator[None]:
+    """Translate every failure of a Chroma call into SourceUnavailable (fail closed)."""
+    try:
+        yield
+    except ScopegateError:
+        raise
+    except TimeoutError as exc:
+        raise SourceUnavailable(f"Chroma {action} timed out") from exc
+    except UPSTREAM_ERRORS as exc:
+        raise SourceUnavailable(f"Chroma {action} failed: {type(exc).__name__}") from exc
+
+
+def collection_name(tenant: str, source: str, kind: str = CHUNKS) -> str:
+    """The collection of (tenant, source): distinct pairs never share a name."""
+    digest = hashlib.sha256(json.dumps([tenant, source]).encode()).hexdigest()[:32]
+    return f"sg_{digest}" if kind == CHUNKS else f"sg_{digest}_docs"
+
+
+class ChromaStore:
+    """A :class:`~connectors.base.VectorStore` on Chroma.
+
+    Give exactly one of ``path`` (embedded, persistent, telemetry off) or ``url`` (a
+    Chroma server, ``http://host:port``; ``headers`` are sent with every request).
+    Nothing connects until the first call. ``timeout`` bounds each read and
+    ``write_timeout`` each write, in seconds (None: no deadline); Chroma writes cost
+    about a millisecond per chunk, so ingest in batches the write deadline allows.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        url: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: float | None = 10.0,
+        write_timeout: float | None = 300.0,
+    ) -> None:
+        if path is not None and url is None:
+            self._connect = _persistent_connector(path)
+        elif url is not None and path is None:
+            self._connect = _http_connector(url, headers)
+        else:
+            raise ValueError("ChromaStore needs exactly one of path or url")
+        self.timeout = timeout
+        self.write_timeout = write_timeout
+        self._client: ClientAPI | None = None
+        self._batch = 0
+        self._collections: dict[tuple[str, str, str], Collection] = {}
+        self._lock = threading.Lock()
+        # Index entries are read, merged and written back: one writer at a time.
+        self._write_lock = threading.Lock()
+
+    async def upsert(self, tenant: str, source: str, chunks: Sequence[ChunkRecord]) -> None:
+        """Insert or replace chunks by chunk id (InvalidRequest for a malformed batch)."""
+        check_chunks(tenant, source, chunks)
+        if chunks:
+            await self._write("upsert", self._upsert, tenant, source, list(chunks))
+
+    async def delete_document(self, tenant: str, source: str, document_id: str) -> int:
+        """Remove the chunks stamped with ``document_id``; return how many there were."""
+        return await self._write("delete", self._delete_document, tenant, source, document_id)
+
+    async def search(
+        self, tenant: str, source: str, embedding: Sequence[float], n: int
+    ) -> list[Candidate]:
+        """The ``n`` nearest chunks by cosine distance, nearest first (no filter)."""
+        return await self._run("query", self._search, tenant, source, embedding, n)
+
+    async def search_documents(
+        self,
+        tenant: str,
+        source: str,
+        embedding: Sequence[float],
+        n: int,
+        document_ids: Sequence[str],
+    ) -> list[Candidate]:
+        """The exact ``n`` nearest chunks of ``document_ids``, nearest first."""
+        return await self._run(
+            "get by document", self._search_documents, tenant, source, embedding, n, document_ids
+        )
+
+    async def count(self, tenant: str, source: str) -> int:
+        """How many chunks (tenant, source) holds."""
+        return await self._run("count", self._count, tenant, source)
+
+    async def drop(self, tenant: str, source: str) -> None:
+        """Delete both collections of (tenant, source)."""
+        await self._write("drop", self._drop, tenant, source)
+
+    async def healthy(self) -> bool:
+        """Whether Chroma answers a heartbeat within the deadline."""
+        try:
+            await self._run("heartbeat", lambda: self._connected().heartbeat())
+        except SourceUnavailable:
+            return False
+        return True
+
+    def close(self) -> None:
+        """Release the client (the embedded database's files once its last user closes)."""
+        with self._lock:
+            client, self._client = self._client, None
+            self._collections.clear()
+        if isinstance(client, Client):
+            client.close()
+
+    # -- running -----------------------------------------------------------------
+
+    async def _run(self, action: str, call: Callable[..., T], *args: Any) -> T:
+        return await self._call(action, self.timeout, call, *args)
+
+    async def _write(self, action: str, call: Callable[..., T], *args: Any) -> T:
+        return await self._call(action, self.write_timeout, call, *args)
+
+    async def _call(
+        self, action: str, deadline: float | None, call: Callable[..., T], *args: Any
+    ) -> T:
+        with chroma_errors(action):
+            try:
+                async with asyncio.timeout(deadline):
+                    return await asyncio.to_thread(call, *args)
+            except Exception:
+                # A collection dropped or recreated elsewhere: reopen on the next call.
+                self._forget_collections()
+                raise
+
+    def _connected(self) -> ClientAPI:
+        with self._lock:
+            if self._client is None:
+                client = self._connect()
+                self._batch = client.get_max_batch_size()
+                self._client = client
+            return self._client
+
+    def _forget_collections(self) -> None:
+        with self._lock:
+            self._collections.clear()
+
+    def _open(self, tenant: str, source: str, kind: str, *, create: bool) -> Collection | None:
+        """The verified collection, None if it does not exist and ``create`` is false."""
+        key = (tenant, source, kind)
+        with self._lock:
+            cached = self._collections.get(key)
+        if cached is not None:
+            return cached
+        collection = _open_collection(self._connected(), tenant, source, kind, create)
+        if collection is not None:
+            _verify(collection, tenant, source, kind)
+            with self._lock:
+                self._collections[key] = collection
+        return collection
+
+    def _writable(self, tenant: str, source: str, kind: str) -> Collection:
+        collection = self._open(tenant, source, kind, create=True)
+        if collection is None:
+            raise SourceUnavailable(f"Chroma did not create the {kind} collection")
+        return collection
+
+    def _open_pair(self, tenant: str, source: str) -> tuple[Collection, Collection] | None:
+        chunks = self._open(tenant, source, CHUNKS, create=False)
+        index = self._open(tenant, source, DOCUMENT_INDEX, create=False)
+        return None if chunks is None or index is None else (chunks, index)
+
+    # -- operations (worker thread) ----------------------------------------------
+
+    def _upsert(self, tenant: str, source: str, chunks: list[ChunkRecord]) -> None:
+        collection = self._writable(tenant, source, CHUNKS)
+        index = self._writable(tenant, source, DOCUMENT_INDEX)
+        with self._write_lock:
+            self._index_chunks(index, tenant, source, chunks)
+            for batch in _batches(chunks, self._batch):
+                collection.upsert(
+                    ids=[c.chunk_id for c in batch],
+                    embeddings=np.asarray([c.embedding for c in batch], dtype=np.float32),
+                    documents=[c.text for c in batch],
+                    metadatas=[_stamped_metadata(c) for c in batch],
+                )
+
+    def _index_chunks(
+        self, index: Collection, tenant: str, source: str, chunks: list[ChunkRecord]
+    ) -> None:
+        documents = list(dict.fromkeys(c.document_id for c in chunks))
+        listed = _listed_chunk_ids(index, documents)
+        for chunk in chunks:
+            listed.setdefault(chunk.document_id, []).append(chunk.chunk_id)
+        for batch in _batches(documents, self._batch):
+            index.upsert(
+                ids=batch,
+                # Chroma stores a vector with every record; the index needs none.
+                embeddings=np.ones((len(batch), 1), dtype=np.float32),
+                metadatas=[
+                    _index_metadata(tenant, source, d, list(dict.fromkeys(listed[d])))
+                    for d in batch
+                ],
+            )
+
+    def _delete_document(self, tenant: str, source: str, document_id: str) -> int:
+        pair = self._open_pair(tenant, source)
+        if pair is None:
+            return 0
+        collection, index = pair
+        with self._write_lock:
+            listed = _listed_chunk_ids(index, [document_id]).get(document_id, [])
+            stored = _records(collection, listed, ["metadatas"], self._batch)
+            owned = [
+                cid
+                for cid, (_, meta) in stored.items()
+                if _stamp(meta, "document_id") == document_id
+            ]
+            for batch in _batches(owned, self._batch):
+                collection.delete(ids=batch)
+            index.delete(ids=[document_id])
+        return len(owned)
+
+    def _search(
+        self, tenant: str, source: str, embedding: Sequence[float], n: int
+    ) -> list[Candidate]:
+        collection = self._open(tenant, source, CHUNKS, create=False)
+        if collection is None or n <= 0:
+            return []
+        found = collection.query(
+            query_embeddings=np.asarray([embedding], dtype=np.float32),
+            n_results=n,
+            include=["documents", "metadatas", "distances"],
+        )
+        return [
+            _candidate(cid, text, meta, distance)
+            for cid, text, meta, distance in zip(
+                found["ids"][0],
+                _first(found["documents"]),
+                _first(found["metadatas"]),
+                _first(found["distances"]),
+                strict=True,
+            )
+        ]
+
+    def _search_documents(
+        self,
+        tenant: str,
+        source: str,
+        embedding: Sequence[float],
+        n: int,
+        document_ids: Sequence[str],
+    ) -> list[Candidate]:
+        wanted = set(document_ids)
+        pair = self._open_pair(tenant, source) if wanted and n > 0 else None
+        if pair is None:
+            return []
+        collection, index = pair
+        listed = _listed_chunk_ids(index, sorted(wanted))
+        chunk_ids = list(dict.fromkeys(cid for ids in listed.values() for cid in ids))
+        # Rank on the vectors alone, then read texts and stamps for the winners only:
+        # fetching everything for every listed chunk costs about twice as much.
+        ids, vectors = _vectors(collection, chunk_ids, self._batch)
+        ranked = cosine_top_n(embedding, ids, vectors, len(ids))
+        hits: list[Candidate] = []
+        for page in _batches(ranked, n):
+            stored = _records(collection, [ids[row] for row, _ in page], _TEXT, self._batch)
+            for row, distance in page:
+                text, meta = stored.get(ids[row], (None, None))
+                # The index may still list a chunk that has moved to another document.
+                if _stamp(meta, "document_id") in wanted:
+                    hits.append(_candidate(ids[row], text, meta, distance))
+            if len(hits) >= n:
+                break
+        return hits[:n]
+
+    def _count(self, tenant: str, source: str) -> int:
+        collection = self._open(tenant, source, CHUNKS, create=False)
+        return 0 if collection is None else collection.count()
+
+    def _drop(self, tenant: str, source: str) -> None:
+        client = self._connected()
+        for kind in (CHUNKS, DOCUMENT_INDEX):
+            # Opening verifies the owner first: never drop a collection we did not make.
+            if self._open(tenant, source, kind, create=False) is not None:
+                with contextlib.suppress(NotFoundError):
+                    client.delete_collection(collection_name(tenant, source, kind))
+        self._forget_collections()
+
+
+# -- clients and collections ---------------------------------------------------------
+
+
+def _persistent_connector(path: str | os.PathLike[str]) -> Callable[[], ClientAPI]:
+    location = os.fspath(path)
+    return lambda: chromadb.PersistentClient(
+        path=location, settings=Settings(anonymized_telemetry=False)
+    )
+
+
+def _http_connector(url: str, headers: Mapping[str, str] | None) -> Callable[[], ClientAPI]:
+    parts = urllib.parse.urlsplit(url)
+    if (
+        parts.scheme not in {"http", "https"}
+        or not parts.hostname
+        or parts.path not in {"", "/"}
+        or parts.query
+        or parts.username
+    ):
+        raise ValueError("Chroma url must look like http(s)://host[:port]")
+    secure = parts.scheme == "https"
+    host, port = parts.hostname, parts.port or (443 if secure else 80)
+    return lambda: chromadb.HttpClient(
+        host=host,
+        port=port,
+        ssl=secure,
+        headers=dict(headers or {}),
+        settings=Settings(anonymized_telemetry=False),
+    )
+
+
+def _open_collection(
+    client: ClientAPI, tenant: str, source: str, kind: str, create: bool
+) -> Collection | None:
+    name = collection_name(tenant, source, kind)
+    if create:
+        return client.get_or_create_collection(
+            name,
+            configuration={"hnsw": {"space": "cosine" if kind == CHUNKS else "l2"}},
+            metadata={"scopegate": kind, "tenant": tenant, "source": source},
+            embedding_function=None,
+        )
+    try:
+        return client.get_collection(name, embedding_function=None)
+    except NotFoundError:
+        return None
+
+
+def _verify(collection: Collection, tenant: str, source: str, kind: str) -> None:
+    """Refuse a collection made for another pair or purpose, or not ranked by cosine."""
+    expected = {"scopegate": kind, "tenant": tenant, "source": source}
+    metadata = collection.metadata or {}
+    if any(metadata.get(key) != value for key, value in expected.items()):
+        raise SourceUnavailable(f"collection {collection.name} belongs to another tenant/source")
+    if kind == CHUNKS and _space(collection) != "cosine":
+        raise SourceUnavailable(f"collection {collection.name} is not a cosine collection")
+
+
+def _space(collection: Collection) -> str | None:
+    configuration = collection.configuration_json or {}
+    for index in ("hnsw", "spann"):
+        space = (configuration.get(index) or {}).get("space")
+        if space is not None:
+            return str(space)
+    return None
+
+
+# -- records ---------------------------------------------------------------------------
+
+
+def _stamped_metadata(chunk: ChunkRecord) -> dict[str, str | int | float | bool]:
+    stamps: dict[str, str | int | float | bool] = {
+        "tenant": chunk.tenant,
+        "source": chunk.source,
+        "document_id": chunk.document_id,
+    }
+    index = chunk_index(chunk.chunk_id, chunk.document_id)
+    if index is not None:
+        stamps["chunk_index"] = index
+    return {**chunk.metadata, **stamps}
+
+
+def _index_metadata(
+    tenant: str, source: str, document_id: str, chunk_ids: list[str]
+) -> dict[str, str | int]:
+    return {
+        "tenant": tenant,
+        "source": source,
+        "document_id": document_id,
+        "chunk_ids": json.dumps(chunk_ids),
+        "chunks": len(chunk_ids),
+    }
+
+
+def _listed_chunk_ids(index: Collection, document_ids: list[str]) -> dict[str, list[str]]:
+    """document id -> chunk ids, for the documents the index knows."""
+    listed: dict[str, list[str]] = {}
+    for batch in _batches(document_ids, 1000):
+        found = index.get(ids=batch, include=["metadatas"])
+        for document_id, meta in zip(found["ids"], found["metadatas"] or [], strict=True):
+            ids = json.loads(str((meta or {})["chunk_ids"]))
+            listed[document_id] = [str(cid) for cid in ids]
+    return listed
+
+
+def _vectors(collection: Collection, ids: list[str], batch: int) -> tuple[list[str], Matrix]:
+    """The ids found among ``ids`` and their embeddings, one row each."""
+    found_ids: list[str] = []
+    rows: list[Matrix] = []
+    for part in _batches(ids, batch):
+        found = collection.get(ids=part, include=["embeddings"])
+        if found["ids"]:
+            found_ids += found["ids"]
+            rows.append(np.asarray(found["embeddings"], dtype=np.float64))
+    return found_ids, (np.vstack(rows) if rows else np.zeros((0, 0), dtype=np.float64))
+
+
+def _records(
+    collection: Collection, ids: list[str], include: Include, batch: int
+) -> dict[str, tuple[str | None, Mapping[str, Any] | None]]:
+    """chunk id -> (text, metadata) for the ids found among ``ids``."""
+    records: dict[str, tuple[str | None, Mapping[str, Any] | None]] = {}
+    for part in _batches(ids, batch):
+        found = collection.get(ids=part, include=include)
+        missing: list[None] = [None] * len(found["ids"])
+        texts: Sequence[str | None] = found["documents"] or missing
+        metadatas: Sequence[Mapping[str, Any] | None] = found["metadatas"] or missing
+        records.update(zip(found["ids"], zip(texts, metadatas, strict=True), strict=True))
+    return records
+
+
+def _candidate(
+    chunk_id: str, text: str | None, metadata: Mapping[str, Any] | None, distance: float
+) -> Candidate:
+    """A hit with the stamps exactly as stored: a missing or non-text stamp is None."""
+    meta = metadata or {}
+    user: Metadata = {
+        k: v
+        for k, v in meta.items()
+        if k not in STAMP_KEYS and isinstance(v, str | int | float | bool)
+    }
+    return Candidate(
+        chunk_id,
+        _stamp(meta, "document_id"),
+        _stamp(meta, "tenant"),
+        _stamp(meta, "source"),
+        text or "",
+        float(distance),
+        user,
+    )
+
+
+def _stamp(metadata: Mapping[str, Any] | None, key: str) -> str | None:
+    value = (metadata or {}).get(key)
+    return value if isinstance(value, str) else None
+
+
+def _first(column: list[list[T]] | None) -> list[T]:
+    if column is None:
+        raise ValueError("Chroma left out a requested field")
+    return column[0]
+
+
+def _batches(items: Sequence[T], size: int) -> Iterator[list[T]]:
+    step = max(size, 1)
+    for start in range(0, len(items), step):
+        yield list(items[start : start + step])

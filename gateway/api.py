@@ -1,0 +1,293 @@
+"""HTTP API v1 (DESIGN section 4): a thin web layer over :class:`gateway.service.Gateway`.
+
+Tokens are verified here and turned into contexts; everything else is the gateway's.
+Errors always have the shape ``{"error": {"code", "message", "request_id"}}``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.deps import AgentCaller, GatewayDep, PrincipalCaller
+from gateway.errors import InvalidRequest, PayloadTooLarge, ScopegateError
+from gateway.metrics import Metrics
+from gateway.service import Gateway
+from gateway.settings import Settings
+
+MAX_JSON_DEPTH = 32
+Id = Annotated[str, Field(min_length=1, max_length=128)]
+Ref = Annotated[str, Field(min_length=3, max_length=300)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RetrieveBody(_Strict):
+    query: str = Field(min_length=1, max_length=8000)
+    k: int = Field(default=5, ge=1, le=100)
+    sources: list[Id] | None = Field(default=None, max_length=50)
+    max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
+
+
+class TaskBody(_Strict):
+    user: Ref
+    agent: Ref
+    scope: list[Ref] = Field(min_length=1, max_length=200)
+    expires_at: datetime | None = None
+
+
+class SourceBody(_Strict):
+    id: Id
+    kind: str = Field(default="chroma", max_length=32)
+    config: dict[str, str | int | float | bool] = Field(default_factory=dict)
+
+
+class AclBody(_Strict):
+    viewers: list[Ref] = Field(default_factory=list, max_length=1000)
+    agents: list[Ref] = Field(default_factory=list, max_length=1000)
+    owner: Ref | None = None
+
+
+class DocumentBody(_Strict):
+    id: Id
+    text: str = Field(max_length=2_000_000)
+    metadata: dict[str, str | int | float | bool] | None = None
+    folder: Id | None = None
+    acl: AclBody = Field(default_factory=AclBody)
+
+
+class IngestBody(_Strict):
+    documents: list[DocumentBody] = Field(min_length=1, max_length=1000)
+
+
+class RelationshipBody(_Strict):
+    user: Ref
+    relation: str = Field(max_length=32)
+    object: Ref
+
+
+class RelationshipsBody(_Strict):
+    writes: list[RelationshipBody] = Field(default_factory=list, max_length=500)
+    deletes: list[RelationshipBody] = Field(default_factory=list, max_length=500)
+
+
+class BodyGuard:
+    """Bounds request bodies (413) and JSON nesting (400) before anything parses them."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in {"GET", "HEAD", "DELETE", "OPTIONS"}:
+            await self.app(scope, receive, send)
+            return
+        body = bytearray()
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = bool(message.get("more_body"))
+            if len(body) > self.max_bytes:
+                await _send_error(scope, send, PayloadTooLarge("request body too large"))
+                return
+        if _json_depth(bytes(body)) > MAX_JSON_DEPTH:
+            await _send_error(scope, send, InvalidRequest("JSON nested too deeply"))
+            return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+def _json_depth(raw: bytes) -> int:
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:
+                escaped = True
+            elif byte == 0x22:
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > MAX_JSON_DEPTH:
+                return deepest
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
+
+
+def _error_body(exc: ScopegateError, request_id: str) -> dict[str, Any]:
+    return {"error": {"code": exc.code, "message": exc.message, "request_id": request_id}}
+
+
+async def _send_error(scope: Scope, send: Send, exc: ScopegateError) -> None:
+    response = JSONResponse(_error_body(exc, uuid.uuid4().hex), status_code=exc.status)
+    await response(scope, _no_receive, send)
+
+
+async def _no_receive() -> Message:
+    return {"type": "http.disconnect"}
+
+
+def create_app(
+    settings: Settings | None = None,
+    gateway: Gateway | None = None,
+) -> FastAPI:
+    """The ASGI app. Without ``gateway`` it starts one from ``settings`` on startup."""
+    metrics = Metrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if gateway is not None:
+            app.state.gateway = gateway
+            yield
+            return
+        started = await Gateway.start(settings or Settings())
+        app.state.gateway = started
+        try:
+            yield
+        finally:
+            await started.close()
+
+    app = FastAPI(
+        title="scopegate",
+        version="1",
+        summary="Pre-retrieval authorization gateway for AI agents",
+        lifespan=lifespan,
+    )
+    app.state.metrics = metrics
+    if gateway is not None:
+        app.state.gateway = gateway
+
+    @app.exception_handler(ScopegateError)
+    async def scopegate_error(request: Request, exc: ScopegateError) -> JSONResponse:
+        return JSONResponse(_error_body(exc, request.state.request_id), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        message = f"{where}: {first.get('msg', 'invalid request')}"[:300]
+        err = InvalidRequest(message)
+        return JSONResponse(_error_body(err, request.state.request_id), status_code=422)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        err = ScopegateError("internal error")
+        rid = getattr(request.state, "request_id", uuid.uuid4().hex)
+        return JSONResponse(_error_body(err, rid), status_code=500)
+
+    @app.middleware("http")
+    async def request_id(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        request.state.request_id = uuid.uuid4().hex
+        started = time.monotonic()
+        response = await call_next(request)
+        metrics.observe_http(request.url.path, response.status_code, time.monotonic() - started)
+        response.headers["x-request-id"] = request.state.request_id
+        return response
+
+    @app.post("/v1/retrieve")
+    async def retrieve(body: RetrieveBody, ctx: AgentCaller, g: GatewayDep, request: Request) -> dict[str, Any]:
+        """Exact top-k chunks the delegating user, agent, task and tenant all permit."""
+        try:
+            result = await g.retrieve(ctx, body.query, body.k, body.sources, body.max_tokens)
+        except ScopegateError as exc:
+            metrics.count_error(ctx.tenant, exc.code)
+            raise
+        if result.outcome is not None:
+            metrics.count_verdicts(ctx.tenant, result.outcome.verdicts.values())
+        request.state.request_id = result.request_id
+        return result.to_dict()
+
+    @app.post("/v1/tasks", status_code=201)
+    async def create_task(body: TaskBody, p: PrincipalCaller, g: GatewayDep) -> dict[str, str]:
+        task_id = await g.create_task(p, body.user, body.agent, body.scope, body.expires_at)
+        return {"task_id": task_id}
+
+    @app.delete("/v1/tasks/{task_id}", status_code=204)
+    async def revoke_task(task_id: str, p: PrincipalCaller, g: GatewayDep) -> Response:
+        await g.revoke_task(p, task_id)
+        return Response(status_code=204)
+
+    @app.post("/v1/sources", status_code=201)
+    async def register_source(body: SourceBody, p: PrincipalCaller, g: GatewayDep) -> dict[str, Any]:
+        info = await g.register_source(p, body.id, body.kind, body.config)
+        return {"id": info.id, "kind": info.kind, "config": info.config}
+
+    @app.get("/v1/sources")
+    async def list_sources(p: PrincipalCaller, g: GatewayDep) -> dict[str, Any]:
+        infos = await g.list_sources(p)
+        return {"sources": [{"id": i.id, "kind": i.kind, "config": i.config} for i in infos]}
+
+    @app.get("/v1/sources/{source_id}")
+    async def get_source(source_id: str, p: PrincipalCaller, g: GatewayDep) -> dict[str, Any]:
+        info = await g.get_source(p, source_id)
+        documents = await g.catalog.document_count(p.tenant, source_id)
+        return {"id": info.id, "kind": info.kind, "config": info.config, "documents": documents}
+
+    @app.post("/v1/sources/{source_id}/documents")
+    async def ingest(source_id: str, body: IngestBody, p: PrincipalCaller, g: GatewayDep) -> dict[str, int]:
+        docs = [d.model_dump() for d in body.documents]
+        return await g.ingest(p, source_id, docs)
+
+    @app.delete("/v1/sources/{source_id}/documents/{document_id}", status_code=204)
+    async def delete_document(source_id: str, document_id: str, p: PrincipalCaller, g: GatewayDep) -> Response:
+        await g.delete_document(p, source_id, document_id)
+        return Response(status_code=204)
+
+    @app.post("/v1/relationships")
+    async def relationships(body: RelationshipsBody, p: PrincipalCaller, g: GatewayDep) -> dict[str, int]:
+        writes = [w.model_dump() for w in body.writes]
+        deletes = [d.model_dump() for d in body.deletes]
+        await g.write_relationships(p, writes, deletes)
+        return {"written": len(writes), "deleted": len(deletes)}
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(g: GatewayDep) -> JSONResponse:
+        parts = await g.readiness()
+        ready = all(parts.values())
+        return JSONResponse({"ready": ready, **parts}, status_code=200 if ready else 503)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    from gateway.review import register_review_routes
+
+    register_review_routes(app)
+    app.add_middleware(BodyGuard, max_bytes=(settings or Settings()).max_body_bytes)
+    return app

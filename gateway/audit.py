@@ -1,0 +1,1060 @@
+"""The audit log (DESIGN section 7): one hash-chained record per request.
+
+A retrieval's record is appended **before** its response is sent; when it cannot be
+written the request fails with :class:`~gateway.errors.AuditUnavailable` and returns
+nothing.
+
+The chain is global (all tenants) and ordered by ``seq`` = 1, 2, 3, ...; each entry's
+``hash`` is ``sha256(prev_hash + canonical_json(record.to_dict()))`` in hex, and the
+first entry's ``prev_hash`` is 64 zeros. :func:`canonical_json` is JSON with sorted
+keys, ``(",", ":")`` separators, ASCII only and no NaN, so anyone can recompute the
+chain from an export. :meth:`AuditStore.verify` detects an edited, deleted or
+reordered record and an edited hash. Retention deletes only a prefix of the chain
+and keeps the last deleted entry's ``(seq, hash)`` as the checkpoint to verify from.
+Someone able to rewrite the whole database can recompute every hash; against that,
+copy the head hash somewhere they cannot write.
+
+Two stores share one schema: :class:`SqliteAuditStore` (embedded) and
+:class:`PostgresAuditStore` (replicas); :func:`open_audit_store` picks one from the
+configured DSN. :func:`storage_errors` is the one place where sqlite3, psycopg and
+OS errors become :class:`~gateway.errors.AuditUnavailable`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import copy
+import hashlib
+import hmac
+import json
+import math
+import sqlite3
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Protocol, TypeVar
+
+import psycopg
+from psycopg.pq import TransactionStatus
+from psycopg.rows import TupleRow
+
+from gateway.errors import AuditUnavailable, InvalidRequest
+
+GENESIS_HASH = "0" * 64
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 500
+OUTCOMES = frozenset({"allowed", "partial", "denied", "empty", "error"})
+VERDICTS = frozenset({"allow", "deny", "error"})
+
+Row = tuple[Any, ...]
+TimeBound = datetime | str | None
+_T = TypeVar("_T")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+# -- time ------------------------------------------------------------------------------
+
+
+def utc_now() -> str:
+    """The current time as records carry it (see :func:`format_time`)."""
+    return format_time(datetime.now(UTC))
+
+
+def format_time(moment: datetime) -> str:
+    """A timezone-aware ``moment`` as ISO-8601 UTC: ``2025-01-31T12:00:00.000000Z``."""
+    if moment.tzinfo is None:
+        raise ValueError("audit times must be timezone-aware")
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _parse_time(text: str) -> datetime:
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        raise ValueError(f"audit time {text!r} has no timezone")
+    return moment
+
+
+def _micros(moment: datetime) -> int:
+    return (moment - _EPOCH) // timedelta(microseconds=1)
+
+
+def _bound_micros(value: datetime | str) -> int:
+    """A ``since``/``until`` filter in microseconds; a time without zone is UTC."""
+    try:
+        moment = value if isinstance(value, datetime) else datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise InvalidRequest(f"invalid time {value!r}: use ISO-8601") from exc
+    return _micros(moment if moment.tzinfo else moment.replace(tzinfo=UTC))
+
+
+# -- hashing and redaction ---------------------------------------------------------------
+
+
+def canonical_json(value: Any) -> str:
+    """The serialisation that is hashed: sorted keys, no spaces, ASCII only, no NaN."""
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    )
+
+
+def chain_hash(prev_hash: str, record_json: str) -> str:
+    """``sha256(prev_hash + record_json)`` as lowercase hex."""
+    return hashlib.sha256((prev_hash + record_json).encode("utf-8")).hexdigest()
+
+
+def redact_query(query: str, key: str | bytes) -> str:
+    """The keyed hash (HMAC-SHA256, hex) recorded instead of the query under redaction.
+
+    Keyed, so a reader of the log cannot confirm a guessed query; reviewers who hold
+    the key can still find every request that asked a given query.
+    """
+    secret = key.encode("utf-8") if isinstance(key, str) else key
+    if not secret:
+        raise ValueError("a redaction key is required")
+    return hmac.new(secret, query.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()
+
+
+def query_fields(query: str, *, redact: bool, key: str | bytes) -> tuple[str | None, str | None]:
+    """``(query, query_hash)`` for a record: the text, or only its keyed hash."""
+    return (None, redact_query(query, key)) if redact else (query, None)
+
+
+# -- records -----------------------------------------------------------------------------
+
+
+def _set(obj: object, name: str, value: object) -> None:
+    object.__setattr__(obj, name, value)  # normalising fields of a frozen dataclass
+
+
+def _strings(values: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(values, str):
+        raise TypeError("expected a sequence of strings, not a string")
+    return tuple(str(v) for v in values)
+
+
+def _frozen_json(extra: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A JSON-safe, deep-copied, read-only view of ``extra`` (fails early otherwise)."""
+    return MappingProxyType(json.loads(canonical_json(dict(extra))))
+
+
+@dataclass(frozen=True, slots=True)
+class CandidateVerdict:
+    """One candidate document of a request and what the decision made of it."""
+
+    document_id: str
+    source: str
+    chunk_ids: tuple[str, ...]
+    verdict: str  # "allow" | "deny" | "error"
+    failed_checks: tuple[str, ...] = ()
+    errored_checks: tuple[str, ...] = ()
+    returned: bool = False
+
+    def __post_init__(self) -> None:
+        if self.verdict not in VERDICTS:
+            raise ValueError(f"unknown verdict {self.verdict!r}")
+        for name in ("chunk_ids", "failed_checks", "errored_checks"):
+            _set(self, name, _strings(getattr(self, name)))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe, keys in field order."""
+        return {
+            "document_id": self.document_id,
+            "source": self.source,
+            "chunk_ids": list(self.chunk_ids),
+            "verdict": self.verdict,
+            "failed_checks": list(self.failed_checks),
+            "errored_checks": list(self.errored_checks),
+            "returned": self.returned,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CandidateVerdict:
+        """The inverse of :meth:`to_dict`."""
+        return cls(
+            document_id=data["document_id"],
+            source=data["source"],
+            chunk_ids=tuple(data["chunk_ids"]),
+            verdict=data["verdict"],
+            failed_checks=tuple(data["failed_checks"]),
+            errored_checks=tuple(data["errored_checks"]),
+            returned=bool(data["returned"]),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    """Everything needed to explain and replay one request's decision.
+
+    ``time`` is ISO-8601 with a timezone (:func:`utc_now`); ``kind`` is
+    ``"retrieve"`` for retrievals; ``extra`` must be JSON-safe and is frozen.
+    """
+
+    request_id: str
+    time: str
+    tenant: str
+    user: str
+    agent: str | None
+    task: str | None
+    token_id: str
+    kind: str
+    query: str | None
+    query_hash: str | None
+    sources: tuple[str, ...]
+    strategy: str
+    store_id: str
+    model_id: str
+    consistency: str
+    k: int
+    candidates: tuple[CandidateVerdict, ...]
+    returned_chunk_ids: tuple[str, ...]
+    outcome: str  # "allowed" | "partial" | "denied" | "empty" | "error"
+    error_code: str | None
+    latency_ms: float
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.outcome not in OUTCOMES:
+            raise ValueError(f"unknown outcome {self.outcome!r}")
+        _parse_time(self.time)
+        if not math.isfinite(self.latency_ms):
+            raise ValueError("latency_ms must be finite")
+        _set(self, "sources", _strings(self.sources))
+        _set(self, "returned_chunk_ids", _strings(self.returned_chunk_ids))
+        _set(self, "candidates", tuple(self.candidates))
+        _set(self, "latency_ms", float(self.latency_ms))
+        _set(self, "extra", _frozen_json(self.extra))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe, keys in field order; :func:`canonical_json` of this is hashed."""
+        return {
+            "request_id": self.request_id,
+            "time": self.time,
+            "tenant": self.tenant,
+            "user": self.user,
+            "agent": self.agent,
+            "task": self.task,
+            "token_id": self.token_id,
+            "kind": self.kind,
+            "query": self.query,
+            "query_hash": self.query_hash,
+            "sources": list(self.sources),
+            "strategy": self.strategy,
+            "store_id": self.store_id,
+            "model_id": self.model_id,
+            "consistency": self.consistency,
+            "k": self.k,
+            "candidates": [c.to_dict() for c in self.candidates],
+            "returned_chunk_ids": list(self.returned_chunk_ids),
+            "outcome": self.outcome,
+            "error_code": self.error_code,
+            "latency_ms": self.latency_ms,
+            "extra": copy.deepcopy(dict(self.extra)),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AuditRecord:
+        """The inverse of :meth:`to_dict`."""
+        return cls(
+            request_id=data["request_id"],
+            time=data["time"],
+            tenant=data["tenant"],
+            user=data["user"],
+            agent=data["agent"],
+            task=data["task"],
+            token_id=data["token_id"],
+            kind=data["kind"],
+            query=data["query"],
+            query_hash=data["query_hash"],
+            sources=tuple(data["sources"]),
+            strategy=data["strategy"],
+            store_id=data["store_id"],
+            model_id=data["model_id"],
+            consistency=data["consistency"],
+            k=data["k"],
+            candidates=tuple(CandidateVerdict.from_dict(c) for c in data["candidates"]),
+            returned_chunk_ids=tuple(data["returned_chunk_ids"]),
+            outcome=data["outcome"],
+            error_code=data["error_code"],
+            latency_ms=data["latency_ms"],
+            extra=data.get("extra", {}),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """A record at its place in the chain."""
+
+    seq: int
+    prev_hash: str
+    hash: str
+    record: AuditRecord
+
+    def to_dict(self) -> dict[str, Any]:
+        """The export form: ``seq``, ``prev_hash``, ``hash`` and the record."""
+        return {
+            "seq": self.seq,
+            "prev_hash": self.prev_hash,
+            "hash": self.hash,
+            "record": self.record.to_dict(),
+        }
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """Outcome of :meth:`AuditStore.verify`; ``checked`` counts entries found intact."""
+
+    ok: bool
+    checked: int
+    first_broken_seq: int | None
+    reason: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe."""
+        return asdict(self)
+
+
+AuditPage = tuple[list[AuditEntry], str | None]
+
+
+class AuditStore(Protocol):
+    """Where audit records go. Every storage failure raises ``AuditUnavailable``."""
+
+    async def append(self, record: AuditRecord) -> AuditEntry:
+        """Chain ``record`` after the current head, atomically; return once durable."""
+        ...
+
+    async def get(self, tenant: str, request_id: str) -> AuditEntry | None:
+        """The entry of ``request_id`` in ``tenant``; None if absent or another tenant's."""
+        ...
+
+    async def list(
+        self,
+        tenant: str,
+        *,
+        outcome: str | None = None,
+        user: str | None = None,
+        agent: str | None = None,
+        task: str | None = None,
+        since: TimeBound = None,
+        until: TimeBound = None,
+        limit: int = DEFAULT_PAGE_SIZE,
+        cursor: str | None = None,
+    ) -> AuditPage:
+        """One page of ``tenant``'s entries, newest first, and the next page's cursor.
+
+        ``since`` is inclusive, ``until`` exclusive; ``limit`` is capped at 500; the
+        cursor is opaque and None on the last page. Bad input raises InvalidRequest.
+        """
+        ...
+
+    def iter_all(self, tenant: str | None) -> AsyncIterator[AuditEntry]:
+        """Every entry (of ``tenant``, or of all tenants for None), oldest first."""
+        ...
+
+    async def verify(self) -> VerifyResult:
+        """Recompute the whole chain from the retention checkpoint."""
+        ...
+
+    async def purge_older_than(self, days: float, *, now: datetime | None = None) -> int:
+        """Delete the oldest entries older than ``days``; return how many.
+
+        Only a prefix of the chain goes (an entry stays while an older-seq one must
+        stay), after checking it is intact; the chain stays verifiable.
+        """
+        ...
+
+    async def healthy(self) -> bool:
+        """Whether an append could be written now (never raises)."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections; later calls raise ``AuditUnavailable``."""
+        ...
+
+
+# -- the one error translation ---------------------------------------------------------
+
+
+@contextlib.contextmanager
+def storage_errors() -> Iterator[None]:
+    """Turn any sqlite3, psycopg or OS failure into :class:`AuditUnavailable`.
+
+    The one place that translates storage errors: whatever the cause, a request
+    whose record cannot be written fails closed.
+    """
+    try:
+        yield
+    except (sqlite3.Error, psycopg.Error, OSError) as exc:
+        detail = (str(exc).splitlines() or [""])[0][:200]
+        raise AuditUnavailable(f"audit store unavailable ({type(exc).__name__}: {detail})") from exc
+
+
+# -- schema (shared by both stores; "?" placeholders) ------------------------------------
+
+_Statement = tuple[str, tuple[object, ...]]
+
+_MIGRATIONS: tuple[tuple[_Statement, ...], ...] = (
+    (  # 1: the log, its indexes, and the chain row (retention checkpoint and head).
+        (
+            "CREATE TABLE audit_log ("
+            " seq BIGINT PRIMARY KEY, prev_hash TEXT NOT NULL, hash TEXT NOT NULL,"
+            " record TEXT NOT NULL, tenant TEXT NOT NULL, request_id TEXT NOT NULL,"
+            " user_id TEXT NOT NULL, agent_id TEXT, task_id TEXT, outcome TEXT NOT NULL,"
+            " time_us BIGINT NOT NULL, UNIQUE (tenant, request_id))",
+            (),
+        ),
+        ("CREATE INDEX audit_log_tenant_seq ON audit_log (tenant, seq)", ()),
+        ("CREATE INDEX audit_log_tenant_outcome ON audit_log (tenant, outcome, seq)", ()),
+        ("CREATE INDEX audit_log_tenant_user ON audit_log (tenant, user_id, seq)", ()),
+        ("CREATE INDEX audit_log_time ON audit_log (time_us)", ()),
+        (
+            "CREATE TABLE audit_chain (id INTEGER PRIMARY KEY CHECK (id = 1),"
+            " base_seq BIGINT NOT NULL, base_hash TEXT NOT NULL,"
+            " head_seq BIGINT NOT NULL, head_hash TEXT NOT NULL)",
+            (),
+        ),
+        (
+            "INSERT INTO audit_chain (id, base_seq, base_hash, head_seq, head_hash)"
+            " VALUES (1, 0, ?, 0, ?)",
+            (GENESIS_HASH, GENESIS_HASH),
+        ),
+    ),
+)
+LATEST_SCHEMA_VERSION = len(_MIGRATIONS)
+
+_CREATE_SCHEMA_VERSION = "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY)"
+_SELECT_SCHEMA_VERSION = "SELECT COALESCE(MAX(version), 0) FROM schema_version"
+_INSERT_SCHEMA_VERSION = "INSERT INTO schema_version (version) VALUES (?)"
+
+# f-strings below only splice these constant column lists: values always go in as "?".
+_ENTRY_COLUMNS = "seq, prev_hash, hash, record"
+_WALK_COLUMNS = (
+    f"{_ENTRY_COLUMNS}, tenant, request_id, user_id, agent_id, task_id, outcome, time_us"
+)
+_SELECT_CHAIN = "SELECT base_seq, base_hash, head_seq, head_hash FROM audit_chain WHERE id = 1"
+_UPDATE_HEAD = "UPDATE audit_chain SET head_seq = ?, head_hash = ? WHERE id = 1"
+_UPDATE_BASE = "UPDATE audit_chain SET base_seq = ?, base_hash = ? WHERE id = 1"
+_INSERT_ENTRY = f"INSERT INTO audit_log ({_WALK_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"  # noqa: S608
+_SELECT_ONE = f"SELECT {_ENTRY_COLUMNS} FROM audit_log WHERE tenant = ? AND request_id = ?"  # noqa: S608
+_SELECT_ALL = f"SELECT {_WALK_COLUMNS} FROM audit_log ORDER BY seq"  # noqa: S608
+_SELECT_RANGE = f"SELECT {_WALK_COLUMNS} FROM audit_log WHERE seq > ? AND seq <= ? ORDER BY seq"  # noqa: S608
+_FIRST_RECENT = "SELECT MIN(seq) FROM audit_log WHERE time_us >= ?"
+_DELETE_UPTO = "DELETE FROM audit_log WHERE seq <= ?"
+_ITER_BATCH = 500
+
+
+def _pending_migrations(current: int) -> list[tuple[int, tuple[_Statement, ...]]]:
+    if current > LATEST_SCHEMA_VERSION:
+        raise AuditUnavailable(
+            f"audit schema version {current} is newer than this gateway's "
+            f"({LATEST_SCHEMA_VERSION}); upgrade the gateway"
+        )
+    return [(v, _MIGRATIONS[v - 1]) for v in range(current + 1, LATEST_SCHEMA_VERSION + 1)]
+
+
+# -- rows, links, pages --------------------------------------------------------------------
+
+
+def _index_values(record: AuditRecord) -> Row:
+    """The columns stored beside a record's JSON so that lists can filter."""
+    moment = _micros(_parse_time(record.time))
+    return (record.tenant, record.request_id, record.user, record.agent, record.task,
+            record.outcome, moment)  # fmt: skip
+
+
+def _link(head_seq: int, head_hash: str, record: AuditRecord, text: str) -> AuditEntry:
+    return AuditEntry(head_seq + 1, head_hash, chain_hash(head_hash, text), record)
+
+
+def _insert_params(entry: AuditEntry, text: str) -> Row:
+    return (entry.seq, entry.prev_hash, entry.hash, text, *_index_values(entry.record))
+
+
+def _decode_record(text: str) -> AuditRecord:
+    try:
+        return AuditRecord.from_dict(json.loads(text))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise AuditUnavailable("a stored audit record could not be decoded") from exc
+
+
+def _entry_from_row(row: Row) -> AuditEntry:
+    return AuditEntry(row[0], row[1], row[2], _decode_record(row[3]))
+
+
+def _page_size(limit: int) -> int:
+    if limit < 1:
+        raise InvalidRequest("limit must be at least 1")
+    return min(limit, MAX_PAGE_SIZE)
+
+
+def _encode_cursor(seq: int) -> str:
+    return base64.urlsafe_b64encode(f"seq:{seq}".encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str | None) -> int | None:
+    if cursor is None:
+        return None
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
+    except ValueError as exc:
+        raise InvalidRequest("invalid cursor") from exc
+    tag, _, number = text.partition(":")
+    if tag != "seq" or not number.isdigit() or len(number) > 18:
+        raise InvalidRequest("invalid cursor")
+    return int(number)
+
+
+def _list_query(
+    tenant: str,
+    equals: Mapping[str, str | None],
+    since: TimeBound,
+    until: TimeBound,
+    before_seq: int | None,
+    limit: int,
+) -> tuple[str, list[object]]:
+    """Newest-first page query; ``equals`` maps column names (constants) to values."""
+    clauses: list[str] = ["tenant = ?"]
+    params: list[object] = [tenant]
+    bounds = (("time_us >= ?", since), ("time_us < ?", until))
+    for clause, value in [(f"{c} = ?", v) for c, v in equals.items()] + list(bounds):
+        if value is not None:
+            clauses.append(clause)
+            params.append(_bound_micros(value) if clause.startswith("time_us") else value)
+    if before_seq is not None:
+        clauses.append("seq < ?")
+        params.append(before_seq)
+    where = " AND ".join(clauses)
+    sql = f"SELECT {_ENTRY_COLUMNS} FROM audit_log WHERE {where} ORDER BY seq DESC LIMIT ?"  # noqa: S608
+    return sql, [*params, limit]
+
+
+def _batch_query(tenant: str | None, after_seq: int) -> tuple[str, list[object]]:
+    """Oldest-first batch after ``after_seq``, for :meth:`AuditStore.iter_all`."""
+    scope = "" if tenant is None else " AND tenant = ?"
+    params: list[object] = [after_seq] if tenant is None else [after_seq, tenant]
+    sql = f"SELECT {_ENTRY_COLUMNS} FROM audit_log WHERE seq > ?{scope} ORDER BY seq LIMIT ?"  # noqa: S608
+    return sql, [*params, _ITER_BATCH]
+
+
+def _cutoff_micros(days: float, now: datetime | None) -> int:
+    if days < 0:
+        raise ValueError("retention days must not be negative")
+    return _bound_micros((now or datetime.now(UTC)) - timedelta(days=days))
+
+
+def _purge_end(first_recent: int | None, base_seq: int, head_seq: int) -> int | None:
+    """The last seq to purge: everything before the oldest entry that must stay."""
+    last = head_seq if first_recent is None else first_recent - 1
+    return last if last > base_seq else None
+
+
+# -- verification --------------------------------------------------------------------------
+
+
+def _indexes_match(text: str, columns: Row) -> bool:
+    try:
+        return _index_values(AuditRecord.from_dict(json.loads(text))) == tuple(columns)
+    except (ValueError, KeyError, TypeError):
+        return False
+
+
+class _ChainWalk:
+    """Follows the chain from a checkpoint, one stored row (``_WALK_COLUMNS``) at a time."""
+
+    def __init__(self, seq: int, hash_: str) -> None:
+        self.seq = seq
+        self.hash = hash_
+        self.checked = 0
+
+    def step(self, row: Row) -> VerifyResult | None:
+        """Accept the next row in seq order, or describe how the chain breaks there."""
+        problem = self._problem(row)
+        if problem is not None:
+            return VerifyResult(False, self.checked, problem[0], problem[1])
+        self.seq, self.hash = row[0], row[2]
+        self.checked += 1
+        return None
+
+    def run(self, rows: Iterable[Row]) -> VerifyResult | None:
+        """Step through ``rows``; the first break, or None."""
+        for row in rows:
+            broken = self.step(row)
+            if broken is not None:
+                return broken
+        return None
+
+    def finish(self, head_seq: int, head_hash: str) -> VerifyResult:
+        """The result once every row was accepted: the last one must be the head."""
+        if (self.seq, self.hash) == (head_seq, head_hash):
+            return VerifyResult(True, self.checked, None, None)
+        broken = head_seq if self.seq == head_seq else min(self.seq, head_seq) + 1
+        reason = f"the chain head (entry {head_seq}) is not the last entry (entry {self.seq})"
+        return VerifyResult(False, self.checked, broken, reason)
+
+    def _problem(self, row: Row) -> tuple[int, str] | None:
+        seq, prev_hash, hash_, text = row[:4]
+        expected = self.seq + 1
+        if seq < expected:
+            return seq, f"entry {seq} lies before the chain's start (entry {expected})"
+        if seq > expected:
+            return expected, f"entry {expected} is missing"
+        if prev_hash != self.hash:
+            return seq, "prev_hash is not the previous entry's hash"
+        if chain_hash(prev_hash, text) != hash_:
+            return seq, "hash does not match the record"
+        if not _indexes_match(text, row[4:]):
+            return seq, "indexed columns do not match the record"
+        return None
+
+
+def _check_purge_range(walk: _ChainWalk, broken: VerifyResult | None, last: int) -> None:
+    """Refuse to purge (and so erase evidence of) a broken stretch of the chain."""
+    if broken is None and walk.seq != last:
+        broken = VerifyResult(False, walk.checked, walk.seq + 1, f"entry {walk.seq + 1} is missing")
+    if broken is not None:
+        raise AuditUnavailable(
+            f"refusing to purge: the chain is broken at entry {broken.first_broken_seq} "
+            f"({broken.reason})"
+        )
+
+
+# -- shared read path ----------------------------------------------------------------------
+
+
+class _SqlAuditStore(ABC):
+    """The read queries both SQL stores share; subclasses run them and the writes."""
+
+    @abstractmethod
+    async def _fetch(self, sql: str, params: Sequence[object]) -> Sequence[Row]:
+        """Run one read query written with ``?`` placeholders; all rows."""
+
+    async def get(self, tenant: str, request_id: str) -> AuditEntry | None:
+        """The entry of ``request_id`` in ``tenant``; None if absent or another tenant's."""
+        rows = await self._fetch(_SELECT_ONE, (tenant, request_id))
+        return _entry_from_row(rows[0]) if rows else None
+
+    async def list(
+        self,
+        tenant: str,
+        *,
+        outcome: str | None = None,
+        user: str | None = None,
+        agent: str | None = None,
+        task: str | None = None,
+        since: TimeBound = None,
+        until: TimeBound = None,
+        limit: int = DEFAULT_PAGE_SIZE,
+        cursor: str | None = None,
+    ) -> AuditPage:
+        """One page of ``tenant``'s entries, newest first, and the next page's cursor."""
+        size = _page_size(limit)
+        equals = {"outcome": outcome, "user_id": user, "agent_id": agent, "task_id": task}
+        query = _list_query(tenant, equals, since, until, _decode_cursor(cursor), size + 1)
+        rows = await self._fetch(*query)
+        entries = [_entry_from_row(row) for row in rows[:size]]
+        more = len(rows) > size
+        return entries, _encode_cursor(entries[-1].seq) if more else None
+
+    async def iter_all(self, tenant: str | None) -> AsyncIterator[AuditEntry]:
+        """Every entry (of ``tenant``, or of all tenants for None), oldest first."""
+        after = 0
+        while True:
+            rows = await self._fetch(*_batch_query(tenant, after))
+            for row in rows:
+                yield _entry_from_row(row)
+            if len(rows) < _ITER_BATCH:
+                return
+            after = rows[-1][0]
+
+
+# -- SQLite --------------------------------------------------------------------------------
+
+
+class SqliteAuditStore(_SqlAuditStore):
+    """The embedded audit store: one SQLite file in WAL mode, shareable by processes.
+
+    ``synchronous=FULL``: an acknowledged append has been fsynced and survives the
+    process being killed. ``BEGIN IMMEDIATE`` makes appends from several connections
+    or processes take turns on one chain, waiting up to ``busy_timeout_s``. Calls run
+    in a worker thread, one at a time per store. ``max_pages`` caps the file's size
+    in pages (usually 4 KiB): past it, appends fail as on a full disk.
+    """
+
+    def __init__(
+        self, path: Path | str, *, busy_timeout_s: float = 10.0, max_pages: int | None = None
+    ) -> None:
+        self.path = Path(path)
+        self._busy_timeout_s = busy_timeout_s
+        self._max_pages = max_pages
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+        self._closed = False
+
+    async def append(self, record: AuditRecord) -> AuditEntry:
+        """Chain ``record`` after the current head; return once it is on disk."""
+        text = canonical_json(record.to_dict())
+        return await self._call(lambda conn: _sqlite_append(conn, record, text))
+
+    async def verify(self) -> VerifyResult:
+        """Recompute the chain on a separate read snapshot (appends keep going)."""
+        await self._call(_sqlite_noop)
+        return await asyncio.to_thread(self._verify_snapshot)
+
+    async def purge_older_than(self, days: float, *, now: datetime | None = None) -> int:
+        """Delete the oldest entries older than ``days``; return how many."""
+        cutoff = _cutoff_micros(days, now)
+        return await self._call(lambda conn: _sqlite_purge(conn, cutoff))
+
+    async def healthy(self) -> bool:
+        """Whether the database can take the write lock and write now."""
+        try:
+            await self._call(_sqlite_probe)
+        except AuditUnavailable:
+            return False
+        return True
+
+    async def close(self) -> None:
+        """Close the connection; later calls raise ``AuditUnavailable``."""
+        await asyncio.to_thread(self._close)
+
+    async def _fetch(self, sql: str, params: Sequence[object]) -> Sequence[Row]:
+        return await self._call(lambda conn: conn.execute(sql, params).fetchall())
+
+    async def _call(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
+        return await asyncio.to_thread(self._run, work)
+
+    def _run(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
+        with self._lock, storage_errors():
+            try:
+                return self._attempt(work)
+            except sqlite3.OperationalError as exc:
+                # A connection opened while the file was read-only stays read-only
+                # after the file is fixed (or moved): one more try on a fresh one.
+                # Nothing was written, so retrying cannot duplicate a record.
+                if not getattr(exc, "sqlite_errorname", "").startswith("SQLITE_READONLY"):
+                    raise
+                return self._attempt(work)
+
+    def _attempt(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
+        conn = self._connection()
+        try:
+            return work(conn)
+        except sqlite3.OperationalError:
+            self._discard()  # reconnect next time rather than reuse a failed connection
+            raise
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._closed:
+            raise AuditUnavailable("audit store is closed")
+        if self._conn is None:
+            self._conn = self._open()
+        return self._conn
+
+    def _open(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = self._connect()
+        try:
+            _sqlite_configure(conn, self._max_pages)
+            _sqlite_migrate(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(
+            self.path, timeout=self._busy_timeout_s, isolation_level=None, check_same_thread=False
+        )
+
+    def _verify_snapshot(self) -> VerifyResult:
+        with storage_errors(), contextlib.closing(self._connect()) as conn:
+            return _sqlite_verify(conn)
+
+    def _discard(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.close()
+            self._conn = None
+
+    def _close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._discard()
+
+
+@contextlib.contextmanager
+def _sqlite_transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT``: take the database's write lock up front."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:  # SQLite may already have rolled back (e.g. SQLITE_FULL)
+            conn.rollback()
+        raise
+
+
+def _sqlite_one(conn: sqlite3.Connection, sql: str, params: Sequence[object] = ()) -> Row:
+    row = conn.execute(sql, params).fetchone()
+    if row is None:
+        raise AuditUnavailable("the audit chain row is missing")
+    return tuple(row)
+
+
+def _sqlite_configure(conn: sqlite3.Connection, max_pages: int | None) -> None:
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    if max_pages is not None:
+        conn.execute(f"PRAGMA max_page_count={int(max_pages)}")
+
+
+def _sqlite_migrate(conn: sqlite3.Connection) -> None:
+    with _sqlite_transaction(conn):
+        conn.execute(_CREATE_SCHEMA_VERSION)
+        (current,) = _sqlite_one(conn, _SELECT_SCHEMA_VERSION)
+        for version, statements in _pending_migrations(current):
+            for sql, params in statements:
+                conn.execute(sql, params)
+            conn.execute(_INSERT_SCHEMA_VERSION, (version,))
+
+
+def _sqlite_noop(conn: sqlite3.Connection) -> None:
+    """Opening the store (file, pragmas, migrations) is the work."""
+
+
+def _sqlite_append(conn: sqlite3.Connection, record: AuditRecord, text: str) -> AuditEntry:
+    with _sqlite_transaction(conn):
+        _, _, head_seq, head_hash = _sqlite_one(conn, _SELECT_CHAIN)
+        entry = _link(head_seq, head_hash, record, text)
+        conn.execute(_INSERT_ENTRY, _insert_params(entry, text))
+        conn.execute(_UPDATE_HEAD, (entry.seq, entry.hash))
+    return entry
+
+
+def _sqlite_verify(conn: sqlite3.Connection) -> VerifyResult:
+    conn.execute("BEGIN")  # one read snapshot for the chain row and every entry
+    try:
+        base_seq, base_hash, head_seq, head_hash = _sqlite_one(conn, _SELECT_CHAIN)
+        walk = _ChainWalk(base_seq, base_hash)
+        broken = walk.run(conn.execute(_SELECT_ALL))
+        return broken or walk.finish(head_seq, head_hash)
+    finally:
+        conn.rollback()
+
+
+def _sqlite_purge(conn: sqlite3.Connection, cutoff_us: int) -> int:
+    with _sqlite_transaction(conn):
+        base_seq, base_hash, head_seq, _ = _sqlite_one(conn, _SELECT_CHAIN)
+        (first_recent,) = _sqlite_one(conn, _FIRST_RECENT, (cutoff_us,))
+        last = _purge_end(first_recent, base_seq, head_seq)
+        if last is None:
+            return 0
+        walk = _ChainWalk(base_seq, base_hash)
+        _check_purge_range(walk, walk.run(conn.execute(_SELECT_RANGE, (base_seq, last))), last)
+        deleted = conn.execute(_DELETE_UPTO, (last,)).rowcount
+        conn.execute(_UPDATE_BASE, (last, walk.hash))
+    return deleted
+
+
+def _sqlite_probe(conn: sqlite3.Connection) -> None:
+    """Write (and roll back) the chain row: fails on a read-only file or a lost disk."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute("UPDATE audit_chain SET head_seq = head_seq WHERE id = 1")
+    finally:
+        if conn.in_transaction:
+            conn.rollback()
+
+
+# -- PostgreSQL ----------------------------------------------------------------------------
+
+PgConnection = psycopg.AsyncConnection[TupleRow]
+_PG_MIGRATION_LOCK = 0x5C09E_A0D17  # advisory lock id: replicas migrate one at a time
+
+
+def _pg(sql: str) -> str:
+    """Our shared SQL uses ``?``; psycopg wants ``%s`` (no literal ``%`` occurs)."""
+    return sql.replace("?", "%s")
+
+
+async def _pg_one(conn: PgConnection, sql: str, params: Sequence[object] = ()) -> Row:
+    row = await (await conn.execute(_pg(sql), params)).fetchone()
+    if row is None:
+        raise AuditUnavailable("the audit chain row is missing")
+    return row
+
+
+async def _pg_walk(
+    conn: PgConnection, walk: _ChainWalk, sql: str, params: Sequence[object]
+) -> VerifyResult | None:
+    """Stream rows through ``walk`` with a server-side cursor (inside a transaction)."""
+    async with conn.cursor(name="scopegate_audit_walk") as cur:
+        await cur.execute(_pg(sql), params)
+        async for row in cur:
+            broken = walk.step(row)
+            if broken is not None:
+                return broken
+    return None
+
+
+async def _pg_migrate(conn: PgConnection) -> None:
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_MIGRATION_LOCK,))
+        await conn.execute(_CREATE_SCHEMA_VERSION)
+        (current,) = await _pg_one(conn, _SELECT_SCHEMA_VERSION)
+        for version, statements in _pending_migrations(current):
+            for sql, params in statements:
+                await conn.execute(_pg(sql), params)
+            await conn.execute(_pg(_INSERT_SCHEMA_VERSION), (version,))
+
+
+class _PgPool:
+    """A few autocommit connections, replaced when they break (no psycopg_pool needed)."""
+
+    def __init__(self, dsn: str, size: int, connect_timeout_s: int) -> None:
+        self._dsn = dsn
+        self._connect_timeout_s = connect_timeout_s
+        self._slots = asyncio.Semaphore(size)
+        self._idle: list[PgConnection] = []
+        self._migrated = False
+        self._closed = False
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[PgConnection]:
+        """A connection for one unit of work, kept afterwards only if it is clean."""
+        async with self._slots:
+            conn = await self._take()
+            try:
+                yield conn
+            finally:
+                await self._give_back(conn)
+
+    async def close(self) -> None:
+        """Close idle connections now and busy ones when they come back."""
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await conn.close()
+
+    async def _take(self) -> PgConnection:
+        if self._closed:
+            raise AuditUnavailable("audit store is closed")
+        if self._idle:
+            return self._idle.pop()
+        conn = await PgConnection.connect(
+            self._dsn, autocommit=True, connect_timeout=self._connect_timeout_s
+        )
+        try:
+            if not self._migrated:
+                await _pg_migrate(conn)
+                self._migrated = True
+        except BaseException:
+            await conn.close()
+            raise
+        return conn
+
+    async def _give_back(self, conn: PgConnection) -> None:
+        clean = not conn.closed and conn.info.transaction_status == TransactionStatus.IDLE
+        if clean and not self._closed:
+            self._idle.append(conn)
+        else:
+            await conn.close()
+
+
+class PostgresAuditStore(_SqlAuditStore):
+    """The audit store of scaled-out deployments: one database shared by all replicas.
+
+    An append locks the chain row (``SELECT ... FOR UPDATE``) before reading the head,
+    so appends from any number of tasks, connections and replicas take turns on one
+    linear chain, and a failed append rolls back without leaving a gap. Schema
+    migrations run under an advisory lock so replicas may start together.
+    """
+
+    def __init__(self, dsn: str, *, pool_size: int = 4, connect_timeout_s: int = 5) -> None:
+        self._pool = _PgPool(dsn, pool_size, connect_timeout_s)
+
+    async def append(self, record: AuditRecord) -> AuditEntry:
+        """Chain ``record`` after the current head; return once committed."""
+        text = canonical_json(record.to_dict())
+        with storage_errors():
+            async with self._pool.connection() as conn, conn.transaction():
+                _, _, head_seq, head_hash = await _pg_one(conn, _SELECT_CHAIN + " FOR UPDATE")
+                entry = _link(head_seq, head_hash, record, text)
+                await conn.execute(_pg(_INSERT_ENTRY), _insert_params(entry, text))
+                await conn.execute(_pg(_UPDATE_HEAD), (entry.seq, entry.hash))
+        return entry
+
+    async def verify(self) -> VerifyResult:
+        """Recompute the chain inside one repeatable-read snapshot."""
+        with storage_errors():
+            async with self._pool.connection() as conn, conn.transaction():
+                await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                base_seq, base_hash, head_seq, head_hash = await _pg_one(conn, _SELECT_CHAIN)
+                walk = _ChainWalk(base_seq, base_hash)
+                broken = await _pg_walk(conn, walk, _SELECT_ALL, ())
+                return broken or walk.finish(head_seq, head_hash)
+
+    async def purge_older_than(self, days: float, *, now: datetime | None = None) -> int:
+        """Delete the oldest entries older than ``days``; return how many."""
+        cutoff = _cutoff_micros(days, now)
+        with storage_errors():
+            async with self._pool.connection() as conn, conn.transaction():
+                chain = await _pg_one(conn, _SELECT_CHAIN + " FOR UPDATE")
+                (first_recent,) = await _pg_one(conn, _FIRST_RECENT, (cutoff,))
+                last = _purge_end(first_recent, chain[0], chain[2])
+                if last is None:
+                    return 0
+                walk = _ChainWalk(chain[0], chain[1])
+                broken = await _pg_walk(conn, walk, _SELECT_RANGE, (chain[0], last))
+                _check_purge_range(walk, broken, last)
+                deleted = await conn.execute(_pg(_DELETE_UPTO), (last,))
+                await conn.execute(_pg(_UPDATE_BASE), (last, walk.hash))
+                return deleted.rowcount
+
+    async def healthy(self) -> bool:
+        """Whether the database answers and accepts writes (not a read-only standby)."""
+        try:
+            with storage_errors():
+                async with self._pool.connection() as conn:
+                    (read_only,) = await _pg_one(
+                        conn, "SELECT current_setting('transaction_read_only')"
+                    )
+        except AuditUnavailable:
+            return False
+        return bool(read_only == "off")
+
+    async def close(self) -> None:
+        """Close the connections; later calls raise ``AuditUnavailable``."""
+        with storage_errors():
+            await self._pool.close()
+
+    async def _fetch(self, sql: str, params: Sequence[object]) -> Sequence[Row]:
+        with storage_errors():
+            async with self._pool.connection() as conn:
+                return await (await conn.execute(_pg(sql), params)).fetchall()
+
+
+# -- choosing a store ----------------------------------------------------------------------
+
+
+def open_audit_store(dsn: str | None, data_dir: Path) -> AuditStore:
+    """The store a DSN names; connects lazily, on first use.
+
+    None or empty: SQLite at ``data_dir/audit.db``. ``postgresql://...`` (or
+    ``postgres://``): PostgreSQL. ``sqlite:///relative.db`` or ``sqlite:////abs.db``
+    (SQLAlchemy's convention): SQLite at that path.
+    """
+    if not dsn:
+        return SqliteAuditStore(Path(data_dir) / "audit.db")
+    if dsn.startswith(("postgresql://", "postgres://")):
+        return PostgresAuditStore(dsn)
+    if dsn.startswith("sqlite:///") and len(dsn) > len("sqlite:///"):
+        return SqliteAuditStore(Path(dsn.removeprefix("sqlite:///")))
+    raise ValueError("unsupported audit DSN: use postgresql://... or sqlite:///path")

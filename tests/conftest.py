@@ -1,0 +1,77 @@
+"""Shared fixtures: one real OpenFGA server per session, one store per test.
+
+A missing OpenFGA binary, Chroma or PostgreSQL makes the tests that need them fail
+with the reason; nothing here skips.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from gateway.api import create_app
+from gateway.fga_server import ManagedOpenFGA
+from gateway.service import Gateway
+from gateway.settings import Settings, load_settings
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--soak", action="store_true", help="run long soak/property/load tests")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--soak"):
+        return
+    deselected = [i for i in items if i.get_closest_marker("soak")]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [i for i in items if not i.get_closest_marker("soak")]
+
+
+@pytest.fixture(scope="session")
+def openfga(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagedOpenFGA]:
+    server = ManagedOpenFGA(tmp_path_factory.mktemp("openfga"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def embeddings() -> Any:
+    from connectors.embeddings import default_embeddings
+
+    return default_embeddings()
+
+
+def make_settings(openfga: ManagedOpenFGA, data_dir: Path, **overrides: Any) -> Settings:
+    return load_settings(
+        data_dir=data_dir,
+        openfga_url=openfga.url,
+        openfga_store_name=f"test-{uuid.uuid4().hex[:12]}",
+        **overrides,
+    )
+
+
+@pytest.fixture
+async def gateway(
+    openfga: ManagedOpenFGA, tmp_path: Path, embeddings: Any
+) -> AsyncIterator[Gateway]:
+    g = await Gateway.start(make_settings(openfga, tmp_path / "data"), embeddings=embeddings)
+    try:
+        yield g
+    finally:
+        await g.close()
+
+
+@pytest.fixture
+async def http(gateway: Gateway) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=create_app(gateway=gateway))
+    async with httpx.AsyncClient(transport=transport, base_url="http://scopegate") as client:
+        yield client

@@ -1,0 +1,287 @@
+"""End to end over HTTP against the real OpenFGA and Chroma: every line of DESIGN §2."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import httpx
+
+from gateway.service import Gateway
+from tests.world import World, bearer, doc
+
+TOPICS = {
+    "rev": "Quarterly revenue forecast: revenue grows eight percent on enterprise renewals.",
+    "inc": "Incident postmortem: the primary database failed over after disk saturation.",
+    "pay": "Salary bands for engineers are reviewed every year with equity refreshers.",
+}
+
+
+async def _acme(gateway: Gateway, http: httpx.AsyncClient) -> World:
+    w = await World(gateway, http, "acme").setup(
+        members=["alice", "bob"], agents=["summarizer", "narrow"]
+    )
+    await w.relationships(
+        writes=[
+            {"user": "user:alice", "relation": "member", "object": "group:eng"},
+            {"user": "folder:eng", "relation": "parent", "object": "folder:eng-incidents"},
+            {"user": "group:eng#member", "relation": "viewer", "object": "folder:eng"},
+        ]
+    )
+    await w.ingest(
+        [
+            doc(
+                "rev1",
+                TOPICS["rev"],
+                viewers=["user:alice", "user:bob"],
+                agents=["agent:summarizer"],
+                folder="finance",
+            ),
+            doc(
+                "inc1",
+                TOPICS["inc"],
+                agents=["agent:summarizer", "agent:narrow"],
+                folder="eng-incidents",
+            ),
+            doc("pay1", TOPICS["pay"], viewers=["user:bob"], agents=["agent:summarizer"]),
+            doc("note1", "Private note from alice about the revenue forecast.", owner="user:alice"),
+        ]
+    )
+    return w
+
+
+async def test_user_and_agent_and_task_all_required(
+    gateway: Gateway, http: httpx.AsyncClient
+) -> None:
+    w = await _acme(gateway, http)
+    task = await w.task("alice", "summarizer", ["source:docs"])
+    docs = await w.retrieved_docs("alice", "summarizer", task, "revenue forecast", k=10)
+    # alice reads rev1 (direct), inc1 (group -> folder -> nested folder); not pay1 (bob's);
+    # note1 is hers but the summarizer has no grant on it.
+    assert set(docs) == {"rev1", "inc1"}
+
+
+async def test_agent_narrower_than_user(gateway: Gateway, http: httpx.AsyncClient) -> None:
+    w = await _acme(gateway, http)
+    task = await w.task("alice", "narrow", ["source:docs"])
+    assert set(await w.retrieved_docs("alice", "narrow", task, "revenue", k=10)) == {"inc1"}
+
+
+async def test_user_narrower_than_agent(gateway: Gateway, http: httpx.AsyncClient) -> None:
+    w = await _acme(gateway, http)
+    task = await w.task("bob", "summarizer", ["source:docs"])
+    assert set(await w.retrieved_docs("bob", "summarizer", task, "salary", k=10)) == {
+        "rev1",
+        "pay1",
+    }
+
+
+async def test_task_scope_limits_to_folder(gateway: Gateway, http: httpx.AsyncClient) -> None:
+    w = await _acme(gateway, http)
+    task = await w.task("alice", "summarizer", ["folder:eng"])
+    assert await w.retrieved_docs("alice", "summarizer", task, "revenue", k=10) == ["inc1"]
+
+
+async def test_token_for_other_user_of_task_is_denied(
+    gateway: Gateway, http: httpx.AsyncClient
+) -> None:
+    w = await _acme(gateway, http)
+    task = await w.task("alice", "summarizer", ["source:docs"])
+    # bob presents alice's task: the task is bound to alice, so nothing comes back.
+    assert await w.retrieved_docs("bob", "summarizer", task, "revenue", k=10) == []
+    assert await w.retrieved_docs("alice", "narrow", task, "revenue", k=10) == []
+
+
+async def test_revoked_task_denies_next_request(gateway: Gateway, http: httpx.AsyncClient) -> None:
+    w = await _acme(gateway, http)
+    task = await w.task("alice", "summarizer", ["source:docs"])
+    assert await w.retrieved_docs("alice", "summarizer", task, "revenue")
+    await w.admin_call("DELETE", f"/v1/tasks/{task}")
+    assert await w.retrieved_docs("alice", "summarizer", task, "revenue") == []
+
+
+async def test_expired_task_denies(gateway: Gateway, http: httpx.AsyncClient) -> None:
+    w = await _acme(gateway, http)
+    soon = (datetime.now(UTC) + timedelta(seconds=2)).isoformat()
+    task = await w.task("alice", "summarizer", ["source:docs"], expires_at=soon)
+    assert await w.retrieved_docs("alice", "summarizer", task, "revenue")
+    import asyncio
+
+    await asyncio.sleep(2.5)
+    assert await w.retrieved_docs("alice", "summarizer", task, "revenue") == []
+
+
+async def test_deprovisioned_user_and_agent(gateway: Gateway, http: httpx.AsyncClient) -> None:
+    w = await _acme(gateway, http)
+    task = await w.task("alice", "summarizer", ["source:docs"])
+    assert await w.retrieved_docs("alice", "summarizer", task, "revenue")
+    await w.relationships(
+        deletes=[{"user": "agent:summarizer", "relation": "member", "object": "tenant:acme"}]
+    )
+    assert await w.retrieved_docs("alice", "summarizer", task, "revenue") == []
+    await w.relationships(
+        writes=[{"user": "agent:summarizer", "relation": "member", "object": "tenant:acme"}]
+    )
+    assert await w.retrieved_docs("alice", "summarizer", task, "revenue")
+    await w.relationships(
+        deletes=[{"user": "user:alice", "relation": "member", "object": "tenant:acme"}]
+    )
+    assert await w.retrieved_docs("alice", "summarizer", task, "revenue") == []
+
+
+async def test_grant_revoked_then_retrieve_immediately(
+    gateway: Gateway, http: httpx.AsyncClient
+) -> None:
+    w = await _acme(gateway, http)
+    task = await w.task("bob", "summarizer", ["source:docs"])
+    assert "pay1" in await w.retrieved_docs("bob", "summarizer", task, "salary", k=10)
+    await w.relationships(
+        deletes=[{"user": "user:bob", "relation": "viewer", "object": "document:pay1"}]
+    )
+    assert "pay1" not in await w.retrieved_docs("bob", "summarizer", task, "salary", k=10)
+
+
+async def test_cross_tenant_colliding_ids(gateway: Gateway, http: httpx.AsyncClient) -> None:
+    acme = await _acme(gateway, http)
+    globex = await World(gateway, http, "globex").setup(members=["alice"], agents=["summarizer"])
+    await globex.ingest(
+        [
+            doc(
+                "rev1",
+                "GLOBEX revenue forecast: confidential numbers for globex only.",
+                viewers=["user:alice"],
+                agents=["agent:summarizer"],
+            ),
+        ]
+    )
+    g_task = await globex.task("alice", "summarizer", ["source:docs"])
+    a_task = await acme.task("alice", "summarizer", ["source:docs"])
+    g_resp = await globex.retrieve("alice", "summarizer", g_task, "revenue forecast", k=10)
+    texts = [c["text"] for c in g_resp.json()["chunks"]]
+    assert texts and all("GLOBEX" in t for t in texts)
+    a_resp = await acme.retrieve("alice", "summarizer", a_task, "revenue forecast", k=10)
+    assert all("GLOBEX" not in c["text"] for c in a_resp.json()["chunks"])
+    # An acme task id presented in a globex token never works.
+    assert await globex.retrieved_docs("alice", "summarizer", a_task, "revenue") == []
+
+
+async def test_k_permitted_chunks_returned_when_they_exist(
+    gateway: Gateway, http: httpx.AsyncClient
+) -> None:
+    w = await World(gateway, http, "acme").setup(members=["alice"], agents=["bot"])
+    docs = []
+    for i in range(60):
+        allowed = i % 10 == 0  # 6 permitted among 60 near-identical documents
+        docs.append(
+            doc(
+                f"d{i}",
+                f"Revenue forecast memo number {i} for the quarter.",
+                viewers=["user:alice"] if allowed else [],
+                agents=["agent:bot"],
+            )
+        )
+    await w.ingest(docs)
+    task = await w.task("alice", "bot", ["source:docs"])
+    got = await w.retrieved_docs("alice", "bot", task, "revenue forecast memo", k=5)
+    assert len(got) == 5
+    assert set(got) <= {f"d{i}" for i in range(0, 60, 10)}
+
+
+async def test_response_reveals_nothing_about_denied(
+    gateway: Gateway, http: httpx.AsyncClient
+) -> None:
+    w = await _acme(gateway, http)
+    task = await w.task("alice", "narrow", ["source:docs"])
+    response = await w.retrieve("alice", "narrow", task, "revenue", k=10)
+    body = response.json()
+    assert set(body) == {"request_id", "chunks"}
+    for chunk in body["chunks"]:
+        assert set(chunk) == {
+            "chunk_id",
+            "document_id",
+            "source",
+            "text",
+            "score",
+            "tokens",
+            "metadata",
+        }
+        assert "embedding" not in str(chunk["metadata"])
+    assert "rev1" not in response.text and "pay1" not in response.text
+
+
+async def test_client_filters_rejected(gateway: Gateway, http: httpx.AsyncClient) -> None:
+    w = await _acme(gateway, http)
+    task = await w.task("alice", "summarizer", ["source:docs"])
+    for extra in (
+        {"where": {"tenant": "globex"}},
+        {"filter": {"$ne": 1}},
+        {"tenant": "globex"},
+        {"user": "bob"},
+    ):
+        response = await http.post(
+            "/v1/retrieve",
+            json={"query": "revenue", "k": 5, **extra},
+            headers=bearer(w.agent_token("alice", "summarizer", task)),
+        )
+        assert response.status_code == 422
+        assert response.json()["error"]["code"] == "invalid_request"
+
+
+async def test_max_tokens_honoured(gateway: Gateway, http: httpx.AsyncClient) -> None:
+    w = await _acme(gateway, http)
+    task = await w.task("alice", "summarizer", ["source:docs"])
+    response = await w.retrieve("alice", "summarizer", task, "revenue", k=10, max_tokens=15)
+    chunks = response.json()["chunks"]
+    assert sum(c["tokens"] for c in chunks) <= 15
+    scores = [c["score"] for c in chunks]
+    assert scores == sorted(scores, reverse=True)
+
+
+async def test_fails_closed_when_openfga_stops(openfga, tmp_path, embeddings) -> None:  # type: ignore[no-untyped-def]
+    from gateway.fga_server import ManagedOpenFGA
+    from tests.conftest import make_settings
+
+    server = ManagedOpenFGA(tmp_path / "fga")
+    server.start()
+    g = await Gateway.start(make_settings(server, tmp_path / "data"), embeddings=embeddings)
+    try:
+        from gateway.api import create_app
+
+        transport = httpx.ASGITransport(app=create_app(gateway=g))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            w = await _acme(g, client)
+            task = await w.task("alice", "summarizer", ["source:docs"])
+            assert await w.retrieved_docs("alice", "summarizer", task, "revenue")
+            server.stop()
+            response = await w.retrieve("alice", "summarizer", task, "revenue")
+            assert response.status_code == 503
+            assert response.json()["error"]["code"] == "authorization_unavailable"
+            assert "chunks" not in response.json()
+            entries, _ = await g.audit.list("acme", outcome="error")
+            assert entries and entries[0].record.error_code == "authorization_unavailable"
+    finally:
+        await g.close()
+        server.stop()
+
+
+async def test_admin_api_requires_admin(gateway: Gateway, http: httpx.AsyncClient) -> None:
+    w = await _acme(gateway, http)
+    alice = gateway.mint_token(tenant="acme", user="alice")
+    response = await http.post(
+        "/v1/relationships",
+        headers=bearer(alice),
+        json={"writes": [{"user": "user:alice", "relation": "viewer", "object": "document:pay1"}]},
+    )
+    assert response.status_code == 403
+    assert response.json()["error"]["code"] == "forbidden"
+    response = await http.post(
+        "/v1/relationships",
+        headers=bearer(w.admin_token),
+        json={
+            "writes": [
+                {"user": "tenant:globex#member", "relation": "viewer", "object": "document:rev1"}
+            ]
+        },
+    )
+    assert response.status_code == 403
+    task = await w.task("alice", "summarizer", ["source:docs"])
+    assert "rev1" in await w.retrieved_docs("alice", "summarizer", task, "revenue")
