@@ -49,13 +49,16 @@ CHUNKS = "chunks"
 DOCUMENT_INDEX = "document_index"
 _TEXT: Include = ["documents", "metadatas"]
 
-# Everything a Chroma call can raise: its own errors, the HTTP transport (httpx), the
-# disk and SQLite underneath the embedded mode, a server or deadline timeout
-# (TimeoutError is an OSError), argument validation (ValueError, TypeError), numpy,
-# and answers that do not have the expected shape (LookupError, AttributeError).
+# Everything a Chroma call can raise: its own errors; every httpx exception (HTTPError
+# and the two that do not derive from it); the disk and SQLite under the embedded mode;
+# a server or deadline timeout (TimeoutError is an OSError); argument validation
+# (ValueError, TypeError); numpy; answers of the wrong shape (LookupError,
+# AttributeError).
 UPSTREAM_ERRORS: tuple[type[Exception], ...] = (
     ChromaError,
     httpx.HTTPError,
+    httpx.InvalidURL,
+    httpx.CookieConflict,
     OSError,
     sqlite3.Error,
     ValueError,

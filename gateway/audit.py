@@ -464,8 +464,15 @@ def _pending_migrations(current: int) -> list[tuple[int, tuple[_Statement, ...]]
 def _index_values(record: AuditRecord) -> Row:
     """The columns stored beside a record's JSON so that lists can filter."""
     moment = _micros(_parse_time(record.time))
-    return (record.tenant, record.request_id, record.user, record.agent, record.task,
-            record.outcome, moment)  # fmt: skip
+    return (
+        record.tenant,
+        record.request_id,
+        record.user,
+        record.agent,
+        record.task,
+        record.outcome,
+        moment,
+    )
 
 
 def _link(head_seq: int, head_hash: str, record: AuditRecord, text: str) -> AuditEntry:

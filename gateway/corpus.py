@@ -138,9 +138,10 @@ def build_world(
             continue
         folder = folders[i % len(folders)]
         topic = FOLDERS[folder][1]
-        text = rng.choice(TOPICS[topic]).format(
+        body = rng.choice(TOPICS[topic]).format(
             q=f"Q{1 + i % 4} {2026 + i % 2}", n=2 + (i * 7) % 40, m=5 + (i * 3) % 30
         )
+        text = f"{tenant.title()} {topic} memo {i}. {body}"
         agents_acl = [f"agent:{a}" for a in agents if a == "summarizer" or topic in a]
         world.documents.append(
             {

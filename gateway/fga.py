@@ -37,9 +37,11 @@ from openfga_sdk.exceptions import ApiException, OpenApiException, ValidationExc
 from openfga_sdk.models.batch_check_item import BatchCheckItem
 from openfga_sdk.models.batch_check_request import BatchCheckRequest
 from openfga_sdk.models.check_request_tuple_key import CheckRequestTupleKey
+from openfga_sdk.models.contextual_tuple_keys import ContextualTupleKeys
 from openfga_sdk.models.create_store_request import CreateStoreRequest
 from openfga_sdk.models.read_request_tuple_key import ReadRequestTupleKey
 from openfga_sdk.models.relationship_condition import RelationshipCondition
+from openfga_sdk.models.tuple_key import TupleKey
 from openfga_sdk.models.write_authorization_model_request import (
     WriteAuthorizationModelRequest,
 )
@@ -242,9 +244,12 @@ class FgaClient:
         context: Mapping[str, Any] | None = None,
         model_id: str | None = None,
         consistency: str | None = None,
+        contextual: Sequence[Tuple] = (),
     ) -> dict[CheckItem, CheckOutcome]:
         """Check every distinct item; return an outcome for each (errors included).
 
+        ``contextual`` tuples are for reviewer what-if replays only: they are built by
+        the gateway from a reviewer's request and never come from agents.
         Raises AuthorizationUnavailable when a whole BatchCheck call fails.
         """
         unique = list(dict.fromkeys(items))
@@ -254,7 +259,7 @@ class FgaClient:
             for i in range(0, len(unique), MAX_CHECKS_PER_BATCH)
         ]
         results = await asyncio.gather(
-            *(self._batch(chunk, ctx, model_id, consistency) for chunk in chunks)
+            *(self._batch(chunk, ctx, model_id, consistency, contextual) for chunk in chunks)
         )
         outcomes: dict[CheckItem, CheckOutcome] = {}
         for part in results:
@@ -267,8 +272,18 @@ class FgaClient:
         context: Mapping[str, Any],
         model_id: str | None,
         consistency: str | None,
+        contextual: Sequence[Tuple] = (),
     ) -> dict[CheckItem, CheckOutcome]:
         by_id = {f"c{i}": item for i, item in enumerate(chunk)}
+        extra = (
+            ContextualTupleKeys(
+                tuple_keys=[
+                    TupleKey(user=t.user, relation=t.relation, object=t.object) for t in contextual
+                ]
+            )
+            if contextual
+            else None
+        )
         body = BatchCheckRequest(
             checks=[
                 BatchCheckItem(
@@ -276,6 +291,7 @@ class FgaClient:
                         user=item.user, relation=item.relation, object=item.object
                     ),
                     context=dict(context),
+                    contextual_tuples=extra,
                     correlation_id=cid,
                 )
                 for cid, item in by_id.items()
