@@ -189,11 +189,12 @@ async def _narrate(c: DemoClient, documents: int) -> None:
     listing = await c.call("GET", "/v1/audit/decisions", reviewer, params={"limit": 200})
     blocked = [d for d in listing["decisions"] if d["blocked"]]
     _say(
-        f"  {len(listing['decisions'])} acme decisions recorded, {len(blocked)} with blocked "
-        "candidates"
+        f"  {len(listing['decisions'])} acme records (retrievals and admin actions), "
+        f"{len(blocked)} retrievals with blocked candidates"
     )
     if blocked:
-        detail = await c.call("GET", f"/v1/audit/decisions/{blocked[0]['request_id']}", reviewer)
+        worst = max(blocked, key=lambda d: d["blocked"])
+        detail = await c.call("GET", f"/v1/audit/decisions/{worst['request_id']}", reviewer)
         _say(
             f"  request {detail['request_id']} (user {detail['user']}, agent {detail['agent']}, "
             f"strategy {detail['strategy']}):"
@@ -227,3 +228,7 @@ async def _narrate(c: DemoClient, documents: int) -> None:
             f"  {doc['document_id']:<12} was {doc['was']:<5} now {doc['now']:<5} "
             f"{'; '.join(doc['explanations'][:1])}"
         )
+
+    _title("8. The audit log is hash-chained")
+    verdict = await c.gateway.audit.verify()
+    _say(f"  chain verified: {verdict.ok} ({verdict.checked} records)")
