@@ -279,7 +279,8 @@ def create_app(
     async def readyz(g: GatewayDep) -> JSONResponse:
         parts = await g.readiness()
         ready = all(parts.values())
-        return JSONResponse({"ready": ready, **parts}, status_code=200 if ready else 503)
+        body = {"ready": ready, **parts, "store_id": g.fga.store_id, "model_id": g.fga.model_id}
+        return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/metrics")
     async def prometheus() -> Response:

@@ -146,6 +146,7 @@ class TokenVerifier:
         audience: str,
         algorithms: list[str],
         leeway_s: int = 5,
+        jwks_url: str | None = None,
     ) -> None:
         if not algorithms or any(a.lower() == "none" or a.startswith("HS") for a in algorithms):
             raise ValueError("only asymmetric algorithms may be configured")
@@ -156,6 +157,18 @@ class TokenVerifier:
         self._audience = audience
         self._algorithms = list(algorithms)
         self._leeway = leeway_s
+        # Keys from a configured JWKS URL (production issuers); never from the token.
+        self._jwks = jwt.PyJWKClient(jwks_url, cache_keys=True, timeout=5) if jwks_url else None
+
+    def _key(self, kid: object) -> Any:
+        if isinstance(kid, str) and kid in self._keys:
+            return self._keys[kid]
+        if isinstance(kid, str) and self._jwks is not None and len(kid) <= 256:
+            try:
+                return self._jwks.get_signing_key(kid).key
+            except jwt.PyJWKClientError as exc:
+                raise InvalidToken("unknown signing key") from exc
+        raise InvalidToken("unknown signing key")
 
     def _claims(self, token: str) -> dict[str, Any]:
         if not isinstance(token, str) or not token or len(token) > 8192:
@@ -170,14 +183,12 @@ class TokenVerifier:
             raise InvalidToken("token algorithm is not accepted")
         if header.get("typ") != ACCESS_TOKEN_TYPE:
             raise InvalidToken("not an access token")
-        kid = header.get("kid")
-        if not isinstance(kid, str) or kid not in self._keys:
-            raise InvalidToken("unknown signing key")
+        key = self._key(header.get("kid"))
         options: Options = {"require": _REQUIRED_CLAIMS, "verify_signature": True}
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,
-                self._keys[kid],
+                key,
                 algorithms=self._algorithms,
                 audience=self._audience,
                 issuer=self._issuer,

@@ -175,6 +175,7 @@ class Gateway:
             audience=settings.token_audience,
             algorithms=settings.token_algorithms,
             leeway_s=settings.token_leeway_s,
+            jwks_url=settings.jwks_url,
         )
         if embeddings is None:
             from connectors.embeddings import default_embeddings

