@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.deps import AgentCaller, GatewayDep, PrincipalCaller
-from gateway.errors import InvalidRequest, PayloadTooLarge, ScopegateError
+from gateway.errors import Forbidden, InvalidRequest, PayloadTooLarge, ScopegateError
 from gateway.metrics import Metrics
 from gateway.service import Gateway
 from gateway.settings import Settings
@@ -70,6 +70,11 @@ class DocumentBody(_Strict):
 
 class IngestBody(_Strict):
     documents: list[DocumentBody] = Field(min_length=1, max_length=1000)
+
+
+class TenantBody(_Strict):
+    id: Id
+    admin: Id
 
 
 class RelationshipBody(_Strict):
@@ -216,7 +221,9 @@ def create_app(
         return response
 
     @app.post("/v1/retrieve")
-    async def retrieve(body: RetrieveBody, ctx: AgentCaller, g: GatewayDep, request: Request) -> dict[str, Any]:
+    async def retrieve(
+        body: RetrieveBody, ctx: AgentCaller, g: GatewayDep, request: Request
+    ) -> dict[str, Any]:
         """Exact top-k chunks the delegating user, agent, task and tenant all permit."""
         try:
             result = await g.retrieve(ctx, body.query, body.k, body.sources, body.max_tokens)
@@ -227,6 +234,19 @@ def create_app(
             metrics.count_verdicts(ctx.tenant, result.outcome.verdicts.values())
         request.state.request_id = result.request_id
         return result.to_dict()
+
+    @app.post("/v1/tenants", status_code=201)
+    async def create_tenant(body: TenantBody, p: PrincipalCaller, g: GatewayDep) -> dict[str, str]:
+        """Operator only: bootstrap a tenant and its first admin."""
+        if not p.operator:
+            raise Forbidden("only platform operators may create tenants")
+        await g.create_tenant(body.id, body.admin)
+        return {"tenant": body.id, "admin": body.admin}
+
+    @app.get("/v1/retrieve/sources")
+    async def retrievable_sources(ctx: AgentCaller, g: GatewayDep) -> dict[str, Any]:
+        """The source ids an agent may name in ``sources`` (delegation token)."""
+        return {"sources": [{"id": s} for s in await g.retrievable_sources(ctx)]}
 
     @app.post("/v1/tasks", status_code=201)
     async def create_task(body: TaskBody, p: PrincipalCaller, g: GatewayDep) -> dict[str, str]:
@@ -239,7 +259,9 @@ def create_app(
         return Response(status_code=204)
 
     @app.post("/v1/sources", status_code=201)
-    async def register_source(body: SourceBody, p: PrincipalCaller, g: GatewayDep) -> dict[str, Any]:
+    async def register_source(
+        body: SourceBody, p: PrincipalCaller, g: GatewayDep
+    ) -> dict[str, Any]:
         info = await g.register_source(p, body.id, body.kind, body.config)
         return {"id": info.id, "kind": info.kind, "config": info.config}
 
@@ -255,17 +277,23 @@ def create_app(
         return {"id": info.id, "kind": info.kind, "config": info.config, "documents": documents}
 
     @app.post("/v1/sources/{source_id}/documents")
-    async def ingest(source_id: str, body: IngestBody, p: PrincipalCaller, g: GatewayDep) -> dict[str, int]:
+    async def ingest(
+        source_id: str, body: IngestBody, p: PrincipalCaller, g: GatewayDep
+    ) -> dict[str, int]:
         docs = [d.model_dump() for d in body.documents]
         return await g.ingest(p, source_id, docs)
 
     @app.delete("/v1/sources/{source_id}/documents/{document_id}", status_code=204)
-    async def delete_document(source_id: str, document_id: str, p: PrincipalCaller, g: GatewayDep) -> Response:
+    async def delete_document(
+        source_id: str, document_id: str, p: PrincipalCaller, g: GatewayDep
+    ) -> Response:
         await g.delete_document(p, source_id, document_id)
         return Response(status_code=204)
 
     @app.post("/v1/relationships")
-    async def relationships(body: RelationshipsBody, p: PrincipalCaller, g: GatewayDep) -> dict[str, int]:
+    async def relationships(
+        body: RelationshipsBody, p: PrincipalCaller, g: GatewayDep
+    ) -> dict[str, int]:
         writes = [w.model_dump() for w in body.writes]
         deletes = [d.model_dump() for d in body.deletes]
         await g.write_relationships(p, writes, deletes)

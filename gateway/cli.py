@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     issue.add_argument("--agent")
     issue.add_argument("--task")
     issue.add_argument("--ttl", default="15m", help="lifetime: 90s, 15m, 2h")
+    issue.add_argument(
+        "--operator",
+        action="store_true",
+        help="a platform operator token (may create tenants over --url)",
+    )
 
     tenant = sub.add_parser("tenant", help="tenants")
     tenant_sub = tenant.add_subparsers(dest="tenant_command", required=True)

@@ -1,22 +1,42 @@
 """Python client for a running scopegate gateway (sync and async, over httpx).
 
-The token is supplied by a callable so it can be refreshed before it expires.
-Errors come back as the same exception classes the gateway raises. Only idempotent
-reads (and retrieval, which writes nothing but its audit record) are retried, and
-only on connection errors.
+Both clients expose the same typed methods for the whole HTTP API v1 (DESIGN §4):
+retrieval, tasks, sources and ingestion, relationships, and the reviewer's audit
+list / show / replay. Errors come back as the exception classes the gateway raises
+(:mod:`gateway.errors`), mapped by the ``error.code`` of the body, or by the HTTP
+status when a proxy answered instead of the gateway.
+
+The token is a string or a zero-argument callable returning one; the callable is
+asked before every attempt, so a token provider can rotate tokens freely.
+
+Retries are limited to what is safe to repeat:
+
+- a request that never reached the gateway (connect error or timeout, pool
+  timeout) is retried whatever its method;
+- a request that may have reached it is retried only when repeating it changes
+  nothing (reads, retrieval and replay, which write nothing but an audit record,
+  and task revocation), on transport errors and on 429/503 answers, honouring
+  ``Retry-After``;
+- a 401 is retried once, with a fresh token, when the token callable hands out a
+  different one: the gateway rejects an unauthenticated request before doing anything.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
+import anyio
 import httpx
 
 from gateway import errors
 
-TokenSource = Callable[[], str] | str
+TokenSource = str | Callable[[], str]
+"""A bearer token, or a zero-argument callable returning the current one."""
 
 _ERRORS: dict[str, type[errors.ScopegateError]] = {
     cls.code: cls
@@ -28,15 +48,40 @@ _ERRORS: dict[str, type[errors.ScopegateError]] = {
         errors.PayloadTooLarge,
         errors.RateLimited,
         errors.Conflict,
+        errors.Unavailable,
         errors.AuthorizationUnavailable,
         errors.SourceUnavailable,
         errors.AuditUnavailable,
     )
 }
 
+# When the body is not a scopegate error (a proxy or load balancer answered).
+_BY_STATUS: dict[int, type[errors.ScopegateError]] = {
+    400: errors.InvalidRequest,
+    401: errors.InvalidToken,
+    403: errors.Forbidden,
+    404: errors.NotFound,
+    409: errors.Conflict,
+    413: errors.PayloadTooLarge,
+    422: errors.InvalidRequest,
+    429: errors.RateLimited,
+    502: errors.Unavailable,
+    503: errors.Unavailable,
+    504: errors.Unavailable,
+}
+
+# Errors raised before the request left this process: repeating is always safe.
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+_RETRY_STATUSES = frozenset({429, 503})
+
+
+# -- response models ------------------------------------------------------------------
+
 
 @dataclass(frozen=True, slots=True)
 class Chunk:
+    """One permitted chunk, as returned by ``POST /v1/retrieve``."""
+
     chunk_id: str
     document_id: str
     source: str
@@ -45,46 +90,408 @@ class Chunk:
     tokens: int
     metadata: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Chunk:
+        return cls(
+            chunk_id=str(data["chunk_id"]),
+            document_id=str(data["document_id"]),
+            source=str(data["source"]),
+            text=str(data["text"]),
+            score=float(data["score"]),
+            tokens=int(data["tokens"]),
+            metadata=dict(data.get("metadata") or {}),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "chunk_id": self.chunk_id,
+            "document_id": self.document_id,
+            "source": self.source,
+            "text": self.text,
+            "score": self.score,
+            "tokens": self.tokens,
+            "metadata": dict(self.metadata),
+        }
+
 
 @dataclass(frozen=True, slots=True)
 class Retrieval:
+    """The answer to one retrieval: its audit ``request_id`` and the permitted chunks."""
+
     request_id: str
     chunks: list[Chunk]
 
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Retrieval:
+        return cls(str(data["request_id"]), [Chunk.from_json(c) for c in data["chunks"]])
 
-def _token(source: TokenSource) -> str:
-    return source() if callable(source) else source
+    def to_dict(self) -> dict[str, Any]:
+        return {"request_id": self.request_id, "chunks": [c.to_dict() for c in self.chunks]}
 
 
-def raise_for_error(response: httpx.Response) -> None:
-    """Map an error response to the gateway's exception class."""
-    if response.status_code < 400:
-        return
+@dataclass(frozen=True, slots=True)
+class Source:
+    """A registered source; ``documents`` is only filled in by :meth:`get_source`."""
+
+    id: str
+    kind: str
+    config: dict[str, Any] = field(default_factory=dict)
+    documents: int | None = None
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Source:
+        documents = data.get("documents")
+        return cls(
+            id=str(data["id"]),
+            kind=str(data.get("kind", "")),
+            config=dict(data.get("config") or {}),
+            documents=int(documents) if documents is not None else None,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"id": self.id, "kind": self.kind, "config": dict(self.config)}
+        if self.documents is not None:
+            data["documents"] = self.documents
+        return data
+
+
+@dataclass(frozen=True, slots=True)
+class IngestSummary:
+    documents: int
+    chunks: int
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionSummary:
+    """One line of the reviewer's decision list."""
+
+    request_id: str
+    time: str
+    user: str
+    agent: str | None
+    task: str | None
+    outcome: str
+    strategy: str
+    candidates: int
+    blocked: int
+    error_code: str | None
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> DecisionSummary:
+        return cls(
+            request_id=str(data["request_id"]),
+            time=str(data["time"]),
+            user=str(data["user"]),
+            agent=_opt_str(data.get("agent")),
+            task=_opt_str(data.get("task")),
+            outcome=str(data["outcome"]),
+            strategy=str(data.get("strategy", "")),
+            candidates=int(data.get("candidates", 0)),
+            blocked=int(data.get("blocked", 0)),
+            error_code=_opt_str(data.get("error_code")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionPage:
+    decisions: list[DecisionSummary]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class CandidateRecord:
+    """A recorded candidate document and its verdict."""
+
+    document_id: str
+    source: str
+    chunk_ids: list[str]
+    verdict: str
+    failed_checks: list[str]
+    errored_checks: list[str]
+    returned: bool
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> CandidateRecord:
+        return cls(
+            document_id=str(data["document_id"]),
+            source=str(data.get("source", "")),
+            chunk_ids=[str(c) for c in data.get("chunk_ids", [])],
+            verdict=str(data["verdict"]),
+            failed_checks=[str(c) for c in data.get("failed_checks", [])],
+            errored_checks=[str(c) for c in data.get("errored_checks", [])],
+            returned=bool(data.get("returned", False)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """One recorded decision; ``raw`` holds the full record as the gateway sent it."""
+
+    request_id: str
+    time: str
+    kind: str
+    user: str
+    agent: str | None
+    task: str | None
+    query: str | None
+    sources: list[str]
+    outcome: str
+    error_code: str | None
+    candidates: list[CandidateRecord]
+    returned_chunk_ids: list[str]
+    raw: dict[str, Any]
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Decision:
+        return cls(
+            request_id=str(data["request_id"]),
+            time=str(data["time"]),
+            kind=str(data.get("kind", "")),
+            user=str(data["user"]),
+            agent=_opt_str(data.get("agent")),
+            task=_opt_str(data.get("task")),
+            query=_opt_str(data.get("query")),
+            sources=[str(s) for s in data.get("sources", [])],
+            outcome=str(data["outcome"]),
+            error_code=_opt_str(data.get("error_code")),
+            candidates=[CandidateRecord.from_json(c) for c in data.get("candidates", [])],
+            returned_chunk_ids=[str(c) for c in data.get("returned_chunk_ids", [])],
+            raw=dict(data),
+        )
+
+    @property
+    def blocked(self) -> list[CandidateRecord]:
+        return [c for c in self.candidates if c.verdict != "allow"]
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayedDocument:
+    document_id: str
+    source: str
+    was: str
+    now: str
+    changed: bool
+    failed_checks: list[str]
+    explanations: list[str]
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ReplayedDocument:
+        return cls(
+            document_id=str(data["document_id"]),
+            source=str(data.get("source", "")),
+            was=str(data["was"]),
+            now=str(data["now"]),
+            changed=bool(data.get("changed", False)),
+            failed_checks=[str(c) for c in data.get("failed_checks", [])],
+            explanations=[str(e) for e in data.get("explanations", [])],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """A recorded decision re-evaluated now; ``raw`` is the gateway's full answer."""
+
+    request_id: str
+    documents: list[ReplayedDocument]
+    raw: dict[str, Any]
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Replay:
+        return cls(
+            request_id=str(data["request_id"]),
+            documents=[ReplayedDocument.from_json(d) for d in data.get("documents", [])],
+            raw=dict(data),
+        )
+
+
+def _opt_str(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+# -- errors ---------------------------------------------------------------------------
+
+
+def error_from_response(response: httpx.Response) -> errors.ScopegateError:
+    """The gateway exception an error response stands for (``request_id`` attached)."""
+    code: str | None = None
+    request_id: str | None = response.headers.get("x-request-id")
     try:
         body = response.json()["error"]
         code, message = str(body["code"]), str(body["message"])
+        request_id = str(body.get("request_id") or request_id or "") or None
     except (ValueError, KeyError, TypeError):
-        code, message = "internal_error", response.text[:200]
-    cls = _ERRORS.get(code, errors.ScopegateError)
+        message = f"HTTP {response.status_code}: {response.text[:200]}"
+    cls = _ERRORS.get(code or "") or _BY_STATUS.get(response.status_code, errors.ScopegateError)
     exc = cls(message)
     if cls is errors.ScopegateError:
         exc.status = response.status_code
-    raise exc
+    exc.request_id = request_id
+    return exc
 
 
-def _retrieval(data: Mapping[str, Any]) -> Retrieval:
-    return Retrieval(str(data["request_id"]), [Chunk(**c) for c in data["chunks"]])
+def raise_for_error(response: httpx.Response) -> None:
+    """Raise the mapped gateway exception if ``response`` is an error."""
+    if response.status_code >= 400:
+        raise error_from_response(response)
 
 
-def _retrieve_body(
+# -- requests and the retry policy (pure) -----------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Request:
+    method: str
+    path: str
+    json: Any = None
+    params: Mapping[str, Any] | None = None
+    repeatable: bool = False  # safe to send twice (see the module docstring)
+    ok_statuses: frozenset[int] = frozenset()  # statuses returned as data, not raised
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How often and how long to wait; ``attempts`` counts the first try."""
+
+    attempts: int = 3
+    backoff_s: float = 0.2
+    max_backoff_s: float = 5.0
+
+    def delay(
+        self,
+        request: _Request,
+        attempt: int,
+        *,
+        error: httpx.TransportError | None = None,
+        response: httpx.Response | None = None,
+    ) -> float | None:
+        """Seconds to wait before trying again, or ``None`` to stop here."""
+        if attempt + 1 >= self.attempts:
+            return None
+        if error is not None:
+            if isinstance(error, _NOT_SENT) or request.repeatable:
+                return self._backoff(attempt)
+            return None
+        retryable = response is not None and response.status_code in _RETRY_STATUSES
+        if response is not None and retryable and request.repeatable:
+            return self._retry_after(response) or self._backoff(attempt)
+        return None
+
+    def _backoff(self, attempt: int) -> float:
+        base = min(self.max_backoff_s, self.backoff_s * 2.0**attempt)
+        return base * (0.5 + random.random() / 2)
+
+    def _retry_after(self, response: httpx.Response) -> float | None:
+        value = response.headers.get("retry-after", "")
+        try:
+            seconds = float(value)
+        except ValueError:
+            return None
+        return min(max(seconds, 0.0), self.max_backoff_s)
+
+
+def _decode(request: _Request, response: httpx.Response) -> Any:
+    if response.status_code >= 400 and response.status_code not in request.ok_statuses:
+        raise error_from_response(response)
+    return response.json() if response.content else None
+
+
+def _headers(token: str | None) -> dict[str, str]:
+    return {"authorization": f"Bearer {token}"} if token else {}
+
+
+class _Tokens:
+    """The token for the next attempt; after a 401, a fresh one if the source has one."""
+
+    def __init__(self, source: TokenSource | None) -> None:
+        self._source = source
+        self._next: str | None = None
+        self._refreshed = False
+
+    def current(self) -> str | None:
+        if self._next is not None:
+            token, self._next = self._next, None
+            return token
+        if self._source is None:
+            return None
+        return self._source() if callable(self._source) else self._source
+
+    def refresh_after_401(self, rejected: str | None) -> bool:
+        if self._refreshed or not callable(self._source):
+            return False
+        self._refreshed = True
+        fresh = self._source()
+        if fresh == rejected:
+            return False
+        self._next = fresh
+        return True
+
+
+def _clean(params: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def _retrieve(
     query: str, k: int, sources: Sequence[str] | None, max_tokens: int | None
-) -> dict[str, Any]:
+) -> _Request:
     body: dict[str, Any] = {"query": query, "k": k}
     if sources is not None:
         body["sources"] = list(sources)
     if max_tokens is not None:
         body["max_tokens"] = max_tokens
-    return body
+    return _Request("POST", "/v1/retrieve", body, repeatable=True)
+
+
+def _create_task(
+    user: str, agent: str, scope: Sequence[str], expires_at: datetime | str | None
+) -> _Request:
+    body: dict[str, Any] = {"user": user, "agent": agent, "scope": list(scope)}
+    if expires_at is not None:
+        body["expires_at"] = expires_at if isinstance(expires_at, str) else expires_at.isoformat()
+    return _Request("POST", "/v1/tasks", body)
+
+
+def _register_source(source_id: str, kind: str, config: Mapping[str, Any] | None) -> _Request:
+    return _Request(
+        "POST", "/v1/sources", {"id": source_id, "kind": kind, "config": dict(config or {})}
+    )
+
+
+def _relationships(
+    writes: Sequence[Mapping[str, str]], deletes: Sequence[Mapping[str, str]]
+) -> _Request:
+    body = {"writes": [dict(w) for w in writes], "deletes": [dict(d) for d in deletes]}
+    return _Request("POST", "/v1/relationships", body)
+
+
+def _list_decisions(**filters: Any) -> _Request:
+    return _Request("GET", "/v1/audit/decisions", params=_clean(filters), repeatable=True)
+
+
+def _decision_page(data: Mapping[str, Any]) -> DecisionPage:
+    return DecisionPage(
+        [DecisionSummary.from_json(d) for d in data["decisions"]],
+        _opt_str(data.get("next_cursor")),
+    )
+
+
+def _batches(documents: Sequence[Mapping[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+    if size < 1:
+        raise ValueError("batch_size must be at least 1")
+    for start in range(0, len(documents), size):
+        yield [dict(d) for d in documents[start : start + size]]
+
+
+def _summary(total: IngestSummary, data: Mapping[str, Any]) -> IngestSummary:
+    return IngestSummary(
+        total.documents + int(data["documents"]), total.chunks + int(data["chunks"])
+    )
+
+
+def _unreachable(exc: httpx.TransportError) -> errors.Unavailable:
+    return errors.Unavailable(f"gateway unreachable: {type(exc).__name__}: {exc}")
+
+
+# -- clients ---------------------------------------------------------------------------
 
 
 class AsyncScopegateClient:
@@ -93,17 +500,51 @@ class AsyncScopegateClient:
     def __init__(
         self,
         url: str,
-        token: TokenSource,
+        token: TokenSource | None = None,
         *,
         timeout_s: float = 30.0,
         retries: int = 2,
         transport: httpx.AsyncBaseTransport | None = None,
+        http: httpx.AsyncClient | None = None,
     ) -> None:
         self._token = token
-        self._retries = retries
-        self._http = httpx.AsyncClient(
+        self._policy = RetryPolicy(attempts=retries + 1)
+        self._owns_http = http is None
+        self._http = http or httpx.AsyncClient(
             base_url=url.rstrip("/"), timeout=timeout_s, transport=transport
         )
+
+    def with_token(self, token: TokenSource) -> AsyncScopegateClient:
+        """A client for another caller sharing this one's connection pool (not closed by it)."""
+        other = AsyncScopegateClient(str(self._http.base_url), token, http=self._http)
+        other._policy = self._policy
+        return other
+
+    async def _send(self, request: _Request) -> Any:
+        tokens = _Tokens(self._token)
+        attempt = 0
+        while True:
+            token = tokens.current()
+            try:
+                response = await self._http.request(
+                    request.method,
+                    request.path,
+                    json=request.json,
+                    params=request.params,
+                    headers=_headers(token),
+                )
+            except httpx.TransportError as exc:
+                delay = self._policy.delay(request, attempt, error=exc)
+                if delay is None:
+                    raise _unreachable(exc) from exc
+            else:
+                if response.status_code == 401 and tokens.refresh_after_401(token):
+                    continue
+                delay = self._policy.delay(request, attempt, response=response)
+                if delay is None:
+                    return _decode(request, response)
+            attempt += 1
+            await anyio.sleep(delay)
 
     async def request(
         self,
@@ -113,22 +554,10 @@ class AsyncScopegateClient:
         params: Mapping[str, Any] | None = None,
         retry: bool = False,
     ) -> Any:
-        attempts = self._retries + 1 if retry else 1
-        for attempt in range(attempts):
-            try:
-                response = await self._http.request(
-                    method,
-                    path,
-                    json=json,
-                    params=params,
-                    headers={"authorization": f"Bearer {_token(self._token)}"},
-                )
-                break
-            except httpx.TransportError as exc:
-                if attempt == attempts - 1:
-                    raise errors.Unavailable(f"gateway unreachable: {exc}") from exc
-        raise_for_error(response)
-        return response.json() if response.content else None
+        """Any API call; ``retry=True`` only for requests that are safe to repeat."""
+        return await self._send(_Request(method, path, json, params, repeatable=retry))
+
+    # retrieval (delegation token)
 
     async def retrieve(
         self,
@@ -137,17 +566,134 @@ class AsyncScopegateClient:
         sources: Sequence[str] | None = None,
         max_tokens: int | None = None,
     ) -> Retrieval:
-        data = await self.request(
-            "POST", "/v1/retrieve", _retrieve_body(query, k, sources, max_tokens), retry=True
-        )
-        return _retrieval(data)
+        return Retrieval.from_json(await self._send(_retrieve(query, k, sources, max_tokens)))
 
-    async def list_sources(self) -> list[dict[str, Any]]:
-        data = await self.request("GET", "/v1/sources", retry=True)
-        return list(data["sources"])
+    async def retrievable_sources(self) -> list[str]:
+        """The source ids an agent may name in ``sources`` (delegation token)."""
+        data = await self._send(_Request("GET", "/v1/retrieve/sources", repeatable=True))
+        return [str(s["id"]) for s in data["sources"]]
+
+    # tenants (platform operator token)
+
+    async def create_tenant(self, tenant: str, admin: str) -> None:
+        """Bootstrap a tenant and its first admin."""
+        await self._send(_Request("POST", "/v1/tenants", {"id": tenant, "admin": admin}))
+
+    # tasks (admin or the delegating user)
+
+    async def create_task(
+        self,
+        user: str,
+        agent: str,
+        scope: Sequence[str],
+        expires_at: datetime | str | None = None,
+    ) -> str:
+        """Delegate ``scope`` (``source:..``, ``folder:..``, ``document:..``); the task id."""
+        data = await self._send(_create_task(user, agent, scope, expires_at))
+        return str(data["task_id"])
+
+    async def revoke_task(self, task_id: str) -> None:
+        await self._send(_Request("DELETE", f"/v1/tasks/{task_id}", repeatable=True))
+
+    # sources and ingestion (admin)
+
+    async def register_source(
+        self, source_id: str, kind: str = "chroma", config: Mapping[str, Any] | None = None
+    ) -> Source:
+        return Source.from_json(await self._send(_register_source(source_id, kind, config)))
+
+    async def list_sources(self) -> list[Source]:
+        data = await self._send(_Request("GET", "/v1/sources", repeatable=True))
+        return [Source.from_json(s) for s in data["sources"]]
+
+    async def get_source(self, source_id: str) -> Source:
+        data = await self._send(_Request("GET", f"/v1/sources/{source_id}", repeatable=True))
+        return Source.from_json(data)
+
+    async def ingest(
+        self,
+        source_id: str,
+        documents: Sequence[Mapping[str, Any]],
+        *,
+        batch_size: int = 100,
+        progress: Callable[[int], object] | None = None,
+    ) -> IngestSummary:
+        """Ingest in batches; ``progress`` gets the number of documents of each batch."""
+        total = IngestSummary(0, 0)
+        for batch in _batches(documents, batch_size):
+            path = f"/v1/sources/{source_id}/documents"
+            total = _summary(total, await self._send(_Request("POST", path, {"documents": batch})))
+            if progress is not None:
+                progress(len(batch))
+        return total
+
+    async def delete_document(self, source_id: str, document_id: str) -> None:
+        await self._send(_Request("DELETE", f"/v1/sources/{source_id}/documents/{document_id}"))
+
+    async def write_relationships(
+        self,
+        writes: Sequence[Mapping[str, str]] = (),
+        deletes: Sequence[Mapping[str, str]] = (),
+    ) -> dict[str, int]:
+        """``{"user", "relation", "object"}`` items, inside the caller's tenant."""
+        data = await self._send(_relationships(writes, deletes))
+        return {str(k): int(v) for k, v in data.items()}
+
+    # audit (reviewer)
+
+    async def list_decisions(
+        self,
+        *,
+        outcome: str | None = None,
+        user: str | None = None,
+        agent: str | None = None,
+        task: str | None = None,
+        since: str | None = None,
+        until: str | None = None,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> DecisionPage:
+        request = _list_decisions(
+            outcome=outcome,
+            user=user,
+            agent=agent,
+            task=task,
+            since=since,
+            until=until,
+            limit=limit,
+            cursor=cursor,
+        )
+        return _decision_page(await self._send(request))
+
+    async def iter_decisions(self, **filters: Any) -> AsyncIterator[DecisionSummary]:
+        """Every matching decision, newest first, following cursors."""
+        cursor: str | None = None
+        while True:
+            page = await self.list_decisions(**filters, cursor=cursor)
+            for decision in page.decisions:
+                yield decision
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
+    async def get_decision(self, request_id: str) -> Decision:
+        path = f"/v1/audit/decisions/{request_id}"
+        return Decision.from_json(await self._send(_Request("GET", path, repeatable=True)))
+
+    async def replay(self, request_id: str) -> Replay:
+        path = f"/v1/audit/decisions/{request_id}/replay"
+        return Replay.from_json(await self._send(_Request("POST", path, repeatable=True)))
+
+    # health (no token needed)
+
+    async def ready(self) -> dict[str, bool]:
+        """Readiness of OpenFGA, the stores and the audit log; never raises on 503."""
+        data = await self._send(_Request("GET", "/readyz", ok_statuses=frozenset({503})))
+        return {str(k): bool(v) for k, v in data.items()}
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        if self._owns_http:
+            await self._http.aclose()
 
     async def __aenter__(self) -> AsyncScopegateClient:
         return self
@@ -162,15 +708,51 @@ class ScopegateClient:
     def __init__(
         self,
         url: str,
-        token: TokenSource,
+        token: TokenSource | None = None,
         *,
         timeout_s: float = 30.0,
         retries: int = 2,
         transport: httpx.BaseTransport | None = None,
+        http: httpx.Client | None = None,
     ) -> None:
         self._token = token
-        self._retries = retries
-        self._http = httpx.Client(base_url=url.rstrip("/"), timeout=timeout_s, transport=transport)
+        self._policy = RetryPolicy(attempts=retries + 1)
+        self._owns_http = http is None
+        self._http = http or httpx.Client(
+            base_url=url.rstrip("/"), timeout=timeout_s, transport=transport
+        )
+
+    def with_token(self, token: TokenSource) -> ScopegateClient:
+        """A client for another caller sharing this one's connection pool (not closed by it)."""
+        other = ScopegateClient(str(self._http.base_url), token, http=self._http)
+        other._policy = self._policy
+        return other
+
+    def _send(self, request: _Request) -> Any:
+        tokens = _Tokens(self._token)
+        attempt = 0
+        while True:
+            token = tokens.current()
+            try:
+                response = self._http.request(
+                    request.method,
+                    request.path,
+                    json=request.json,
+                    params=request.params,
+                    headers=_headers(token),
+                )
+            except httpx.TransportError as exc:
+                delay = self._policy.delay(request, attempt, error=exc)
+                if delay is None:
+                    raise _unreachable(exc) from exc
+            else:
+                if response.status_code == 401 and tokens.refresh_after_401(token):
+                    continue
+                delay = self._policy.delay(request, attempt, response=response)
+                if delay is None:
+                    return _decode(request, response)
+            attempt += 1
+            time.sleep(delay)
 
     def request(
         self,
@@ -180,22 +762,8 @@ class ScopegateClient:
         params: Mapping[str, Any] | None = None,
         retry: bool = False,
     ) -> Any:
-        attempts = self._retries + 1 if retry else 1
-        for attempt in range(attempts):
-            try:
-                response = self._http.request(
-                    method,
-                    path,
-                    json=json,
-                    params=params,
-                    headers={"authorization": f"Bearer {_token(self._token)}"},
-                )
-                break
-            except httpx.TransportError as exc:
-                if attempt == attempts - 1:
-                    raise errors.Unavailable(f"gateway unreachable: {exc}") from exc
-        raise_for_error(response)
-        return response.json() if response.content else None
+        """Any API call; ``retry=True`` only for requests that are safe to repeat."""
+        return self._send(_Request(method, path, json, params, repeatable=retry))
 
     def retrieve(
         self,
@@ -204,16 +772,116 @@ class ScopegateClient:
         sources: Sequence[str] | None = None,
         max_tokens: int | None = None,
     ) -> Retrieval:
-        data = self.request(
-            "POST", "/v1/retrieve", _retrieve_body(query, k, sources, max_tokens), retry=True
-        )
-        return _retrieval(data)
+        return Retrieval.from_json(self._send(_retrieve(query, k, sources, max_tokens)))
 
-    def list_sources(self) -> list[dict[str, Any]]:
-        return list(self.request("GET", "/v1/sources", retry=True)["sources"])
+    def retrievable_sources(self) -> list[str]:
+        data = self._send(_Request("GET", "/v1/retrieve/sources", repeatable=True))
+        return [str(s["id"]) for s in data["sources"]]
+
+    def create_tenant(self, tenant: str, admin: str) -> None:
+        self._send(_Request("POST", "/v1/tenants", {"id": tenant, "admin": admin}))
+
+    def create_task(
+        self,
+        user: str,
+        agent: str,
+        scope: Sequence[str],
+        expires_at: datetime | str | None = None,
+    ) -> str:
+        return str(self._send(_create_task(user, agent, scope, expires_at))["task_id"])
+
+    def revoke_task(self, task_id: str) -> None:
+        self._send(_Request("DELETE", f"/v1/tasks/{task_id}", repeatable=True))
+
+    def register_source(
+        self, source_id: str, kind: str = "chroma", config: Mapping[str, Any] | None = None
+    ) -> Source:
+        return Source.from_json(self._send(_register_source(source_id, kind, config)))
+
+    def list_sources(self) -> list[Source]:
+        data = self._send(_Request("GET", "/v1/sources", repeatable=True))
+        return [Source.from_json(s) for s in data["sources"]]
+
+    def get_source(self, source_id: str) -> Source:
+        return Source.from_json(
+            self._send(_Request("GET", f"/v1/sources/{source_id}", repeatable=True))
+        )
+
+    def ingest(
+        self,
+        source_id: str,
+        documents: Sequence[Mapping[str, Any]],
+        *,
+        batch_size: int = 100,
+        progress: Callable[[int], object] | None = None,
+    ) -> IngestSummary:
+        total = IngestSummary(0, 0)
+        for batch in _batches(documents, batch_size):
+            path = f"/v1/sources/{source_id}/documents"
+            total = _summary(total, self._send(_Request("POST", path, {"documents": batch})))
+            if progress is not None:
+                progress(len(batch))
+        return total
+
+    def delete_document(self, source_id: str, document_id: str) -> None:
+        self._send(_Request("DELETE", f"/v1/sources/{source_id}/documents/{document_id}"))
+
+    def write_relationships(
+        self,
+        writes: Sequence[Mapping[str, str]] = (),
+        deletes: Sequence[Mapping[str, str]] = (),
+    ) -> dict[str, int]:
+        data = self._send(_relationships(writes, deletes))
+        return {str(k): int(v) for k, v in data.items()}
+
+    def list_decisions(
+        self,
+        *,
+        outcome: str | None = None,
+        user: str | None = None,
+        agent: str | None = None,
+        task: str | None = None,
+        since: str | None = None,
+        until: str | None = None,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> DecisionPage:
+        request = _list_decisions(
+            outcome=outcome,
+            user=user,
+            agent=agent,
+            task=task,
+            since=since,
+            until=until,
+            limit=limit,
+            cursor=cursor,
+        )
+        return _decision_page(self._send(request))
+
+    def iter_decisions(self, **filters: Any) -> Iterator[DecisionSummary]:
+        cursor: str | None = None
+        while True:
+            page = self.list_decisions(**filters, cursor=cursor)
+            yield from page.decisions
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
+    def get_decision(self, request_id: str) -> Decision:
+        path = f"/v1/audit/decisions/{request_id}"
+        return Decision.from_json(self._send(_Request("GET", path, repeatable=True)))
+
+    def replay(self, request_id: str) -> Replay:
+        path = f"/v1/audit/decisions/{request_id}/replay"
+        return Replay.from_json(self._send(_Request("POST", path, repeatable=True)))
+
+    def ready(self) -> dict[str, bool]:
+        data = self._send(_Request("GET", "/readyz", ok_statuses=frozenset({503})))
+        return {str(k): bool(v) for k, v in data.items()}
 
     def close(self) -> None:
-        self._http.close()
+        if self._owns_http:
+            self._http.close()
 
     def __enter__(self) -> ScopegateClient:
         return self

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import sys
 import uuid
@@ -67,6 +68,25 @@ def _principal_token(args: argparse.Namespace, data_dir: Path) -> str:
     )
 
 
+def _operator_token(data_dir: Path) -> str:
+    import os
+
+    env = os.environ.get("SCOPEGATE_OPERATOR_TOKEN")
+    if env:
+        return env
+    settings = load_settings(data_dir=data_dir)
+    key = load_or_create_signing_key(data_dir)
+    return issue_token(
+        key,
+        issuer=settings.token_issuer,
+        audience=settings.token_audience,
+        tenant="platform",
+        user="operator",
+        ttl_s=300,
+        operator=True,
+    )
+
+
 def _jsonl(path: Path) -> Iterator[dict[str, Any]]:
     with path.open() as handle:
         for number, line in enumerate(handle, 1):
@@ -87,19 +107,32 @@ async def run_command(args: argparse.Namespace, data_dir: Path) -> int:
         )
         if part
     )
-    if name == "tenant_create" and url is None:
-        async with local_gateway(data_dir) as g:
-            await g.create_tenant(args.tenant, args.admin)
+    if name == "tenant_create":
+        if url is None:
+            async with local_gateway(data_dir) as g:
+                await g.create_tenant(args.tenant, args.admin)
+        else:
+            token = _operator_token(data_dir)
+            async with AsyncScopegateClient(url, token) as client:
+                await client.request(
+                    "POST", "/v1/tenants", {"id": args.tenant, "admin": args.admin}
+                )
         print(f"tenant {args.tenant} created; admin: {args.admin}")
         return 0
     if name == "audit_verify" and url is None:
         from gateway.audit import open_audit_store
 
         store = open_audit_store(load_settings(data_dir=data_dir).audit_dsn, data_dir)
-        result = await store.verify()
+        verdict = await store.verify()
         await store.close()
-        dump(result.__dict__ if hasattr(result, "__dict__") else result)
-        return 0 if result.ok else 1
+        dump(dataclasses.asdict(verdict))
+        if not verdict.ok:
+            print(
+                f"scopegate: audit chain broken at record {verdict.first_broken_seq}: "
+                f"{verdict.reason}",
+                file=sys.stderr,
+            )
+        return 0 if verdict.ok else 1
     if name == "retrieve":
         target = url or "local"
         if url is None:
@@ -108,8 +141,13 @@ async def run_command(args: argparse.Namespace, data_dir: Path) -> int:
                 dump((await g.retrieve(ctx, args.query, args.k)).to_dict())
             return 0
         async with AsyncScopegateClient(target, args.token) as client:
-            result = await client.retrieve(args.query, args.k)
-            dump({"request_id": result.request_id, "chunks": [c.__dict__ for c in result.chunks]})
+            found = await client.retrieve(args.query, args.k)
+            dump(
+                {
+                    "request_id": found.request_id,
+                    "chunks": [dataclasses.asdict(c) for c in found.chunks],
+                }
+            )
         return 0
     if url is not None:
         async with AsyncScopegateClient(url, _principal_token(args, data_dir)) as client:
@@ -137,16 +175,19 @@ async def _over_http(name: str, args: argparse.Namespace, c: AsyncScopegateClien
             )
         )
     elif name == "sources_list":
-        dump(await c.list_sources())
+        dump([s.to_dict() for s in await c.list_sources()])
     elif name == "ingest":
         docs = list(_jsonl(args.file))
-        for i in tqdm(range(0, len(docs), args.batch), desc="ingest", unit="batch"):
-            await c.request(
-                "POST",
-                f"/v1/sources/{args.source_id}/documents",
-                {"documents": docs[i : i + args.batch]},
-            )
-        print(f"ingested {len(docs)} documents into {args.source_id}")
+        totals = {"documents": 0, "chunks": 0}
+        with tqdm(total=len(docs), desc="ingest", unit="doc") as bar:
+            for i in range(0, len(docs), args.batch):
+                batch = docs[i : i + args.batch]
+                done = await c.request(
+                    "POST", f"/v1/sources/{args.source_id}/documents", {"documents": batch}
+                )
+                totals = {k: totals[k] + int(done[k]) for k in totals}
+                bar.update(len(batch))
+        dump(totals)
     elif name == "audit_list":
         params = {"limit": args.limit, **({"outcome": args.outcome} if args.outcome else {})}
         dump(await c.request("GET", "/v1/audit/decisions", params=params))

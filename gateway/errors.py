@@ -26,6 +26,8 @@ from __future__ import annotations
 class ScopegateError(Exception):
     status: int = 500
     code: str = "internal_error"
+    # Set on errors received from a gateway over HTTP: the id of the failed request.
+    request_id: str | None = None
 
     def __init__(self, message: str) -> None:
         super().__init__(message)

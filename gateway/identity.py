@@ -39,6 +39,8 @@ class PrincipalContext:
     tenant: str
     user: str
     token_id: str
+    # Platform operators (tokens minted with ``scope: operator``) may bootstrap tenants.
+    operator: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,10 +115,13 @@ def issue_token(
     task: str | None = None,
     ttl_s: int = 900,
     now: int | None = None,
+    operator: bool = False,
 ) -> str:
     """Mint a delegation token (agent and task) or a principal token (neither)."""
     if (agent is None) != (task is None):
         raise ValueError("a delegation token needs both agent and task")
+    if operator and agent is not None:
+        raise ValueError("an operator token cannot be a delegation token")
     issued = int(time.time()) if now is None else now
     claims: dict[str, Any] = {
         "iss": issuer,
@@ -131,6 +136,8 @@ def issue_token(
     if agent is not None and task is not None:
         claims["act"] = {"sub": validate_id(agent, "agent")}
         claims["task"] = validate_id(task, "task")
+    if operator:
+        claims["scope"] = "operator"
     headers = {"kid": key.kid, "typ": ACCESS_TOKEN_TYPE}
     return jwt.encode(claims, key.private_pem, algorithm="EdDSA", headers=headers)
 
@@ -208,6 +215,7 @@ class TokenVerifier:
             tenant=_claim_id(claims, "tenant"),
             user=_claim_id(claims, "sub"),
             token_id=str(claims["jti"]),
+            operator=claims.get("scope") == "operator",
         )
 
     def verify_delegation(self, token: str) -> DelegationContext:

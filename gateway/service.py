@@ -427,6 +427,14 @@ class Gateway:
 
     # -- retrieval ---------------------------------------------------------------------
 
+    async def retrievable_sources(self, ctx: DelegationContext) -> list[str]:
+        """Ids of the tenant's sources, for an agent choosing ``sources`` (ids only).
+
+        No config, no counts: only what a retrieval naming a source already reveals
+        (an unknown source is ``not_found``).
+        """
+        return [s.id for s in await self.catalog.list_sources(ctx.tenant)]
+
     async def _source_handles(
         self, tenant: str, requested: Sequence[str] | None
     ) -> list[SourceHandle]:
