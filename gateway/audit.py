@@ -32,6 +32,7 @@ import json
 import math
 import sqlite3
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -765,6 +766,20 @@ class SqliteAuditStore(_SqlAuditStore):
 
     def _open(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + self._busy_timeout_s
+        while True:
+            try:
+                return self._open_once()
+            except sqlite3.OperationalError as exc:
+                # Connections racing to create the file (switching it to WAL) can get
+                # SQLITE_BUSY at once: SQLite skips the busy handler where waiting
+                # could deadlock. The loser retries until the busy timeout.
+                busy = getattr(exc, "sqlite_errorname", "").startswith("SQLITE_BUSY")
+                if not busy or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+
+    def _open_once(self) -> sqlite3.Connection:
         conn = self._connect()
         try:
             _sqlite_configure(conn, self._max_pages)

@@ -64,6 +64,7 @@ from gateway.retrieval import (
 from gateway.settings import Settings
 
 SOURCE_KINDS = frozenset({"chroma", "memory"})
+INGESTION_RELATIONS = frozenset({"tenant", "parent", "owner", "viewer", "agent_viewer"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -399,9 +400,16 @@ class Gateway:
     async def _sync_document_tuples(
         self, tenant: str, document_id: str, wanted: list[Tuple]
     ) -> None:
+        """Write the document's ACL tuples, removing the ones a re-ingest dropped.
+
+        Only relations that ingestion owns are diffed: task scopes that name the
+        document (``scoped_task``) belong to their tasks and are left alone.
+        """
         document = fga_object("document", tenant, document_id)
         current = {
-            Tuple(t.user, t.relation, t.object) for t in await self.fga.read(object=document)
+            Tuple(t.user, t.relation, t.object)
+            for t in await self.fga.read(object=document)
+            if t.relation in INGESTION_RELATIONS
         }
         target = set(wanted)
         document_side = [t for t in wanted if t.object == document]

@@ -285,3 +285,29 @@ async def test_admin_api_requires_admin(gateway: Gateway, http: httpx.AsyncClien
     assert response.status_code == 403
     task = await w.task("alice", "summarizer", ["source:docs"])
     assert "rev1" in await w.retrieved_docs("alice", "summarizer", task, "revenue")
+
+
+async def test_reingest_replaces_acl_but_keeps_task_scope(
+    gateway: Gateway, http: httpx.AsyncClient
+) -> None:
+    w = await _acme(gateway, http)
+    task = await w.task("bob", "summarizer", ["document:pay1"])
+    assert await w.retrieved_docs("bob", "summarizer", task, "salary") == ["pay1"]
+    # Re-ingest pay1 with alice instead of bob as viewer: bob loses it, the task keeps it.
+    await w.ingest(
+        [doc("pay1", TOPICS["pay"], viewers=["user:alice"], agents=["agent:summarizer"])]
+    )
+    assert await w.retrieved_docs("bob", "summarizer", task, "salary") == []
+    alice_task = await w.task("alice", "summarizer", ["document:pay1"])
+    assert await w.retrieved_docs("alice", "summarizer", alice_task, "salary") == ["pay1"]
+    tuples = await gateway.fga.read(object="document:acme/pay1")
+    assert any(t.relation == "scoped_task" and t.user == f"task:acme/{task}" for t in tuples)
+
+
+async def test_deleted_document_is_gone(gateway: Gateway, http: httpx.AsyncClient) -> None:
+    w = await _acme(gateway, http)
+    task = await w.task("bob", "summarizer", ["source:docs"])
+    assert "pay1" in await w.retrieved_docs("bob", "summarizer", task, "salary", k=10)
+    await w.admin_call("DELETE", "/v1/sources/docs/documents/pay1")
+    assert "pay1" not in await w.retrieved_docs("bob", "summarizer", task, "salary", k=10)
+    assert await gateway.fga.read(object="document:acme/pay1") == []
