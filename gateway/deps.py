@@ -19,17 +19,17 @@ def bearer_token(request: Request) -> str:
     return token.strip()
 
 
-def current_gateway(request: Request) -> Gateway:
+async def current_gateway(request: Request) -> Gateway:
     gateway: Gateway = request.app.state.gateway
     return gateway
 
 
-def agent_context(request: Request) -> DelegationContext:
-    return current_gateway(request).verifier.verify_delegation(bearer_token(request))
+async def agent_context(request: Request) -> DelegationContext:
+    return (await current_gateway(request)).verifier.verify_delegation(bearer_token(request))
 
 
-def principal_context(request: Request) -> PrincipalContext:
-    return current_gateway(request).verifier.verify_principal(bearer_token(request))
+async def principal_context(request: Request) -> PrincipalContext:
+    return (await current_gateway(request)).verifier.verify_principal(bearer_token(request))
 
 
 AgentCaller = Annotated[DelegationContext, Depends(agent_context)]

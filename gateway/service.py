@@ -493,6 +493,13 @@ class Gateway:
                 request_id, ctx, query, k, source_names, chosen, outcome, [], started, exc
             )
             raise
+        except Exception as exc:
+            # A bug must fail closed too: no content, and a record of the failure.
+            internal = ScopegateError(f"internal error: {type(exc).__name__}")
+            await self._audit_retrieval(
+                request_id, ctx, query, k, source_names, chosen, outcome, [], started, internal
+            )
+            raise internal from exc
         await self._audit_retrieval(
             request_id,
             ctx,

@@ -278,6 +278,16 @@ async def test_concurrent_appends_from_two_handles_form_one_chain(backend: Backe
     assert await first.verify() == audit.VerifyResult(True, 200, None, None)
 
 
+async def test_handles_racing_to_create_the_sqlite_file_all_open_it(tmp_path: Path) -> None:
+    for attempt in range(40):
+        stores = [SqliteAuditStore(tmp_path / f"race{attempt}.db") for _ in range(3)]
+        try:
+            assert await asyncio.gather(*(s.healthy() for s in stores)) == [True, True, True]
+        finally:
+            for s in stores:
+                await s.close()
+
+
 CHILD = """
 import asyncio, json, sys
 from gateway.audit import AuditRecord, SqliteAuditStore, utc_now

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
 import tempfile
 from collections.abc import AsyncIterator
@@ -635,7 +636,7 @@ COMMON = {
 }
 
 
-@settings(max_examples=10, phases=[Phase.explicit, Phase.generate], **COMMON)
+@settings(max_examples=int(os.environ.get("SCOPEGATE_ORACLE_WORLDS", "8")), phases=[Phase.explicit, Phase.generate], **COMMON)
 @given(spec=worlds())
 async def test_retrieval_equals_oracle(openfga: ManagedOpenFGA, spec: WorldSpec) -> None:
     await run_world(openfga, spec)
@@ -652,6 +653,7 @@ async def test_retrieval_equals_oracle_soak(openfga: ManagedOpenFGA, spec: World
 def report_tally(request: pytest.FixtureRequest) -> Any:
     """Say how much the oracle checked, in the terminal summary of the run."""
     yield
-    reporter = request.config.pluginmanager.getplugin("terminalreporter")
-    if reporter is not None and TALLY.worlds:
-        reporter.write_line(f"leak oracle: {TALLY}")
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    if TALLY.worlds and capture is not None:
+        with capture.global_and_fixture_disabled():
+            print(f"\nleak oracle: {TALLY}")
