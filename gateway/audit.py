@@ -775,7 +775,7 @@ class SqliteAuditStore(_SqlAuditStore):
                 # SQLITE_BUSY at once: SQLite skips the busy handler where waiting
                 # could deadlock. The loser retries until the busy timeout.
                 busy = getattr(exc, "sqlite_errorname", "").startswith("SQLITE_BUSY")
-                if True or not busy or time.monotonic() > deadline:
+                if not busy or time.monotonic() > deadline:
                     raise
                 time.sleep(0.02)
 
