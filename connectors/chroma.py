@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import hashlib
 import json
 import os
@@ -26,11 +27,13 @@ import sqlite3
 import threading
 import urllib.parse
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import chromadb
 import httpx
 import numpy as np
+import numpy.typing as npt
 from chromadb.api import ClientAPI
 from chromadb.api.client import Client
 from chromadb.api.models.Collection import Collection
@@ -46,8 +49,14 @@ from gateway.errors import ScopegateError, SourceUnavailable
 T = TypeVar("T")
 
 CHUNKS = "chunks"
+# HNSW search breadth of new chunk collections. Chroma's default (100) misses true
+# neighbours inside windows the gateway trusts (top 20 of 40 at 100k chunks: recall
+# 0.997); 500 finds them all in bench/ and costs no measurable latency, because a
+# query's time is dominated by reading metadata, not by the graph walk.
+HNSW_EF_SEARCH = 500
 DOCUMENT_INDEX = "document_index"
 _TEXT: Include = ["documents", "metadatas"]
+_WORKERS = 8  # threads per store; Chroma's embedded client releases the GIL in Rust
 
 # Everything a Chroma call can raise: its own errors; every httpx exception (HTTPError
 # and the two that do not derive from it); the disk and SQLite under the embedded mode;
@@ -119,7 +128,12 @@ class ChromaStore:
         self._client: ClientAPI | None = None
         self._batch = 0
         self._collections: dict[tuple[str, str, str], Collection] = {}
-        self._lock = threading.Lock()
+        # Chroma's HTTP client has no timeout, so a hung server holds a thread until the
+        # connection dies: give the store its own threads instead of the shared default
+        # executor, and never let the event loop wait on a lock held across I/O.
+        self._executor = ThreadPoolExecutor(_WORKERS, thread_name_prefix="chroma")
+        self._lock = threading.Lock()  # guards _collections only, never held across I/O
+        self._connect_lock = threading.Lock()
         # Index entries are read, merged and written back: one writer at a time.
         self._write_lock = threading.Lock()
 
@@ -170,9 +184,9 @@ class ChromaStore:
 
     def close(self) -> None:
         """Release the client (the embedded database's files once its last user closes)."""
-        with self._lock:
-            client, self._client = self._client, None
-            self._collections.clear()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        client, self._client = self._client, None
+        self._forget_collections()
         if isinstance(client, Client):
             client.close()
 
@@ -190,19 +204,30 @@ class ChromaStore:
         with chroma_errors(action):
             try:
                 async with asyncio.timeout(deadline):
-                    return await asyncio.to_thread(call, *args)
+                    return await self._in_thread(call, *args)
             except Exception:
                 # A collection dropped or recreated elsewhere: reopen on the next call.
                 self._forget_collections()
                 raise
 
+    async def _in_thread(self, call: Callable[..., T], *args: Any) -> T:
+        """``asyncio.to_thread`` on the store's own threads (context variables included)."""
+        context = contextvars.copy_context()
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, context.run, call, *args)
+
     def _connected(self) -> ClientAPI:
-        with self._lock:
-            if self._client is None:
-                client = self._connect()
-                self._batch = client.get_max_batch_size()
-                self._client = client
-            return self._client
+        client = self._client
+        if client is None:
+            with self._connect_lock:
+                client = self._client or self._new_client()
+        return client
+
+    def _new_client(self) -> ClientAPI:
+        client = self._connect()
+        self._batch = client.get_max_batch_size()
+        self._client = client
+        return client
 
     def _forget_collections(self) -> None:
         with self._lock:
@@ -291,7 +316,7 @@ class ChromaStore:
         if collection is None or n <= 0:
             return []
         found = collection.query(
-            query_embeddings=np.asarray([embedding], dtype=np.float32),
+            query_embeddings=_query_vector(embedding),
             n_results=n,
             include=["documents", "metadatas", "distances"],
         )
@@ -389,7 +414,11 @@ def _open_collection(
     if create:
         return client.get_or_create_collection(
             name,
-            configuration={"hnsw": {"space": "cosine" if kind == CHUNKS else "l2"}},
+            configuration={
+                "hnsw": {"space": "cosine", "ef_search": HNSW_EF_SEARCH}
+                if kind == CHUNKS
+                else {"space": "l2"}
+            },
             metadata={"scopegate": kind, "tenant": tenant, "source": source},
             embedding_function=None,
         )
@@ -506,6 +535,14 @@ def _candidate(
 def _stamp(metadata: Mapping[str, Any] | None, key: str) -> str | None:
     value = (metadata or {}).get(key)
     return value if isinstance(value, str) else None
+
+
+def _query_vector(embedding: Sequence[float]) -> npt.NDArray[np.float32]:
+    # Chroma refuses NaN in stored vectors but ranks a NaN query without complaint.
+    vector = np.asarray([embedding], dtype=np.float32)
+    if vector.ndim != 2 or not np.isfinite(vector).all():
+        raise ValueError("query embedding is not a finite vector")
+    return vector
 
 
 def _first(column: list[list[T]] | None) -> list[T]:

@@ -83,6 +83,8 @@ class MiniLMEmbeddings(Embeddings):
         batch_size: int = 32,
         model_path: Path | None = None,
     ) -> None:
+        if batch_size < 1 or intra_op_threads < 1:
+            raise ValueError("batch_size and intra_op_threads must be positive")
         path = model_path or model_file()
         verify_model(path)
         self.batch_size = batch_size

@@ -65,7 +65,9 @@ def oracle(chunks, query, n, document_ids=None):
 
 def assert_matches(found, expected):
     assert [c.chunk_id for c in found] == [cid for _, cid in expected]
-    assert all(math.isclose(c.distance, d, abs_tol=1e-5) for c, (d, _) in zip(found, expected))
+    assert all(
+        math.isclose(c.distance, d, abs_tol=1e-5) for c, (d, _) in zip(found, expected, strict=True)
+    )
 
 
 def raw_client(path: Path) -> chromadb.api.ClientAPI:

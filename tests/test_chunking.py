@@ -1,3 +1,4 @@
+import itertools
 import os
 import subprocess
 import sys
@@ -96,7 +97,7 @@ def test_overlap_repeats_the_last_sentence():
     sentences = [f"Sentence number {i} is here." for i in range(12)]
     chunks = chunk_document("d", " ".join(sentences), max_tokens=30, overlap=8)
     texts = [t for _, _, t in chunks]
-    for previous, current in zip(texts, texts[1:], strict=False):
+    for previous, current in itertools.pairwise(texts):
         assert current.startswith(previous.split(". ")[-1])
 
 
@@ -105,7 +106,7 @@ def test_an_overlong_sentence_falls_back_to_overlapping_token_windows():
     spans = chunk_spans(text, max_tokens=50, overlap=10)
     assert len(spans) > 5
     assert all(count_tokens(text[a:b]) <= 50 for a, b in spans)
-    for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
+    for (_, end), (start, _) in itertools.pairwise(spans):
         assert count_tokens(text[start:end]) == 10
 
 

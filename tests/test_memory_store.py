@@ -58,7 +58,9 @@ async def test_search_is_exact_and_nearest_first(store):
     found = await store.search("acme", "docs", query, 5)
     expected = oracle(corpus, query, 5)
     assert [c.chunk_id for c in found] == [cid for _, cid in expected]
-    assert all(math.isclose(c.distance, d, abs_tol=1e-9) for c, (d, _) in zip(found, expected))
+    assert all(
+        math.isclose(c.distance, d, abs_tol=1e-9) for c, (d, _) in zip(found, expected, strict=True)
+    )
     assert math.isclose(found[0].score, 1 - found[0].distance)
 
 
