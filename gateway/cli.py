@@ -142,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "list":
             cmd.add_argument("--outcome")
             cmd.add_argument("--limit", type=int, default=20)
+        if name == "export":
+            cmd.add_argument(
+                "--output", "-o", type=Path, help="write JSON Lines here (mode 0600), not stdout"
+            )
 
     mcp = sub.add_parser("mcp", help="serve the MCP tools (retrieve, list_sources)")
     _common(mcp)

@@ -119,20 +119,20 @@ async def run_command(args: argparse.Namespace, data_dir: Path) -> int:
                 )
         print(f"tenant {args.tenant} created; admin: {args.admin}")
         return 0
-    if name == "audit_verify" and url is None:
+    if name == "audit_verify" and args.url is None:
+        # Reads the store directly: safe beside a running serve (SQLite WAL, or PostgreSQL).
         from gateway.audit import open_audit_store
+        from gateway.audit_cli import verify_audit
 
         store = open_audit_store(load_settings(data_dir=data_dir).audit_dsn, data_dir)
-        verdict = await store.verify()
-        await store.close()
-        dump(dataclasses.asdict(verdict))
-        if not verdict.ok:
-            print(
-                f"scopegate: audit chain broken at record {verdict.first_broken_seq}: "
-                f"{verdict.reason}",
-                file=sys.stderr,
-            )
-        return 0 if verdict.ok else 1
+        try:
+            return await verify_audit(store)
+        finally:
+            await store.close()
+    if name == "audit_export" and url is not None:
+        from gateway.audit_cli import export_over_http
+
+        return await export_over_http(url, _principal_token(args, data_dir), args.output)
     if name == "retrieve":
         target = url or "local"
         if url is None:

@@ -57,11 +57,12 @@ _EXPLAIN: Mapping[str, str] = {
     CheckName.TASK_DELEGATOR: "user:{user} is not the delegating user of task:{task}",
     CheckName.TASK_EXECUTOR: "agent:{agent} is not the agent executing task:{task}",
     CheckName.USER_ACTIVE: (
-        "user:{user} is not an active member of tenant:{tenant} (no member relation: deprovisioned)"
+        "user:{user} is not an active member of tenant:{tenant} (no member relation: "
+        "never added, or deprovisioned)"
     ),
     CheckName.AGENT_ACTIVE: (
         "agent:{agent} is not an active member of tenant:{tenant} (no member relation: "
-        "deprovisioned)"
+        "never added, or deprovisioned)"
     ),
     CheckName.DOCUMENT_IN_TENANT: (
         "document:{document} has no tenant relation to tenant:{tenant} (deleted, or never ingested)"

@@ -34,6 +34,7 @@ MAX_WHAT_IF_WRITES = 100
 _ASSETS = {
     "review.css": "text/css; charset=utf-8",
     "review.js": "text/javascript; charset=utf-8",
+    "favicon.svg": "image/svg+xml",
 }
 # The page runs only its own script and talks only to this origin; data is rendered
 # with textContent, and the CSP is the second line of defence should that ever slip.

@@ -39,6 +39,17 @@ QUERY = "revenue forecast memo"
 PATHS = "(directly, through a group, its folders or its source)"
 
 
+@pytest.fixture(autouse=True)
+def postfilter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Record every candidate the search found, denied ones included.
+
+    Replays re-evaluate recorded candidates; a pre-filter (which the adaptive strategy
+    may pick) never turns documents outside the permitted set into candidates. Autouse,
+    so the setting is in the environment before the ``gateway`` fixture reads it.
+    """
+    monkeypatch.setenv("SCOPEGATE_STRATEGY", "postfilter")
+
+
 @dataclass
 class Acme:
     """acme: alice reads d1 and d2, bob reads d3; the summarizer may read d1 and d3.
@@ -266,8 +277,8 @@ async def test_chain_verification_catches_tampering_after_real_retrievals(
     assert await verify_audit(gateway.audit) == 0
     assert "audit chain intact" in capsys.readouterr().err
 
-    head = [e async for e in gateway.audit.iter_all(None)]
-    middle = head[len(head) // 2]
+    retrievals = [e async for e in gateway.audit.iter_all(None) if e.record.kind == "retrieve"]
+    middle = retrievals[1]  # alice's second retrieval, followed by a third
     rid = middle.record.request_id
     tamperings = {
         "edited": (
@@ -569,6 +580,8 @@ async def test_review_page_and_assets_are_served_self_contained(http: httpx.Asyn
         assert "http://" not in asset.text and "https://" not in asset.text
         if name == "review.js":
             assert "innerHTML" not in asset.text and "eval(" not in asset.text
+    icon = await http.get("/review/static/favicon.svg")
+    assert icon.status_code == 200 and icon.headers["content-type"] == "image/svg+xml"
     assert "http://" not in page.text and "https://" not in page.text
     for missing in (
         "/review/static/nope.js",

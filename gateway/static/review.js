@@ -308,7 +308,8 @@
       ];
       if (withWhatIf) {
         const w = d.what_if || {};
-        cells.push(el("td", { class: "what-if-col" }, pill(w.verdict), w.changed ? el("div", { class: "hint" }, "would change") : null, explanations(w.explanations)));
+        const why = w.explanations && w.explanations.length ? explanations(w.explanations) : null;
+        cells.push(el("td", { class: "what-if-col" }, pill(w.verdict), w.changed ? el("div", { class: "hint" }, "would change") : null, why));
       }
       rows.append(el("tr", { "data-document": d.document_id, class: d.changed ? "changed" : "" }, cells));
     }
