@@ -27,7 +27,11 @@ T = TypeVar("T")
 
 
 class BackgroundGateway:
-    """Start with :meth:`start`; use as a context manager or call :meth:`close`."""
+    """Start with :meth:`start`; use as a context manager or call :meth:`close`.
+
+    Not closing it leaves no server behind (the loop thread is a daemon, and a
+    managed OpenFGA dies with its parent), but skips a clean shutdown.
+    """
 
     def __init__(
         self, gateway: Gateway, loop: asyncio.AbstractEventLoop, thread: threading.Thread

@@ -686,10 +686,10 @@ class AsyncScopegateClient:
 
     # health (no token needed)
 
-    async def ready(self) -> dict[str, bool]:
-        """Readiness of OpenFGA, the stores and the audit log; never raises on 503."""
+    async def ready(self) -> dict[str, Any]:
+        """``/readyz``: ``ready`` and the state of each part; never raises on 503."""
         data = await self._send(_Request("GET", "/readyz", ok_statuses=frozenset({503})))
-        return {str(k): bool(v) for k, v in data.items()}
+        return dict(data)
 
     async def aclose(self) -> None:
         if self._owns_http:
@@ -875,9 +875,8 @@ class ScopegateClient:
         path = f"/v1/audit/decisions/{request_id}/replay"
         return Replay.from_json(self._send(_Request("POST", path, repeatable=True)))
 
-    def ready(self) -> dict[str, bool]:
-        data = self._send(_Request("GET", "/readyz", ok_statuses=frozenset({503})))
-        return {str(k): bool(v) for k, v in data.items()}
+    def ready(self) -> dict[str, Any]:
+        return dict(self._send(_Request("GET", "/readyz", ok_statuses=frozenset({503}))))
 
     def close(self) -> None:
         if self._owns_http:

@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from gateway import errors
+from gateway.background import BackgroundGateway
 from gateway.client import (
     AsyncScopegateClient,
     RetryPolicy,
@@ -26,6 +27,7 @@ from gateway.client import (
 )
 from gateway.fga_server import ManagedOpenFGA
 from gateway.identity import issue_token
+from gateway.settings import load_settings
 from tests.served import (
     ALICE_DOCS,
     BOB_DOCS,
@@ -42,7 +44,11 @@ from tests.world import doc
 def acme(
     openfga: ManagedOpenFGA, embeddings: Any, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Served]:
-    bg = serve_gateway(openfga, tmp_path_factory.mktemp("client-gw"), embeddings)
+    # Post-filter: every top candidate is checked and recorded, so the audit assertions
+    # below do not depend on which ListObjects answer of a pre-filter probe came first.
+    bg = serve_gateway(
+        openfga, tmp_path_factory.mktemp("client-gw"), embeddings, strategy="postfilter"
+    )
     try:
         yield build_acme(bg)
     finally:
@@ -123,7 +129,7 @@ def test_admin_methods(acme: Served) -> None:
 
 async def test_async_client_and_reviewer_flow(acme: Served) -> None:
     async with AsyncScopegateClient(acme.url, acme.agent_token("alice")) as alice:
-        found = await alice.retrieve("salary bands and the revenue bonus", k=10)
+        found = await alice.retrieve("salary bands and the revenue bonus", 10, ["docs"])
     assert "pay1" not in {c.document_id for c in found.chunks}
 
     async with AsyncScopegateClient(acme.url, acme.admin_token) as reviewer:
@@ -148,15 +154,15 @@ async def test_async_client_and_reviewer_flow(acme: Served) -> None:
 
 
 def test_error_bodies_map_to_gateway_errors(acme: Served) -> None:
-    with ScopegateClient(acme.url, "not-a-jwt") as anonymous:
-        with pytest.raises(errors.InvalidToken) as bad_token:
-            anonymous.retrieve("revenue")
+    anonymous = ScopegateClient(acme.url, "not-a-jwt")
+    with anonymous, pytest.raises(errors.InvalidToken) as bad_token:
+        anonymous.retrieve("revenue")
     assert bad_token.value.status == 401 and bad_token.value.request_id
 
     alice_principal = acme.bg.mint_token(tenant=TENANT, user="alice")
-    with ScopegateClient(acme.url, alice_principal) as alice:
-        with pytest.raises(errors.Forbidden, match="not an admin"):
-            alice.register_source("mine")
+    alice = ScopegateClient(acme.url, alice_principal)
+    with alice, pytest.raises(errors.Forbidden, match="not an admin"):
+        alice.register_source("mine")
 
     with ScopegateClient(acme.url, acme.agent_token("alice")) as agent:
         with pytest.raises(errors.InvalidRequest, match="k") as too_many:
@@ -167,25 +173,24 @@ def test_error_bodies_map_to_gateway_errors(acme: Served) -> None:
         with pytest.raises(errors.InvalidToken, match="delegation token cannot"):
             agent.list_sources()
 
-    with acme.admin() as admin:
-        with pytest.raises(errors.Conflict):
-            admin.register_source("docs")
+    with acme.admin() as admin, pytest.raises(errors.Conflict):
+        admin.register_source("docs")
 
 
-def test_authorization_outage_is_a_503_after_safe_retries(
-    openfga: ManagedOpenFGA, embeddings: Any, tmp_path: Path
-) -> None:
-    # A gateway of its own whose OpenFGA store disappears: every check now fails.
-    bg = serve_gateway(openfga, tmp_path / "gw", embeddings)
+def test_authorization_outage_is_a_503_after_safe_retries(embeddings: Any, tmp_path: Path) -> None:
+    # The embedded default with its own managed OpenFGA, which then goes down.
+    settings = load_settings(data_dir=tmp_path / "gw", openfga_url=None)
+    bg = BackgroundGateway.start(settings, embeddings=embeddings)
     try:
+        bg.serve_http()
         served = build_acme_small(bg)
-        store_id = bg.gateway.fga.store_id
-        httpx.delete(f"{openfga.url}/stores/{store_id}").raise_for_status()
+        assert bg.gateway.managed is not None
+        bg.gateway.managed.stop()
 
         tokens = CountingTokens(served.agent_token("alice"))
-        with ScopegateClient(served.url, tokens, retries=2) as alice:
-            with pytest.raises(errors.AuthorizationUnavailable) as outage:
-                alice.retrieve("revenue")
+        alice = ScopegateClient(served.url, tokens, retries=2)
+        with alice, pytest.raises(errors.AuthorizationUnavailable) as outage:
+            alice.retrieve("revenue")
         assert outage.value.status == 503 and outage.value.request_id
         # Retrieval is safe to repeat: three attempts, three audited failures, no content.
         assert tokens.calls == 3
@@ -196,9 +201,9 @@ def test_authorization_outage_is_a_503_after_safe_retries(
         assert outage.value.request_id in {r.request_id for r in records}
 
         admin_tokens = CountingTokens(served.admin_token())
-        with ScopegateClient(served.url, admin_tokens, retries=2) as admin:
-            with pytest.raises(errors.AuthorizationUnavailable):
-                admin.create_task("user:alice", "agent:summarizer", ["source:docs"])
+        admin = ScopegateClient(served.url, admin_tokens, retries=2)
+        with admin, pytest.raises(errors.AuthorizationUnavailable):
+            admin.create_task("user:alice", "agent:summarizer", ["source:docs"])
         assert admin_tokens.calls == 1  # a write is never repeated after it was sent
     finally:
         bg.close()
@@ -255,9 +260,9 @@ def test_unreachable_gateway_is_retried_for_any_method() -> None:
         port = sock.getsockname()[1]
     # Nothing listens on the port: connection refused, the request never left.
     tokens = CountingTokens("t")
-    with ScopegateClient(f"http://127.0.0.1:{port}", tokens, retries=2) as client:
-        with pytest.raises(errors.Unavailable, match="unreachable"):
-            client.create_task("user:alice", "agent:summarizer", ["source:docs"])
+    client = ScopegateClient(f"http://127.0.0.1:{port}", tokens, retries=2)
+    with client, pytest.raises(errors.Unavailable, match="unreachable"):
+        client.create_task("user:alice", "agent:summarizer", ["source:docs"])
     assert tokens.calls == 3
 
 
