@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import os
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -50,10 +51,11 @@ async def local_gateway(data_dir: Path) -> AsyncIterator[Gateway]:
         await gateway.close()
 
 
-def _principal_token(args: argparse.Namespace, data_dir: Path) -> str:
-    import os
-
-    env = os.environ.get("SCOPEGATE_TOKEN")
+def _local_token(
+    data_dir: Path, env_var: str, *, tenant: str, user: str, operator: bool = False
+) -> str:
+    """A token from ``env_var`` if set, else one minted with the data directory's key."""
+    env = os.environ.get(env_var)
     if env:
         return env
     settings = load_settings(data_dir=data_dir)
@@ -62,28 +64,20 @@ def _principal_token(args: argparse.Namespace, data_dir: Path) -> str:
         key,
         issuer=settings.token_issuer,
         audience=settings.token_audience,
-        tenant=args.tenant,
-        user=args.as_user,
+        tenant=tenant,
+        user=user,
         ttl_s=600,
+        operator=operator,
     )
 
 
-def _operator_token(data_dir: Path) -> str:
-    import os
+def _principal_token(args: argparse.Namespace, data_dir: Path) -> str:
+    return _local_token(data_dir, "SCOPEGATE_TOKEN", tenant=args.tenant, user=args.as_user)
 
-    env = os.environ.get("SCOPEGATE_OPERATOR_TOKEN")
-    if env:
-        return env
-    settings = load_settings(data_dir=data_dir)
-    key = load_or_create_signing_key(data_dir)
-    return issue_token(
-        key,
-        issuer=settings.token_issuer,
-        audience=settings.token_audience,
-        tenant="platform",
-        user="operator",
-        ttl_s=300,
-        operator=True,
+
+def _operator_token(data_dir: Path) -> str:
+    return _local_token(
+        data_dir, "SCOPEGATE_OPERATOR_TOKEN", tenant="platform", user="operator", operator=True
     )
 
 
