@@ -15,8 +15,9 @@ from typing import Annotated, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.deps import AgentCaller, GatewayDep, PrincipalCaller
@@ -32,6 +33,36 @@ Ref = Annotated[str, Field(min_length=3, max_length=300)]
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    request_id: str
+
+
+class ErrorBody(BaseModel):
+    """The shape of every error response (DESIGN section 4)."""
+
+    error: ErrorDetail
+
+
+# Published in the OpenAPI document for every operation, so that clients and schema-driven
+# fuzzers see the real error shape (FastAPI's default 422 schema is not what we send).
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": description}
+    for status, description in {
+        400: "invalid request (malformed body)",
+        401: "invalid_token",
+        403: "forbidden",
+        404: "not_found",
+        409: "conflict",
+        413: "payload_too_large",
+        422: "invalid_request",
+        429: "rate_limited",
+        503: "authorization_unavailable, source_unavailable or audit_unavailable",
+    }.items()
+}
 
 
 class RetrieveBody(_Strict):
@@ -148,6 +179,13 @@ def _json_depth(raw: bytes) -> int:
     return deepest
 
 
+_HTTP_CODES = {401: "invalid_token", 403: "forbidden", 404: "not_found", 413: "payload_too_large"}
+
+
+def _rid(request: Request) -> str:
+    return str(getattr(request.state, "request_id", None) or uuid.uuid4().hex)
+
+
 def _error_body(exc: ScopegateError, request_id: str) -> dict[str, Any]:
     return {"error": {"code": exc.code, "message": exc.message, "request_id": request_id}}
 
@@ -186,6 +224,7 @@ def create_app(
         version="1",
         summary="Pre-retrieval authorization gateway for AI agents",
         lifespan=lifespan,
+        responses=ERROR_RESPONSES,
     )
     app.state.metrics = metrics
     if gateway is not None:
@@ -202,6 +241,15 @@ def create_app(
         message = f"{where}: {first.get('msg', 'invalid request')}"[:300]
         err = InvalidRequest(message)
         return JSONResponse(_error_body(err, request.state.request_id), status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Routing (404, 405) and body parsing (400 for undecodable bytes) errors raised by
+        # the framework itself get the same error shape as everything else.
+        code = _HTTP_CODES.get(exc.status_code, "invalid_request")
+        detail = exc.detail if isinstance(exc.detail, str) else "invalid request"
+        body = {"error": {"code": code, "message": detail[:300], "request_id": _rid(request)}}
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -226,7 +274,14 @@ def create_app(
     ) -> dict[str, Any]:
         """Exact top-k chunks the delegating user, agent, task and tenant all permit."""
         try:
-            result = await g.retrieve(ctx, body.query, body.k, body.sources, body.max_tokens)
+            result = await g.retrieve(
+                ctx,
+                body.query,
+                body.k,
+                body.sources,
+                body.max_tokens,
+                request_id=request.state.request_id,
+            )
         except ScopegateError as exc:
             metrics.count_error(ctx.tenant, exc.code)
             raise
@@ -310,7 +365,7 @@ def create_app(
         body = {"ready": ready, **parts, "store_id": g.fga.store_id, "model_id": g.fga.model_id}
         return JSONResponse(body, status_code=200 if ready else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus() -> Response:
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
@@ -318,5 +373,6 @@ def create_app(
     from gateway.review import register_review_routes
 
     register_review_routes(app)
-    app.add_middleware(BodyGuard, max_bytes=(settings or Settings()).max_body_bytes)
+    configured = settings or (gateway.settings if gateway is not None else Settings())
+    app.add_middleware(BodyGuard, max_bytes=configured.max_body_bytes)
     return app

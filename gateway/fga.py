@@ -14,7 +14,7 @@ import contextlib
 import json
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ import aiohttp
 from openfga_sdk import ClientConfiguration, OpenFgaClient
 from openfga_sdk.client.models import (
     ClientListObjectsRequest,
+    ClientReadChangesRequest,
     ClientTuple,
     ClientWriteRequest,
 )
@@ -46,6 +47,7 @@ from openfga_sdk.models.write_authorization_model_request import (
     WriteAuthorizationModelRequest,
 )
 
+from gateway.cache import Change, DecisionCache
 from gateway.decision import CheckItem, CheckOutcome
 from gateway.errors import AuthorizationUnavailable, InvalidRequest
 
@@ -54,6 +56,10 @@ MAX_WRITES_PER_REQUEST = 100
 STORE_NAME = "scopegate"
 MODEL_PATH = Path(__file__).resolve().parent.parent / "fga_models" / "scopegate" / "model.json"
 EXPIRY_CONDITION = "not_expired"
+
+#: A check as OpenFGA sees it: (user, relation, object). Items with equal questions
+#: are sent once.
+Question = tuple[str, str, str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,18 +74,45 @@ class Tuple:
 
 @dataclass(slots=True)
 class FgaStats:
-    """Round trips made, for benchmarks and tests (not thread-safe; one event loop)."""
+    """Round trips made, for benchmarks and tests (not thread-safe; one event loop).
+
+    ``checks_requested`` counts items handed to :meth:`FgaClient.batch_check`;
+    ``checks_sent`` the ones that reached OpenFGA after de-duplication and the cache.
+    """
 
     batch_check_calls: int = 0
+    checks_requested: int = 0
     checks_sent: int = 0
+    cache_hits: int = 0
     list_objects_calls: int = 0
+
+    def snapshot(self) -> FgaStats:
+        return replace(self)
+
+    def since(self, before: FgaStats) -> FgaStats:
+        """Counters accumulated after ``before`` was taken."""
+        return FgaStats(
+            *(getattr(self, f.name) - getattr(before, f.name) for f in fields(FgaStats))
+        )
 
 
 @dataclass(frozen=True, slots=True)
 class ListObjectsResult:
+    """``truncated``: the answer may be partial (a cap or a deadline was hit)."""
+
     ids: frozenset[str]
     truncated: bool
     elapsed_s: float = 0.0
+
+
+def remaining(deadline: float | None, cap: float) -> float:
+    """Seconds left before ``deadline`` (monotonic), at most ``cap``; raise when none."""
+    if deadline is None:
+        return cap
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise AuthorizationUnavailable("request deadline exceeded before calling OpenFGA")
+    return min(cap, left)
 
 
 @contextlib.contextmanager
@@ -143,6 +176,8 @@ class FgaClient:
         consistency: str = "HIGHER_CONSISTENCY",
         api_token: str | None = None,
         listobjects_deadline_s: float = 2.5,
+        listobjects_max_results: int = 1000,
+        cache: DecisionCache | None = None,
     ) -> None:
         credentials = None
         if api_token:
@@ -157,10 +192,15 @@ class FgaClient:
             retry_params=RetryParams(max_retry=0),
             credentials=credentials,
         )
-        self.api_url = api_url
+        self.api_url = api_url.rstrip("/")
         self.timeout_s = timeout_s
         self.consistency = consistency
+        # What the server is configured with (--listObjects-deadline, --listObjects-max-
+        # results): an answer that reaches either may be partial.
         self.listobjects_deadline_s = listobjects_deadline_s
+        self.listobjects_max_results = listobjects_max_results
+        self.cache = cache
+        self._api_token = api_token
         self._parallel = asyncio.Semaphore(max_parallel_batches)
         self._client: OpenFgaClient | None = None
         self.stats = FgaStats()
@@ -245,36 +285,102 @@ class FgaClient:
         model_id: str | None = None,
         consistency: str | None = None,
         contextual: Sequence[Tuple] = (),
+        deadline: float | None = None,
     ) -> dict[CheckItem, CheckOutcome]:
-        """Check every distinct item; return an outcome for each (errors included).
+        """Check every item; return an outcome for each (errors included).
 
-        ``contextual`` tuples are for reviewer what-if replays only: they are built by
-        the gateway from a reviewer's request and never come from agents.
+        Items that ask the same question (user, relation, object) are sent once, in
+        calls of at most 50 that run in parallel under the client's semaphore.
+        ``context`` defaults to the gateway's own clock. The decision cache, when
+        configured, answers only checks that use that clock at the client's model with
+        the client's default consistency: an explicit ``consistency`` (a request that
+        demands ``HIGHER_CONSISTENCY``), ``context``, ``model_id`` or ``contextual``
+        bypasses it. ``contextual`` tuples are for reviewer what-if replays only: they
+        are built by the gateway from a reviewer's request and never come from agents.
+        ``deadline`` (monotonic seconds) bounds every call.
         Raises AuthorizationUnavailable when a whole BatchCheck call fails.
         """
-        unique = list(dict.fromkeys(items))
-        ctx = dict(context) if context is not None else now_context()
+        wanted = list(items)
+        self.stats.checks_requested += len(wanted)
+        unique = list(dict.fromkeys(_question(item) for item in wanted))
+        cache = self._cache_for(context, model_id, consistency, contextual)
+        answers: dict[Question, CheckOutcome] = {}
+        if cache is None:
+            sent_context = dict(context) if context is not None else now_context()
+        else:
+            at = cache.evaluation_time()
+            sent_context = now_context(at)
+            generation = cache.generation
+            keys = {q: cache.key(self.store_id, self.model_id, *q, at) for q in unique}
+            for question, key in keys.items():
+                hit = cache.get(key)
+                if hit is not None:
+                    answers[question] = CheckOutcome(hit)
+            self.stats.cache_hits += len(answers)
+        missing = [q for q in unique if q not in answers]
+        fetched = await self._send(
+            missing, sent_context, model_id, consistency, contextual, deadline
+        )
+        answers.update(fetched)
+        if cache is not None:
+            for question, outcome in fetched.items():
+                if outcome.allowed is not None:
+                    cache.put(keys[question], outcome.allowed, generation)
+        return {item: answers[_question(item)] for item in wanted}
+
+    def _cache_for(
+        self,
+        context: Mapping[str, Any] | None,
+        model_id: str | None,
+        consistency: str | None,
+        contextual: Sequence[Tuple],
+    ) -> DecisionCache | None:
+        cache = self.cache
+        if (
+            cache is None
+            or context is not None
+            or consistency is not None
+            or contextual
+            or not self.model_id
+            or model_id not in (None, self.model_id)
+        ):
+            return None
+        return cache if cache.usable() else None
+
+    async def _send(
+        self,
+        questions: Sequence[Question],
+        context: Mapping[str, Any],
+        model_id: str | None,
+        consistency: str | None,
+        contextual: Sequence[Tuple],
+        deadline: float | None,
+    ) -> dict[Question, CheckOutcome]:
         chunks = [
-            unique[i : i + MAX_CHECKS_PER_BATCH]
-            for i in range(0, len(unique), MAX_CHECKS_PER_BATCH)
+            questions[i : i + MAX_CHECKS_PER_BATCH]
+            for i in range(0, len(questions), MAX_CHECKS_PER_BATCH)
         ]
         results = await asyncio.gather(
-            *(self._batch(chunk, ctx, model_id, consistency, contextual) for chunk in chunks)
+            *(
+                self._batch(chunk, context, model_id, consistency, contextual, deadline)
+                for chunk in chunks
+            )
         )
-        outcomes: dict[CheckItem, CheckOutcome] = {}
+        outcomes: dict[Question, CheckOutcome] = {}
         for part in results:
             outcomes.update(part)
         return outcomes
 
     async def _batch(
         self,
-        chunk: Sequence[CheckItem],
+        chunk: Sequence[Question],
         context: Mapping[str, Any],
         model_id: str | None,
         consistency: str | None,
-        contextual: Sequence[Tuple] = (),
-    ) -> dict[CheckItem, CheckOutcome]:
-        by_id = {f"c{i}": item for i, item in enumerate(chunk)}
+        contextual: Sequence[Tuple],
+        deadline: float | None,
+    ) -> dict[Question, CheckOutcome]:
+        by_id = {f"c{i}": question for i, question in enumerate(chunk)}
         extra = (
             ContextualTupleKeys(
                 tuple_keys=[
@@ -287,32 +393,33 @@ class FgaClient:
         body = BatchCheckRequest(
             checks=[
                 BatchCheckItem(
-                    tuple_key=CheckRequestTupleKey(
-                        user=item.user, relation=item.relation, object=item.object
-                    ),
+                    tuple_key=CheckRequestTupleKey(user=user, relation=relation, object=obj),
                     context=dict(context),
                     contextual_tuples=extra,
                     correlation_id=cid,
                 )
-                for cid, item in by_id.items()
+                for cid, (user, relation, obj) in by_id.items()
             ],
             authorization_model_id=model_id or self.model_id or None,
             consistency=consistency or self.consistency,
         )
         async with self._parallel:
+            timeout = remaining(deadline, self.timeout_s)
             self.stats.batch_check_calls += 1
             self.stats.checks_sent += len(chunk)
             with fga_errors("BatchCheck"):
                 response = await asyncio.wait_for(
-                    self.client._api.batch_check(body), timeout=self.timeout_s
+                    self.client._api.batch_check(body, _request_timeout=timeout), timeout=timeout
                 )
                 answered = dict(response.result or {})
-        return {item: _outcome(answered.get(cid)) for cid, item in by_id.items()}
+        return {question: _outcome(answered.get(cid)) for cid, question in by_id.items()}
 
     async def check(self, item: CheckItem, *, context: Mapping[str, Any] | None = None) -> bool:
         """A single check through the batch path; anything but a proven True is False."""
         outcome = (await self.batch_check([item], context=context)).get(item)
         return bool(outcome is not None and outcome.allowed is True)
+
+    # -- listing -----------------------------------------------------------------------
 
     async def list_objects(
         self,
@@ -323,32 +430,137 @@ class FgaClient:
         context: Mapping[str, Any] | None = None,
         max_results: int = 1000,
         consistency: str | None = None,
+        deadline: float | None = None,
     ) -> ListObjectsResult:
-        """ListObjects, flagging answers that may be truncated (never trusted as complete)."""
+        """ListObjects, flagging answers that may be truncated (never trusted as complete).
+
+        The server stops at its max results or at its deadline and still answers 200:
+        an answer holding ``min(max_results, server max results)`` objects, or one that
+        arrived near the server deadline, may be partial.
+        """
         request = ClientListObjectsRequest(
             user=user,
             relation=relation,
             type=object_type,
             context=dict(context) if context is not None else now_context(),
         )
-        options = {"consistency": consistency or self.consistency}
+        timeout = remaining(deadline, self.listobjects_deadline_s + self.timeout_s)
+        options = {"consistency": consistency or self.consistency, "_request_timeout": timeout}
         started = time.monotonic()
         self.stats.list_objects_calls += 1
         with fga_errors("ListObjects"):
             response = await asyncio.wait_for(
                 self.client.list_objects(request, options),  # type: ignore[arg-type]
-                timeout=self.listobjects_deadline_s + self.timeout_s,
+                timeout=timeout,
             )
             objects = [str(o) for o in (response.objects or [])]
         elapsed = time.monotonic() - started
         prefix = f"{object_type}:"
         if any(not o.startswith(prefix) for o in objects):
             raise AuthorizationUnavailable("OpenFGA ListObjects: unexpected object type")
-        # The server stops at max results or at its deadline and still answers 200:
-        # a full page, or an answer that arrived near the deadline, may be partial.
-        truncated = len(objects) >= max_results or elapsed >= 0.9 * self.listobjects_deadline_s
+        cap = min(max_results, self.listobjects_max_results)
+        truncated = len(objects) >= cap or elapsed >= 0.9 * self.listobjects_deadline_s
         ids = frozenset(o[len(prefix) :] for o in objects)
         return ListObjectsResult(ids, truncated, elapsed)
+
+    async def stream_list_objects(
+        self,
+        user: str,
+        relation: str,
+        object_type: str,
+        *,
+        limit: int,
+        budget_s: float | None = None,
+        consistency: str | None = None,
+        deadline: float | None = None,
+    ) -> ListObjectsResult:
+        """Streamed ListObjects, abandoned after ``limit`` objects or ``budget_s`` seconds.
+
+        The streamed endpoint has no server-side result cap but ends *silently* at the
+        server's ListObjects deadline, and the SDK's stream reader logs and swallows
+        transport errors, so the stream is read here: an answer is complete only if
+        the stream ended cleanly, held at most ``limit`` objects and finished well
+        inside both the server deadline and ``budget_s``. Anything else is
+        ``truncated``. An error line, an HTTP error or a broken stream raises
+        AuthorizationUnavailable.
+        """
+        server_safe = 0.9 * self.listobjects_deadline_s
+        budget = remaining(deadline, min(budget_s or server_safe, server_safe))
+        body = {
+            "authorization_model_id": self.model_id or None,
+            "type": object_type,
+            "relation": relation,
+            "user": user,
+            "context": now_context(),
+            "consistency": consistency or self.consistency,
+        }
+        found: set[str] = set()
+        complete = False
+        self.stats.list_objects_calls += 1
+        started = time.monotonic()
+        with fga_errors("StreamedListObjects"):
+            try:
+                async with asyncio.timeout(budget):
+                    complete = await self._read_stream(body, f"{object_type}:", limit, found)
+            except TimeoutError:
+                complete = False
+        elapsed = time.monotonic() - started
+        truncated = not complete or elapsed >= server_safe
+        return ListObjectsResult(frozenset(found), truncated, elapsed)
+
+    async def _read_stream(
+        self, body: Mapping[str, Any], prefix: str, limit: int, found: set[str]
+    ) -> bool:
+        """Read ``{"result": {"object": ...}}`` lines; False once more than ``limit``."""
+        session: aiohttp.ClientSession = self.client._api_client.rest_client.pool_manager
+        url = f"{self.api_url}/stores/{self.store_id}/streamed-list-objects"
+        headers = {"Content-Type": "application/json"}
+        if self._api_token:
+            headers["Authorization"] = f"Bearer {self._api_token}"
+        payload = json.dumps({k: v for k, v in body.items() if v is not None})
+        async with session.post(url, data=payload, headers=headers) as response:
+            if response.status != 200:
+                raise AuthorizationUnavailable(
+                    f"OpenFGA StreamedListObjects failed with HTTP {response.status}"
+                )
+            async for line in response.content:
+                if not line.strip():
+                    continue
+                message = json.loads(line)
+                obj = message["result"]["object"] if "result" in message else None
+                if not isinstance(obj, str) or not obj.startswith(prefix):
+                    raise AuthorizationUnavailable(
+                        "OpenFGA StreamedListObjects: error or unexpected answer"
+                    )
+                found.add(obj[len(prefix) :])
+                if len(found) > limit:
+                    return False
+        return True
+
+    async def read_changes(
+        self, start_time: datetime, continuation_token: str | None, page_size: int = 100
+    ) -> tuple[list[Change], str | None]:
+        """One page of the changelog from ``start_time`` (or the token), oldest first."""
+        options: dict[str, Any] = {"page_size": page_size}
+        if continuation_token:
+            options["continuation_token"] = continuation_token
+        stamp = start_time.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        request = ClientReadChangesRequest(type=None, start_time=stamp)  # type: ignore[arg-type]
+        with fga_errors("ReadChanges"):
+            response = await asyncio.wait_for(
+                self.client.read_changes(request, options), timeout=self.timeout_s
+            )
+            changes = [
+                Change(
+                    _utc(c.timestamp),
+                    str(c.operation),
+                    str(c.tuple_key.user),
+                    str(c.tuple_key.relation),
+                    str(c.tuple_key.object),
+                )
+                for c in response.changes or []
+            ]
+            return changes, (response.continuation_token or None)
 
     # -- writes ----------------------------------------------------------------------
 
@@ -411,6 +623,16 @@ def _client_tuple(t: Tuple) -> ClientTuple:
         expires = t.expires_at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         condition = RelationshipCondition(name=EXPIRY_CONDITION, context={"expires_at": expires})
     return ClientTuple(user=t.user, relation=t.relation, object=t.object, condition=condition)
+
+
+def _question(item: CheckItem) -> Question:
+    return (item.user, item.relation, item.object)
+
+
+def _utc(value: Any) -> datetime:
+    if isinstance(value, datetime):
+        return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
+    return datetime.fromisoformat(str(value).replace("Z", "+00:00")).astimezone(UTC)
 
 
 def _outcome(result: Any) -> CheckOutcome:

@@ -1,30 +1,61 @@
 """Retrieval strategies: turn a query vector into the exact top-k permitted chunks.
 
-All strategies share one contract: the returned chunks are the k nearest chunks whose
-documents pass every conjunct of the decision, in distance order, or fewer only when
-the sources hold fewer permitted chunks. Every candidate that was looked at gets a
-verdict, so the audit record can show what was blocked and why.
+The contract every strategy keeps: the answer is the k nearest chunks whose documents
+pass every conjunct of the decision, nearest first, or fewer only when the sources
+hold fewer permitted chunks. **Order and ties:** chunks are ranked by the store's
+distance, and equal distances by chunk id (ascending), across all sources of the
+request. Every candidate looked at gets a verdict, so the audit record can show what
+was blocked and why.
 
-- :class:`PostFilter` searches k x overfetch, checks the new documents in one
-  BatchCheck round, and refills (doubling the window) until k are permitted or the
-  stores are exhausted.
-- :class:`PreFilter` asks ListObjects for the documents the task, user and agent may
-  reach, searches only those exactly, and re-verifies the winners with BatchCheck.
-  A ListObjects answer that may be truncated is never trusted: it falls back.
-- :class:`Adaptive` picks one of the two per request from the observed selectivity
-  of this (tenant, user, agent, task).
+Exactness. A window from the store is trusted only up to its *boundary*: when a
+source returned a full window, chunks at the distance of the first untrusted hit may
+have been cut off, so only hits strictly nearer than it are trusted (a source that
+returned less than asked is exhausted and fully trusted). Across sources the trusted
+prefix ends at the nearest of the per-source boundaries; inside it the order is exact.
+
+- Exact stores (the in-memory store, :meth:`VectorStore.search_documents` of every
+  store) trust their whole window.
+- Approximate stores (Chroma's HNSW) trust only the first ``ann_trust`` (half) of
+  each window: HNSW misses neighbours mostly near the end of what it returns (top-100
+  inside a window of 200 at ef_search=100: recall 0.99; top-20 of 40: 1.000, measured
+  in ``bench/``). This bounds the error, it does not remove it. The pre-filter path
+  ranks exactly, and :class:`Adaptive` takes it whenever the permitted superset is
+  small enough to be cheap, so only permissive requests (where the top-k permitted
+  lie in the first ranks of the unfiltered query) depend on HNSW recall.
+
+Strategies:
+
+- :class:`PostFilter` queries the stores without a filter, checks the documents of
+  the trusted prefix in one BatchCheck round, and refills with a window sized from the
+  permitted rate it just saw, until k are permitted, the stores are exhausted or a
+  request-level check fails. It never stops early at a candidate cap.
+- :class:`PreFilter` streams ListObjects for the task's scope, the agent and the user
+  in parallel; every complete answer is a superset of the permitted documents, so
+  their intersection is one too. The stores rank that superset exactly, and BatchCheck
+  re-verifies the winners. An answer over the limit, over the time budget, near the
+  server deadline or broken is never trusted: the strategy falls back to PostFilter.
+- :class:`Adaptive` picks one per request from measured selectivity (per tenant, user,
+  agent and task, with coarser levels as priors; bounded LRU) and measured cost of
+  each phase (:class:`CostModel`).
+
+All OpenFGA calls of one request go through one :class:`RequestChecks`: request-level
+checks are asked once, each document once, and the request deadline and consistency
+travel with every call to OpenFGA and to the stores.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
+import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from connectors.base import Candidate, VectorStore
 from gateway.decision import (
+    REQUEST_CHECKS,
     CheckItem,
     CheckOutcome,
     DocumentVerdict,
@@ -32,22 +63,48 @@ from gateway.decision import (
     plan_checks,
 )
 from gateway.errors import AuthorizationUnavailable
-from gateway.fga import FgaClient
+from gateway.fga import FgaClient, ListObjectsResult
 from gateway.identity import DelegationContext
 from gateway.ids import scoped, unscoped
 
+T = TypeVar("T")
+
 MISSING_METADATA = "chunk_metadata"
+REQUEST_LEVEL = frozenset(c.value for c in REQUEST_CHECKS)
+#: Fraction of an approximate store's window that is trusted (see module docstring).
+ANN_TRUST = 0.5
 
 
 @dataclass(frozen=True, slots=True)
 class SourceHandle:
-    """A registered source of the caller's tenant, the store that holds it, and how
-    many documents it holds (for selectivity estimates)."""
+    """A registered source of the caller's tenant, the store that holds it, how many
+    documents it holds (for selectivity estimates), and whether its unfiltered
+    search is exact (the in-memory store) or approximate (HNSW)."""
 
     tenant: str
     id: str
     store: VectorStore
     documents: int = 0
+    exact: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RequestOptions:
+    """Per-request limits: ``deadline`` in ``time.monotonic()`` seconds, and
+    ``consistency`` ("HIGHER_CONSISTENCY" demands answers straight from OpenFGA,
+    never from the decision cache)."""
+
+    deadline: float | None = None
+    consistency: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Phase:
+    """One timed step of a retrieval: ``size`` is what its cost grows with."""
+
+    name: str
+    size: int
+    ms: float
 
 
 @dataclass(slots=True)
@@ -63,6 +120,14 @@ class RetrievalOutcome:
     exhausted: bool = False
     selectivity: float | None = None
     notes: list[str] = field(default_factory=list)
+    #: False when the ranking relied on an approximate store's window.
+    exact_ranking: bool = True
+    #: Documents in the complete ListObjects superset (pre-filter), if one was used.
+    superset: int | None = None
+    #: Chunks examined in trusted windows, and how many of them were permitted.
+    examined: int = 0
+    permitted: int = 0
+    phases: list[Phase] = field(default_factory=list)
 
     def observe(self, found: Sequence[Candidate]) -> None:
         for c in found:
@@ -81,6 +146,7 @@ class RetrievalStrategy(Protocol):
         vector: Sequence[float],
         k: int,
         sources: Sequence[SourceHandle],
+        options: RequestOptions | None = None,
     ) -> RetrievalOutcome: ...
 
 
@@ -89,15 +155,93 @@ def well_formed(ctx: DelegationContext, c: Candidate, source: str) -> bool:
     return bool(c.document_id) and c.tenant == ctx.tenant and c.source == source
 
 
-async def _search_all(
-    sources: Sequence[SourceHandle], vector: Sequence[float], n: int
-) -> tuple[list[tuple[Candidate, str]], bool]:
-    """Merge the n nearest of every source; also say whether every source ran dry."""
-    results = await asyncio.gather(*(s.store.search(s.tenant, s.id, vector, n) for s in sources))
-    merged = [(c, s.id) for s, found in zip(sources, results, strict=True) for c in found]
-    merged.sort(key=lambda pair: pair[0].distance)
-    exhausted = all(len(found) < n for found in results)
-    return merged, exhausted
+def rank_key(c: Candidate) -> tuple[float, str]:
+    """The order of results: distance, then chunk id."""
+    return (c.distance, c.chunk_id)
+
+
+# -- timing and deadlines ---------------------------------------------------------------
+
+
+async def _timed(
+    outcome: RetrievalOutcome, name: str, size: int, call: Awaitable[T], deadline: float | None
+) -> T:
+    """Run ``call`` under the request deadline and record how long it took."""
+    started = time.perf_counter()
+    if deadline is None:
+        result = await call
+    else:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            if isinstance(call, asyncio.Future):
+                call.cancel()
+            elif hasattr(call, "close"):
+                call.close()
+            raise TimeoutError("request deadline exceeded")
+        async with asyncio.timeout(left):
+            result = await call
+    outcome.phases.append(Phase(name, size, (time.perf_counter() - started) * 1000))
+    return result
+
+
+# -- checks ---------------------------------------------------------------------------
+
+
+class RequestChecks:
+    """Every OpenFGA check of one request: request-level checks asked once (with the
+    first documents), each document once, whatever strategy or fallback asks."""
+
+    def __init__(
+        self,
+        fga: FgaClient,
+        ctx: DelegationContext,
+        options: RequestOptions | None = None,
+        model_id: str | None = None,
+    ) -> None:
+        self.fga = fga
+        self.ctx = ctx
+        self.options = options or RequestOptions()
+        self.model_id = model_id
+        self.outcomes: dict[CheckItem, CheckOutcome] = {}
+        self.verdicts: dict[str, DocumentVerdict] = {}
+        self.rounds = 0
+        self.request_denied = False
+
+    async def verify(self, document_ids: Sequence[str], outcome: RetrievalOutcome) -> None:
+        """Decide every document not decided yet, in one BatchCheck round."""
+        fresh = [d for d in dict.fromkeys(document_ids) if d not in self.verdicts]
+        if fresh:
+            items = plan_checks(self.ctx, fresh, include_request=not self.rounds)
+            answered = await _timed(
+                outcome,
+                "check",
+                len(items),
+                self.fga.batch_check(
+                    items,
+                    model_id=self.model_id,
+                    consistency=self.options.consistency,
+                    deadline=self.options.deadline,
+                ),
+                None,
+            )
+            errored = [item for item, o in answered.items() if o.allowed is None]
+            if errored:
+                raise AuthorizationUnavailable(
+                    f"OpenFGA could not answer {len(errored)} check(s): "
+                    f"{errored[0].name.value} ({answered[errored[0]].error})"
+                )
+            self.outcomes.update(answered)
+            self.rounds += 1
+            self.verdicts.update(decide(self.ctx, fresh, self.outcomes))
+            self.request_denied = any(
+                REQUEST_LEVEL.intersection(self.verdicts[d].failed_checks) for d in fresh
+            )
+        outcome.verdicts.update({d: self.verdicts[d] for d in document_ids})
+        outcome.batch_rounds = self.rounds
+
+    def allowed(self, document_id: str | None) -> bool:
+        verdict = self.verdicts.get(document_id or "")
+        return verdict is not None and verdict.allowed
 
 
 async def check_documents(
@@ -123,22 +267,111 @@ def _deny_malformed(outcome: RetrievalOutcome, c: Candidate) -> None:
     outcome.verdicts.setdefault(key, DocumentVerdict(key, "deny", (MISSING_METADATA,)))
 
 
+# -- windows --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """The trusted prefix of one round of searches, in result order."""
+
+    trusted: list[tuple[Candidate, str]]
+    exhausted: bool
+
+
+def trusted_prefix(
+    found: Sequence[tuple[SourceHandle, Sequence[Candidate]]], n: int, trust: float
+) -> Window:
+    """Merge per-source windows of size ``n`` into the prefix whose order is exact.
+
+    A source that returned fewer than ``n`` hits is exhausted and fully trusted.
+    Otherwise it is trusted strictly before its boundary distance: the distance of
+    the first hit past the trusted part (the last hit for exact stores, the hit at
+    ``trust * n`` for approximate ones), so ties cut off by the window never count.
+    """
+    boundary = math.inf
+    merged: list[tuple[Candidate, str]] = []
+    for handle, hits in found:
+        ordered = sorted(hits, key=rank_key)
+        merged.extend((c, handle.id) for c in ordered)
+        if len(ordered) >= n:
+            cut = len(ordered) - 1 if handle.exact else max(0, math.ceil(trust * n) - 1)
+            boundary = min(boundary, ordered[cut].distance)
+    merged.sort(key=lambda pair: rank_key(pair[0]))
+    trusted = [pair for pair in merged if pair[0].distance < boundary]
+    return Window(trusted, boundary == math.inf)
+
+
+async def _search_all(
+    outcome: RetrievalOutcome,
+    sources: Sequence[SourceHandle],
+    vector: Sequence[float],
+    n: int,
+    deadline: float | None,
+) -> list[tuple[SourceHandle, list[Candidate]]]:
+    results = await _timed(
+        outcome,
+        "search",
+        n,
+        asyncio.gather(*(s.store.search(s.tenant, s.id, vector, n) for s in sources)),
+        deadline,
+    )
+    return list(zip(sources, results, strict=True))
+
+
+def _finish(
+    outcome: RetrievalOutcome,
+    ctx: DelegationContext,
+    checks: RequestChecks,
+    window: Window,
+    k: int,
+) -> list[Candidate]:
+    """Record the trusted prefix in the outcome; return its permitted chunks."""
+    permitted: list[Candidate] = []
+    for c, source in window.trusted:
+        outcome.observe([c])
+        if not well_formed(ctx, c, source):
+            _deny_malformed(outcome, c)
+        elif checks.allowed(c.document_id):
+            permitted.append(c)
+    outcome.examined = len(window.trusted)
+    outcome.permitted = len(permitted)
+    outcome.exhausted = window.exhausted
+    return permitted
+
+
+# -- post-filter ----------------------------------------------------------------------
+
+
 class PostFilter:
-    """Search k x overfetch, check new documents, refill until k permitted."""
+    """Query without a filter, check the trusted prefix, refill until k are permitted.
+
+    ``overfetch`` is the first window's size in multiples of k (before the ANN trust
+    factor); :class:`Adaptive` passes one learned from recent denial rates.
+    ``max_candidates`` caps only the *first* window; refills grow past it when they
+    must, because stopping early would silently return fewer than k.
+    """
 
     name = "postfilter"
 
     def __init__(
         self,
         fga: FgaClient,
-        overfetch: int = 4,
+        overfetch: float = 4,
         max_candidates: int = 2000,
         model_id: str | None = None,
+        *,
+        ann_trust: float = ANN_TRUST,
     ) -> None:
         self.fga = fga
         self.overfetch = overfetch
         self.max_candidates = max_candidates
         self.model_id = model_id
+        self.ann_trust = ann_trust
+
+    def first_window(self, k: int, overfetch: float, sources: Sequence[SourceHandle]) -> int:
+        trust = 1.0 if all(s.exact for s in sources) else self.ann_trust
+        wanted = math.ceil(k * max(1.0, overfetch) / trust)
+        return max(k + 1, min(wanted, self.max_candidates))
 
     async def retrieve(
         self,
@@ -146,58 +379,53 @@ class PostFilter:
         vector: Sequence[float],
         k: int,
         sources: Sequence[SourceHandle],
-        overfetch: int | None = None,
+        options: RequestOptions | None = None,
+        *,
+        overfetch: float | None = None,
+        checks: RequestChecks | None = None,
     ) -> RetrievalOutcome:
+        options = options or RequestOptions()
+        checks = checks or RequestChecks(self.fga, ctx, options, self.model_id)
         outcome = RetrievalOutcome(self.name)
-        outcomes: dict[CheckItem, CheckOutcome] = {}
-        n = min(max(k, k * (overfetch or self.overfetch)), self.max_candidates)
+        outcome.exact_ranking = all(s.exact for s in sources)
+        n = self.first_window(k, overfetch or self.overfetch, sources)
         while True:
-            merged, exhausted = await _search_all(sources, vector, n)
-            fresh: list[str] = []
-            for c, source in merged:
-                outcome.observe([c])
-                if not well_formed(ctx, c, source):
-                    _deny_malformed(outcome, c)
-                elif c.document_id not in outcome.verdicts and c.document_id not in fresh:
-                    fresh.append(str(c.document_id))
-            if fresh or not outcome.batch_rounds:
-                outcomes.update(
-                    await check_documents(
-                        self.fga, ctx, fresh, not outcome.batch_rounds, self.model_id
-                    )
-                )
-                outcome.batch_rounds += 1
-                outcome.verdicts.update(decide(ctx, fresh, outcomes))
-            permitted = [
-                c
-                for c, source in merged
-                if well_formed(ctx, c, source) and outcome.verdicts[str(c.document_id)].allowed
+            found = await _search_all(outcome, sources, vector, n, options.deadline)
+            window = trusted_prefix(found, n, self.ann_trust)
+            documents = [
+                str(c.document_id) for c, source in window.trusted if well_formed(ctx, c, source)
             ]
-            request_denied = _request_denied(outcome)
-            if len(permitted) >= k or exhausted or request_denied or n >= self.max_candidates:
-                outcome.chunks = permitted[:k]
-                outcome.exhausted = exhausted
-                if len(permitted) < k and not exhausted and not request_denied:
-                    outcome.notes.append(f"candidate limit {self.max_candidates} reached")
+            await checks.verify(documents, outcome)
+            permitted = _finish(outcome, ctx, checks, window, k)
+            if len(permitted) >= k or window.exhausted or checks.request_denied:
+                outcome.chunks = [] if checks.request_denied else permitted[:k]
                 return outcome
-            n = min(n * 2, self.max_candidates)
+            n = self._next_window(n, k, len(permitted), len(window.trusted))
+
+    def _next_window(self, n: int, k: int, permitted: int, examined: int) -> int:
+        """Grow the window to what the permitted rate seen so far says k needs."""
+        rate = max(permitted, 1) / max(examined, 1)
+        return max(2 * n, math.ceil(1.25 * k / rate / self.ann_trust))
 
 
-def _request_denied(outcome: RetrievalOutcome) -> bool:
-    """When a request-level conjunct fails, no further candidate can be allowed."""
-    request_level = {
-        "task_in_tenant",
-        "task_active",
-        "task_delegator",
-        "task_executor",
-        "user_active",
-        "agent_active",
-    }
-    return any(request_level.intersection(v.failed_checks) for v in outcome.verdicts.values())
+# -- pre-filter -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Superset:
+    """Documents that may be permitted (None: no complete ListObjects answer)."""
+
+    ids: frozenset[str] | None
+    calls: int
+    notes: tuple[str, ...] = ()
 
 
 class PreFilter:
-    """ListObjects narrows the candidates; exact search over them; BatchCheck re-verifies."""
+    """ListObjects narrows the candidates; exact search over them; BatchCheck re-verifies.
+
+    ``max_results`` is the largest superset (documents) worth ranking exactly;
+    ``list_budget_s`` the time ListObjects may take before it is abandoned.
+    """
 
     name = "prefilter"
 
@@ -207,31 +435,94 @@ class PreFilter:
         fallback: PostFilter,
         max_results: int = 1000,
         model_id: str | None = None,
+        *,
+        list_budget_s: float = 0.5,
+        grace: float = 1.0,
     ) -> None:
         self.fga = fga
         self.fallback = fallback
         self.max_results = max_results
         self.model_id = model_id
+        self.list_budget_s = list_budget_s
+        self.grace = grace
 
-    async def permitted_superset(self, ctx: DelegationContext) -> tuple[set[str] | None, int]:
-        """Intersection of the complete ListObjects answers (None if none was complete)."""
+    async def permitted_superset(
+        self,
+        ctx: DelegationContext,
+        options: RequestOptions | None = None,
+        limit: int | None = None,
+        outcome: RetrievalOutcome | None = None,
+    ) -> Superset:
+        """Intersection of the complete ListObjects answers for task, agent and user.
+
+        The three run in parallel; once one is complete the others get ``grace`` times
+        its duration to finish (their intersection is tighter), then are abandoned.
+        """
+        options = options or RequestOptions()
+        limit = self.max_results if limit is None else limit
         queries = [
             (f"task:{scoped(ctx.tenant, ctx.task)}", "in_task_scope"),
             (f"agent:{scoped(ctx.tenant, ctx.agent)}", "agent_can_read"),
             (f"user:{scoped(ctx.tenant, ctx.user)}", "user_can_read"),
         ]
-        answers = await asyncio.gather(
-            *(
-                self.fga.list_objects(user, relation, "document", max_results=self.max_results)
-                for user, relation in queries
+        started = time.perf_counter()
+        pending: set[asyncio.Future[ListObjectsResult]] = {
+            asyncio.ensure_future(
+                self.fga.stream_list_objects(
+                    user,
+                    relation,
+                    "document",
+                    limit=limit,
+                    budget_s=self.list_budget_s,
+                    consistency=options.consistency,
+                    deadline=options.deadline,
+                )
             )
-        )
-        complete = [a for a in answers if not a.truncated]
+            for user, relation in queries
+        }
+        complete, notes = await self._collect(pending)
+        if outcome is not None:
+            size = min(len(a.ids) for a in complete) if complete else limit
+            outcome.phases.append(Phase("list", size, (time.perf_counter() - started) * 1000))
         if not complete:
-            return None, len(answers)
-        ids = set.intersection(*(set(a.ids) for a in complete))
-        prefix_ok = {i for i in ids if i.startswith(f"{ctx.tenant}/")}
-        return {unscoped(ctx.tenant, i) for i in prefix_ok}, len(answers)
+            return Superset(None, len(queries), tuple(notes))
+        ids = frozenset.intersection(*(a.ids for a in complete))
+        prefix = f"{ctx.tenant}/"
+        bare = frozenset(unscoped(ctx.tenant, i) for i in ids if i.startswith(prefix))
+        return Superset(bare, len(queries), tuple(notes))
+
+    async def _collect(
+        self, pending: set[asyncio.Future[ListObjectsResult]]
+    ) -> tuple[list[ListObjectsResult], list[str]]:
+        complete: list[ListObjectsResult] = []
+        notes: list[str] = []
+        started = time.monotonic()
+        until: float | None = None
+        try:
+            while pending:
+                timeout = None if until is None else max(0.0, until - time.monotonic())
+                done, pending = await asyncio.wait(
+                    pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                )
+                for task in done:
+                    try:
+                        answer = task.result()
+                    except AuthorizationUnavailable as exc:
+                        notes.append(f"ListObjects failed: {exc.message}")
+                        continue
+                    if answer.truncated:
+                        continue
+                    complete.append(answer)
+                    if until is None:
+                        waited = time.monotonic() - started
+                        until = time.monotonic() + max(0.005, self.grace * waited)
+                if not done or (until is not None and time.monotonic() >= until):
+                    break
+        finally:
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        return complete, notes
 
     async def retrieve(
         self,
@@ -239,95 +530,263 @@ class PreFilter:
         vector: Sequence[float],
         k: int,
         sources: Sequence[SourceHandle],
+        options: RequestOptions | None = None,
+        *,
+        checks: RequestChecks | None = None,
+        limit: int | None = None,
+        precision: float = 1.0,
+        overfetch: float | None = None,
     ) -> RetrievalOutcome:
-        allowed_ids, calls = await self.permitted_superset(ctx)
-        if allowed_ids is None:
-            result = await self.fallback.retrieve(ctx, vector, k, sources)
+        options = options or RequestOptions()
+        checks = checks or RequestChecks(self.fga, ctx, options, self.model_id)
+        probe = RetrievalOutcome(self.name)
+        superset = await self.permitted_superset(ctx, options, limit, probe)
+        if superset.ids is None:
+            result = await self.fallback.retrieve(
+                ctx, vector, k, sources, options, overfetch=overfetch, checks=checks
+            )
             result.strategy = "prefilter->postfilter"
-            result.list_objects_calls = calls
-            result.notes.append("ListObjects answers may be truncated; fell back to post-filter")
+            result.list_objects_calls = superset.calls
+            result.phases[:0] = probe.phases
+            result.notes.extend(superset.notes)
+            result.notes.append(
+                "ListObjects answers over the limit, over budget or incomplete; "
+                "fell back to post-filter"
+            )
             return result
-        outcome = RetrievalOutcome(self.name, list_objects_calls=calls)
+        outcome = probe
+        outcome.list_objects_calls = superset.calls
+        outcome.notes.extend(superset.notes)
+        outcome.superset = len(superset.ids)
         corpus = sum(s.documents for s in sources)
-        outcome.selectivity = len(allowed_ids) / corpus if corpus else None
-        outcomes: dict[CheckItem, CheckOutcome] = {}
+        outcome.selectivity = len(superset.ids) / corpus if corpus else None
+        await self._rank_exactly(outcome, ctx, vector, k, sources, superset.ids, checks, precision)
+        return outcome
+
+    async def _rank_exactly(
+        self,
+        outcome: RetrievalOutcome,
+        ctx: DelegationContext,
+        vector: Sequence[float],
+        k: int,
+        sources: Sequence[SourceHandle],
+        allowed: frozenset[str],
+        checks: RequestChecks,
+        precision: float,
+    ) -> None:
+        deadline = checks.options.deadline
         excluded: set[str] = set()
+        n = max(k + 1, math.ceil(1.25 * k / max(precision, 0.05)))
         while True:
-            ids = sorted(allowed_ids - excluded)
-            found = (
-                await asyncio.gather(
-                    *(s.store.search_documents(s.tenant, s.id, vector, k, ids) for s in sources)
-                )
-                if ids
-                else []
+            ids = sorted(allowed - excluded)
+            found = await _timed(
+                outcome,
+                "exact",
+                len(ids),
+                asyncio.gather(
+                    *(s.store.search_documents(s.tenant, s.id, vector, n, ids) for s in sources)
+                ),
+                deadline,
             )
-            merged = sorted(
-                ((c, s.id) for s, part in zip(sources, found, strict=False) for c in part),
-                key=lambda pair: pair[0].distance,
-            )
-            fresh = [
-                str(c.document_id)
-                for c, source in merged
-                if well_formed(ctx, c, source) and str(c.document_id) not in outcome.verdicts
+            exact = [SourceHandle(s.tenant, s.id, s.store, s.documents, True) for s in sources]
+            window = trusted_prefix(list(zip(exact, found, strict=True)), n, 1.0)
+            documents = [
+                str(c.document_id) for c, source in window.trusted if well_formed(ctx, c, source)
             ]
-            for c, source in merged:
-                outcome.observe([c])
-                if not well_formed(ctx, c, source):
-                    _deny_malformed(outcome, c)
-            fresh = list(dict.fromkeys(fresh))
-            if fresh or not outcome.batch_rounds:
-                outcomes.update(
-                    await check_documents(
-                        self.fga, ctx, fresh, not outcome.batch_rounds, self.model_id
-                    )
-                )
-                outcome.batch_rounds += 1
-                outcome.verdicts.update(decide(ctx, fresh, outcomes))
-            denied = {d for d in fresh if not outcome.verdicts[d].allowed}
-            if not denied or _request_denied(outcome) or not ids:
-                outcome.chunks = [
-                    c
-                    for c, source in merged
-                    if well_formed(ctx, c, source) and outcome.verdicts[str(c.document_id)].allowed
-                ][:k]
-                outcome.exhausted = len(merged) < k
-                return outcome
-            # ListObjects and BatchCheck disagreed (a concurrent revoke): drop and retry.
-            excluded |= denied
+            await checks.verify(documents, outcome)
+            permitted = _finish(outcome, ctx, checks, window, k)
+            if len(permitted) >= k or window.exhausted or checks.request_denied or not ids:
+                outcome.chunks = [] if checks.request_denied else permitted[:k]
+                return
+            # ListObjects' superset held documents BatchCheck denies: skip them, widen.
+            excluded |= {d for d in documents if not checks.allowed(d)}
+            n *= 2
+
+
+# -- statistics and costs ---------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Observation:
+    """What recent requests of one key looked like (exponentially weighted)."""
+
+    selectivity: float
+    samples: int = 1
+    superset: float | None = None
+    precision: float | None = None
+    list_failures: int = 0
+
+
+StatsKey = tuple[str, ...]
 
 
 class SelectivityStats:
-    """Bounded LRU of the permitted fraction seen per (tenant, user, agent, task)."""
+    """Bounded LRU statistics per (tenant, user, agent, task), with the coarser keys
+    (tenant, user, agent), (tenant, user) and (tenant,) kept as priors for new tasks.
+
+    Each level holds at most ``capacity`` keys, so memory is bounded by
+    ``4 * capacity`` small records. Fractions are clamped to [0, 1].
+    """
+
+    LEVELS = 4
 
     def __init__(self, capacity: int = 10_000, alpha: float = 0.3) -> None:
-        self._data: OrderedDict[tuple[str, str, str, str], float] = OrderedDict()
+        if capacity < 1 or not 0 < alpha <= 1:
+            raise ValueError("capacity must be >= 1 and alpha in (0, 1]")
+        self._levels: list[OrderedDict[StatsKey, Observation]] = [
+            OrderedDict() for _ in range(self.LEVELS)
+        ]
         self.capacity = capacity
         self.alpha = alpha
 
     @staticmethod
-    def key(ctx: DelegationContext) -> tuple[str, str, str, str]:
-        return (ctx.tenant, ctx.user, ctx.agent, ctx.task)
+    def keys(ctx: DelegationContext) -> list[StatsKey]:
+        full = (ctx.tenant, ctx.user, ctx.agent, ctx.task)
+        return [full[: SelectivityStats.LEVELS - i] for i in range(SelectivityStats.LEVELS)]
+
+    @staticmethod
+    def key(ctx: DelegationContext) -> StatsKey:
+        return SelectivityStats.keys(ctx)[0]
+
+    def estimate(self, ctx: DelegationContext) -> tuple[int, Observation] | None:
+        """(level, observation) of the most specific key seen; level 0 is the task."""
+        for level, key in enumerate(self.keys(ctx)):
+            found = self._levels[level].get(key)
+            if found is not None:
+                self._levels[level].move_to_end(key)
+                return level, found
+        return None
 
     def get(self, ctx: DelegationContext) -> float | None:
-        value = self._data.get(self.key(ctx))
-        if value is not None:
-            self._data.move_to_end(self.key(ctx))
-        return value
+        found = self.estimate(ctx)
+        return None if found is None else found[1].selectivity
 
-    def update(self, ctx: DelegationContext, fraction: float) -> None:
-        key = self.key(ctx)
-        old = self._data.get(key)
-        self._data[key] = fraction if old is None else old + self.alpha * (fraction - old)
-        self._data.move_to_end(key)
-        while len(self._data) > self.capacity:
-            self._data.popitem(last=False)
+    def update(
+        self,
+        ctx: DelegationContext,
+        fraction: float,
+        *,
+        superset: int | None = None,
+        precision: float | None = None,
+        list_failed: bool | None = None,
+    ) -> None:
+        fraction = min(1.0, max(0.0, fraction))
+        for level, key in enumerate(self.keys(ctx)):
+            table = self._levels[level]
+            old = table.get(key)
+            if old is None:
+                old = table[key] = Observation(fraction, 0)
+            old.selectivity = _ewma(old.selectivity, fraction, self.alpha, old.samples)
+            old.samples += 1
+            if superset is not None:
+                old.superset = _ewma(old.superset, float(superset), self.alpha, 1)
+            if precision is not None:
+                old.precision = _ewma(old.precision, min(1.0, max(0.0, precision)), self.alpha, 1)
+            if list_failed is not None:
+                old.list_failures = old.list_failures + 1 if list_failed else 0
+            table.move_to_end(key)
+            while len(table) > self.capacity:
+                table.popitem(last=False)
 
     def __len__(self) -> int:
-        return len(self._data)
+        return len(self._levels[0])
+
+    def sizes(self) -> list[int]:
+        return [len(level) for level in self._levels]
+
+
+def _ewma(old: float | None, new: float, alpha: float, samples: int) -> float:
+    return new if old is None or samples == 0 else old + alpha * (new - old)
+
+
+class LinearCost:
+    """ms = a + b * size, fitted by exponentially weighted least squares."""
+
+    def __init__(self, a: float, b: float, decay: float = 0.95, prior_weight: float = 3.0):
+        # Start from a prior line through two synthetic points, worth ``prior_weight``.
+        self.decay = decay
+        self._w = self._x = self._y = self._xx = self._xy = 0.0
+        for x in (0.0, 1000.0):
+            self._add(x, a + b * x, prior_weight / 2)
+
+    def _add(self, x: float, y: float, w: float) -> None:
+        self._w += w
+        self._x += w * x
+        self._y += w * y
+        self._xx += w * x * x
+        self._xy += w * x * y
+
+    def observe(self, size: float, ms: float) -> None:
+        for name in ("_w", "_x", "_y", "_xx", "_xy"):
+            setattr(self, name, getattr(self, name) * self.decay)
+        self._add(size, ms, 1.0)
+
+    def coefficients(self) -> tuple[float, float]:
+        mean_x, mean_y = self._x / self._w, self._y / self._w
+        var = self._xx / self._w - mean_x * mean_x
+        slope = (self._xy / self._w - mean_x * mean_y) / var if var > 1e-9 else 0.0
+        slope = max(0.0, slope)
+        return max(0.0, mean_y - slope * mean_x), slope
+
+    def __call__(self, size: float) -> float:
+        a, b = self.coefficients()
+        return a + b * size
+
+
+class CostModel:
+    """Measured cost of each phase (ms), learned from every retrieval's phases.
+
+    Priors: the Chroma figures of DESIGN section 6 and a BatchCheck round of ~10 ms.
+    """
+
+    def __init__(self) -> None:
+        self.phases: dict[str, LinearCost] = {
+            "search": LinearCost(3.0, 0.03),  # unfiltered query, by window
+            "check": LinearCost(8.0, 0.05),  # one BatchCheck round, by checks
+            "list": LinearCost(5.0, 0.05),  # parallel ListObjects, by superset size
+            "exact": LinearCost(5.0, 0.2),  # rank a superset exactly, by documents
+        }
+
+    def observe(self, phases: Sequence[Phase]) -> None:
+        for phase in phases:
+            model = self.phases.get(phase.name)
+            if model is not None:
+                model.observe(phase.size, phase.ms)
+
+    def post_ms(self, k: int, selectivity: float, trust: float) -> float:
+        examined = k * 1.25 / max(selectivity, 1e-4)
+        window = examined / trust
+        # A refill (a second round of both) happens when the estimate was optimistic.
+        rounds = 1.3
+        return (self.phases["search"](window) + self.phases["check"](4 * examined)) * rounds
+
+    def pre_ms(self, k: int, superset: float, precision: float) -> float:
+        checked = 4 * k * 1.25 / max(precision, 0.05)
+        return (
+            self.phases["list"](superset)
+            + self.phases["exact"](superset)
+            + self.phases["check"](checked)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    strategy: str
+    overfetch: float
+    reason: str
+    limit: int | None = None
+    precision: float = 1.0
 
 
 class Adaptive:
-    """Post-filter when many candidates are permitted, pre-filter when few are."""
+    """Choose post-filter or pre-filter per request from measured selectivity and cost.
+
+    Unknown keys start with a pre-filter probe (cheap and exact when the permitted
+    set is small; a truncated probe falls back to post-filter in the same request and
+    teaches the statistics). Known keys take the cheaper strategy under
+    :class:`CostModel`; a key whose ListObjects keep failing is probed again every
+    ``reprobe_every`` requests, since grants change.
+    """
 
     name = "adaptive"
 
@@ -335,17 +794,43 @@ class Adaptive:
         self,
         post: PostFilter,
         pre: PreFilter,
-        threshold: float = 0.05,
         stats: SelectivityStats | None = None,
+        costs: CostModel | None = None,
+        *,
+        reprobe_every: int = 32,
     ) -> None:
         self.post = post
         self.pre = pre
-        self.threshold = threshold
         self.stats = stats or SelectivityStats()
+        self.costs = costs or CostModel()
+        self.reprobe_every = reprobe_every
 
-    def choose(self, ctx: DelegationContext) -> str:
-        seen = self.stats.get(ctx)
-        return "prefilter" if seen is not None and seen < self.threshold else "postfilter"
+    def plan(self, ctx: DelegationContext, k: int, sources: Sequence[SourceHandle]) -> Plan:
+        found = self.stats.estimate(ctx)
+        if found is None:
+            return Plan("prefilter", self.post.overfetch, "no statistics: ListObjects probe")
+        level, seen = found
+        s = max(seen.selectivity, 1e-4)
+        overfetch = min(1.25 / s, 1e4)
+        trust = 1.0 if all(h.exact for h in sources) else self.post.ann_trust
+        post_ms = self.costs.post_ms(k, s, trust)
+        corpus = sum(h.documents for h in sources)
+        superset = seen.superset if seen.superset is not None else s * max(corpus, 1)
+        precision = seen.precision if seen.precision is not None else 1.0
+        if superset > self.pre.max_results:
+            return Plan("postfilter", overfetch, f"superset ~{superset:.0f} over the limit")
+        failing = seen.list_failures > 0 and seen.samples % self.reprobe_every != 0
+        pre_ms = math.inf if failing else self.costs.pre_ms(k, superset, precision)
+        limit = max(1, min(self.pre.max_results, math.ceil(4 * superset) + 16))
+        reason = f"s={s:.4f} (level {level}) post~{post_ms:.0f}ms pre~{pre_ms:.0f}ms"
+        if pre_ms < post_ms:
+            return Plan("prefilter", overfetch, reason, limit, precision)
+        return Plan("postfilter", overfetch, reason)
+
+    def choose(
+        self, ctx: DelegationContext, k: int = 10, sources: Sequence[SourceHandle] = ()
+    ) -> str:
+        return self.plan(ctx, k, sources).strategy
 
     async def retrieve(
         self,
@@ -353,27 +838,67 @@ class Adaptive:
         vector: Sequence[float],
         k: int,
         sources: Sequence[SourceHandle],
+        options: RequestOptions | None = None,
     ) -> RetrievalOutcome:
-        seen = self.stats.get(ctx)
-        if seen is not None and seen < self.threshold:
-            result = await self.pre.retrieve(ctx, vector, k, sources)
+        options = options or RequestOptions()
+        plan = self.plan(ctx, k, sources)
+        checks = RequestChecks(self.post.fga, ctx, options, self.post.model_id)
+        if plan.strategy == "prefilter":
+            result = await self.pre.retrieve(
+                ctx,
+                vector,
+                k,
+                sources,
+                options,
+                checks=checks,
+                limit=plan.limit,
+                precision=plan.precision,
+                overfetch=plan.overfetch,
+            )
         else:
-            overfetch = None if seen is None else _overfetch_for(seen)
-            result = await self.post.retrieve(ctx, vector, k, sources, overfetch=overfetch)
-        self.stats.update(ctx, permitted_fraction(result))
+            result = await self.post.retrieve(
+                ctx, vector, k, sources, options, overfetch=plan.overfetch, checks=checks
+            )
+        self.learn(ctx, result, sources)
+        result.notes.insert(0, f"adaptive chose {plan.strategy}: {plan.reason}")
         result.strategy = f"adaptive:{result.strategy}"
         return result
 
+    def learn(
+        self, ctx: DelegationContext, result: RetrievalOutcome, sources: Sequence[SourceHandle]
+    ) -> None:
+        self.costs.observe(result.phases)
+        if _request_denied(result):
+            return
+        fraction = permitted_fraction(result)
+        precision = None
+        if result.superset is not None:
+            checked = [
+                v for v in result.verdicts.values() if MISSING_METADATA not in v.failed_checks
+            ]
+            precision = sum(v.allowed for v in checked) / len(checked) if checked else 1.0
+            corpus = sum(s.documents for s in sources)
+            if corpus:
+                fraction = result.superset * precision / corpus
+        fell_back = result.strategy == "prefilter->postfilter"
+        self.stats.update(
+            ctx,
+            fraction,
+            superset=result.superset,
+            precision=precision,
+            list_failed=True if fell_back else (False if result.superset is not None else None),
+        )
 
-def _overfetch_for(fraction: float) -> int:
-    """Enough candidates that k permitted are likely found in the first round."""
-    return max(1, min(50, round(1.5 / max(fraction, 0.01))))
+
+def _request_denied(result: RetrievalOutcome) -> bool:
+    """When a request-level conjunct fails, nothing about selectivity was learned."""
+    return any(REQUEST_LEVEL.intersection(v.failed_checks) for v in result.verdicts.values())
 
 
 def permitted_fraction(result: RetrievalOutcome) -> float:
+    """The permitted share of the chunks a retrieval examined (its selectivity)."""
+    if result.examined:
+        return result.permitted / result.examined
     if result.selectivity is not None:
         return result.selectivity
-    verdicts = [v for v in result.verdicts.values() if MISSING_METADATA not in v.failed_checks]
-    if not verdicts:
-        return 1.0
-    return sum(v.allowed for v in verdicts) / len(verdicts)
+    return 1.0

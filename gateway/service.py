@@ -25,6 +25,7 @@ from langchain_core.embeddings import Embeddings
 from connectors.base import ChunkRecord, VectorStore
 from connectors.chunking import chunk_document
 from gateway.audit import AuditRecord, AuditStore, CandidateVerdict, open_audit_store, redact_query
+from gateway.cache import ChangeWatcher, DecisionCache
 from gateway.catalog import SourceCatalog, SourceInfo
 from gateway.decision import CheckItem, CheckName
 from gateway.errors import (
@@ -35,7 +36,7 @@ from gateway.errors import (
     NotFound,
     ScopegateError,
 )
-from gateway.fga import FgaClient, Tuple
+from gateway.fga import FgaClient, Tuple, load_model
 from gateway.fga_server import ManagedOpenFGA
 from gateway.identity import (
     DelegationContext,
@@ -57,6 +58,7 @@ from gateway.retrieval import (
     Adaptive,
     PostFilter,
     PreFilter,
+    RequestOptions,
     RetrievalOutcome,
     RetrievalStrategy,
     SourceHandle,
@@ -131,6 +133,7 @@ class Gateway:
         self.managed = managed
         self.signing_key = signing_key
         self.stores = StoreRegistry(settings.data_dir)
+        self.watcher: ChangeWatcher | None = None
         post = PostFilter(fga, settings.overfetch, settings.max_candidates)
         pre = PreFilter(fga, post, settings.listobjects_max_results)
         self.strategies: dict[str, RetrievalStrategy] = {
@@ -162,6 +165,7 @@ class Gateway:
         )
         try:
             await fga.ensure_store_and_model(settings.openfga_store_name)
+            watcher = _decision_cache(settings, fga)
         except BaseException:
             await fga.close()
             if managed is not None:
@@ -187,9 +191,12 @@ class Gateway:
         gateway = cls(
             settings, fga, audit, catalog, embeddings, verifier, managed=managed, signing_key=key
         )
+        gateway.watcher = watcher
         return gateway
 
     async def close(self) -> None:
+        if self.watcher is not None:
+            await self.watcher.stop()
         with contextlib.suppress(Exception):
             await self.fga.close()
         with contextlib.suppress(Exception):
@@ -455,7 +462,8 @@ class Gateway:
             if info is None:
                 raise NotFound(f"source {name} not found")
             count = await self.catalog.document_count(tenant, name)
-            handles.append(SourceHandle(tenant, name, self.stores.for_source(info), count))
+            store = self.stores.for_source(info)
+            handles.append(SourceHandle(tenant, name, store, count, exact=info.kind == "memory"))
         return handles
 
     async def retrieve(
@@ -466,9 +474,16 @@ class Gateway:
         sources: Sequence[str] | None = None,
         max_tokens: int | None = None,
         strategy: str | None = None,
+        request_id: str | None = None,
+        consistency: str | None = None,
     ) -> RetrieveResult:
-        """The main job: exact top-k permitted chunks, audited before they are returned."""
-        request_id = uuid.uuid4().hex
+        """The main job: exact top-k permitted chunks, audited before they are returned.
+
+        ``request_id`` names the audit record (the HTTP layer passes its own, so an
+        error response points at the record of the failed request). ``consistency``
+        "HIGHER_CONSISTENCY" makes every check of this request bypass the decision cache.
+        """
+        request_id = request_id or uuid.uuid4().hex
         started = time.monotonic()
         chosen = strategy or self.settings.strategy
         outcome: RetrievalOutcome | None = None
@@ -477,8 +492,9 @@ class Gateway:
             handles = await self._source_handles(ctx.tenant, sources)
             source_names = [h.id for h in handles]
             vector = await asyncio.to_thread(self.embeddings.embed_query, query)
+            options = RequestOptions(started + self.settings.request_timeout_s, consistency)
             outcome = await asyncio.wait_for(
-                self.strategies[chosen].retrieve(ctx, vector, k, handles),
+                self.strategies[chosen].retrieve(ctx, vector, k, handles, options),
                 timeout=self.settings.request_timeout_s,
             )
             packed = pack(outcome.chunks, max_tokens)
@@ -621,6 +637,20 @@ class Gateway:
             self.fga.healthy(), self.stores.healthy(), self.audit.healthy()
         )
         return {"openfga": fga_ok, "stores": stores_ok, "audit": audit_ok}
+
+
+def _decision_cache(settings: Settings, fga: FgaClient) -> ChangeWatcher | None:
+    """The optional decision cache and the ReadChanges watcher that keeps it honest."""
+    if not settings.decision_cache:
+        return None
+    fga.cache = DecisionCache(
+        load_model(),
+        bucket_s=settings.decision_cache_bucket_s,
+        max_staleness_s=settings.decision_cache_max_staleness_s,
+    )
+    watcher = ChangeWatcher(fga, fga.cache, interval_s=settings.decision_cache_poll_s)
+    watcher.start()
+    return watcher
 
 
 def fingerprint(text: str) -> str:

@@ -48,6 +48,12 @@ class Settings(BaseSettings):
     strategy: Literal["postfilter", "prefilter", "adaptive"] = "adaptive"
     listobjects_max_results: int = Field(default=1000, ge=1)
 
+    # Decision cache (off by default; see gateway/cache.py for the staleness bound).
+    decision_cache: bool = False
+    decision_cache_bucket_s: float = Field(default=10.0, gt=0)
+    decision_cache_max_staleness_s: float = Field(default=2.0, gt=0)
+    decision_cache_poll_s: float = Field(default=0.5, gt=0)
+
     # Audit.
     audit_dsn: str | None = None
     audit_redact_queries: bool = False
