@@ -62,7 +62,7 @@ from gateway.decision import (
     decide,
     plan_checks,
 )
-from gateway.errors import AuthorizationUnavailable
+from gateway.errors import AuthorizationUnavailable, SourceUnavailable
 from gateway.fga import FgaClient, ListObjectsResult
 from gateway.identity import DelegationContext
 from gateway.ids import scoped, unscoped
@@ -182,6 +182,17 @@ async def _timed(
             result = await call
     outcome.phases.append(Phase(name, size, (time.perf_counter() - started) * 1000))
     return result
+
+
+async def _timed_search(
+    outcome: RetrievalOutcome, name: str, size: int, call: Awaitable[T], deadline: float | None
+) -> T:
+    """A vector-store phase under the request deadline: running out of time while the
+    stores search is the stores' failure, and is reported as such."""
+    try:
+        return await _timed(outcome, name, size, call, deadline)
+    except TimeoutError as exc:
+        raise SourceUnavailable(f"vector store exceeded the request deadline ({name})") from exc
 
 
 # -- checks ---------------------------------------------------------------------------
@@ -308,7 +319,7 @@ async def _search_all(
     n: int,
     deadline: float | None,
 ) -> list[tuple[SourceHandle, list[Candidate]]]:
-    results = await _timed(
+    results = await _timed_search(
         outcome,
         "search",
         n,
@@ -579,7 +590,7 @@ class PreFilter:
         n = max(k + 1, math.ceil(1.25 * k / max(precision, 0.05)))
         while True:
             ids = sorted(allowed - excluded)
-            found = await _timed(
+            found = await _timed_search(
                 outcome,
                 "exact",
                 len(ids),

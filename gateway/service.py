@@ -67,6 +67,7 @@ from gateway.settings import Settings
 
 SOURCE_KINDS = frozenset({"chroma", "memory"})
 INGESTION_RELATIONS = frozenset({"tenant", "parent", "owner", "viewer", "agent_viewer"})
+DEADLINE_BACKSTOP_S = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -493,9 +494,11 @@ class Gateway:
             source_names = [h.id for h in handles]
             vector = await asyncio.to_thread(self.embeddings.embed_query, query)
             options = RequestOptions(started + self.settings.request_timeout_s, consistency)
+            # Each phase runs out at ``options.deadline`` and says whose fault it was;
+            # this outer bound, a little later, is only the backstop.
             outcome = await asyncio.wait_for(
                 self.strategies[chosen].retrieve(ctx, vector, k, handles, options),
-                timeout=self.settings.request_timeout_s,
+                timeout=self.settings.request_timeout_s + DEADLINE_BACKSTOP_S,
             )
             packed = pack(outcome.chunks, max_tokens)
         except TimeoutError as exc:

@@ -5,7 +5,14 @@ web layer wires it in front of every kind of endpoint: a representative hostile 
 of each THREATS.md family is sent to ``/v1/retrieve`` and to the admin and reviewer
 endpoints (with a body that would change something if it got through), and the
 OpenFGA tuples, the catalog, the vector store and the audit log are compared before
-and after. Tokens are built by hand so no JWT library can "fix" them on the way.
+and after.
+
+Tokens are produced with PyJWT (a JOSE library) from the gateway's own Ed25519 key,
+``kid``, issuer and audience, so each attack differs from an accepted token in one
+respect only. Where PyJWT refuses to produce an attack (``alg`` spelt ``None`` or
+``NONE``, no ``alg`` at all, an HMAC keyed with a PEM public key, a zero or empty
+signature), the token is assembled from the same parts by hand: an attacker is not
+bound by a library's refusals.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import hmac
 import json
 import time
 import uuid
+import warnings
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +36,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from jwt.algorithms import OKPAlgorithm
+from jwt.warnings import InsecureKeyLengthWarning
 
 from connectors.embeddings import HashEmbeddings
 from gateway.api import create_app
@@ -91,22 +100,47 @@ class Forge:
         header: dict[str, Any] | None = None,
         private_pem: bytes | None = None,
     ) -> str:
-        signing_input = f"{segment(header or self.header())}.{segment(claims)}"
+        """An EdDSA token signed by PyJWT (by hand only when ``alg`` is dropped)."""
+        header = header or self.header()
         key = serialization.load_pem_private_key(
             private_pem or self.g.signing_key.private_pem, password=None
         )
         assert isinstance(key, Ed25519PrivateKey)
-        return f"{signing_input}.{b64url(key.sign(signing_input.encode()))}"
+        if "alg" not in header:  # PyJWT always writes one
+            signing_input = f"{segment(header)}.{segment(claims)}"
+            return f"{signing_input}.{b64url(key.sign(signing_input.encode()))}"
+        return jwt.encode(claims, key, algorithm=header["alg"], headers=library_header(header))
 
     def unsigned(self, header: dict[str, Any], claims: dict[str, Any], signature: str = "") -> str:
+        """``header.claims.signature`` assembled by hand (PyJWT refuses these)."""
         return f"{segment(header)}.{segment(claims)}.{signature}"
 
+    def alg_none(self, claims: dict[str, Any], spelling: str = "none") -> str:
+        """PyJWT's own ``alg: none`` token; other spellings swapped into its header."""
+        token = jwt.encode(claims, None, algorithm="none", headers=library_header(self.header()))
+        if spelling == "none":
+            return token
+        _, payload, signature = token.split(".")
+        return f"{segment(self.header(alg=spelling))}.{payload}.{signature}"
+
     def hmac(self, secret: bytes, claims: dict[str, Any], alg: str = "HS256") -> str:
-        signing_input = f"{segment(self.header(alg=alg))}.{segment(claims)}"
+        """HMAC keyed with ``secret``: PyJWT when it agrees to, by hand when the secret is
+        a PEM public key (the RS/HS confusion PyJWT guards against, CVE-2016-5431)."""
+        header = self.header(alg=alg)
+        if b"-----BEGIN" not in secret:
+            with warnings.catch_warnings():  # a short guessable secret is the point
+                warnings.simplefilter("ignore", InsecureKeyLengthWarning)
+                return jwt.encode(claims, secret, algorithm=alg, headers=library_header(header))
+        signing_input = f"{segment(header)}.{segment(claims)}"
         digest = {"HS256": hashlib.sha256, "HS384": hashlib.sha384, "HS512": hashlib.sha512}[alg]
         return (
             f"{signing_input}.{b64url(hmac.new(secret, signing_input.encode(), digest).digest())}"
         )
+
+
+def library_header(header: dict[str, Any]) -> dict[str, Any]:
+    """Extra headers for ``jwt.encode``: a ``typ`` left out stays out (PyJWT adds "JWT")."""
+    return {"typ": None} | {k: v for k, v in header.items() if k != "alg"}
 
 
 def attacker_ed25519() -> bytes:
@@ -151,7 +185,7 @@ def tampered_payload(f: Forge, claims: dict[str, Any]) -> str:
 
 
 def unsigned_with_alg(alg: str) -> Callable[[Forge], str]:
-    return lambda f: f.unsigned(f.header(alg=alg), f.claims())
+    return lambda f: f.alg_none(f.claims(), alg)
 
 
 def none_with_real_signature(f: Forge, claims: dict[str, Any]) -> str:
@@ -218,7 +252,7 @@ PRINCIPAL_ATTACKS: dict[str, Attack] = {
     "delegation_token_on_admin_endpoint": lambda f: f.g.mint_token(
         tenant="acme", user="admin", agent="bot", task=f.task
     ),
-    "alg_none_admin": lambda f: f.unsigned(f.header(alg="none"), f.claims(delegation=False)),
+    "alg_none_admin": lambda f: f.alg_none(f.claims(delegation=False)),
     "hs256_admin_with_public_key_pem": lambda f: f.hmac(
         f.g.signing_key.public_pem, f.claims(delegation=False)
     ),
