@@ -4,8 +4,9 @@ In-process commands go through the same reviewer functions as the HTTP API
 (:mod:`gateway.review`), so ``--as`` must name a reviewer (or an admin) of
 ``--tenant``. ``export`` writes JSON Lines of full entries for a SIEM, to stdout or to
 ``--output`` (created 0600, written to a ``.part`` file and renamed when complete, so
-a reader never picks up half an export). ``verify`` needs no gateway: it reads the
-audit store directly and names the first broken entry and the record it holds.
+a reader never picks up half an export). ``verify`` and ``purge`` need no gateway: they
+work on the audit store directly; ``verify`` names the first broken entry and the record
+it holds, ``purge`` refuses to erase a broken stretch of the chain.
 """
 
 from __future__ import annotations
@@ -116,6 +117,17 @@ def _destination(output: Path | None) -> Iterator[IO[str]]:
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
+
+
+async def purge_audit(store: AuditStore, days: float) -> int:
+    """``audit purge``: drop a verified prefix older than ``days``; the chain stays checkable."""
+    try:
+        removed = await store.purge_older_than(days)
+    except (ValueError, AuditUnavailable) as exc:
+        print(f"scopegate: {exc}", file=sys.stderr)
+        return 1
+    print(f"scopegate: purged {removed} audit records older than {days:g} days", file=sys.stderr)
+    return 0
 
 
 async def verify_audit(store: AuditStore) -> int:

@@ -132,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("replay", "re-evaluate a decision now"),
         ("verify", "verify the hash chain"),
         ("export", "export as JSON Lines"),
+        ("purge", "delete records older than N days (keeps the chain verifiable)"),
     ):
         cmd = audit_sub.add_parser(name, help=helptext)
         _common(cmd)
@@ -145,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "export":
             cmd.add_argument(
                 "--output", "-o", type=Path, help="write JSON Lines here (mode 0600), not stdout"
+            )
+        if name == "purge":
+            cmd.add_argument(
+                "--older-than-days", type=float, required=True, help="retention period in days"
             )
 
     mcp = sub.add_parser("mcp", help="serve the MCP tools (retrieve, list_sources)")

@@ -113,16 +113,21 @@ async def run_command(args: argparse.Namespace, data_dir: Path) -> int:
                 )
         print(f"tenant {args.tenant} created; admin: {args.admin}")
         return 0
-    if name == "audit_verify" and args.url is None:
+    if name in {"audit_verify", "audit_purge"} and args.url is None:
         # Reads the store directly: safe beside a running serve (SQLite WAL, or PostgreSQL).
         from gateway.audit import open_audit_store
-        from gateway.audit_cli import verify_audit
+        from gateway.audit_cli import purge_audit, verify_audit
 
         store = open_audit_store(load_settings(data_dir=data_dir).audit_dsn, data_dir)
         try:
+            if name == "audit_purge":
+                return await purge_audit(store, args.older_than_days)
             return await verify_audit(store)
         finally:
             await store.close()
+    if name == "audit_purge":
+        print("scopegate: audit purge works on the store itself: use --data-dir", file=sys.stderr)
+        return 2
     if name == "audit_export" and url is not None:
         from gateway.audit_cli import export_over_http
 

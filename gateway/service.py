@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import logging
 import secrets
 import time
 import uuid
@@ -68,6 +69,8 @@ from gateway.settings import Settings
 SOURCE_KINDS = frozenset({"chroma", "memory"})
 INGESTION_RELATIONS = frozenset({"tenant", "parent", "owner", "viewer", "agent_viewer"})
 DEADLINE_BACKSTOP_S = 0.5
+
+log = logging.getLogger("scopegate.service")
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +138,7 @@ class Gateway:
         self.signing_key = signing_key
         self.stores = StoreRegistry(settings.data_dir)
         self.watcher: ChangeWatcher | None = None
+        self.retention: asyncio.Task[None] | None = None
         post = PostFilter(fga, settings.overfetch, settings.max_candidates)
         pre = PreFilter(fga, post, settings.listobjects_max_results)
         self.strategies: dict[str, RetrievalStrategy] = {
@@ -193,9 +197,32 @@ class Gateway:
             settings, fga, audit, catalog, embeddings, verifier, managed=managed, signing_key=key
         )
         gateway.watcher = watcher
+        if settings.audit_retention_days is not None:
+            gateway.retention = asyncio.create_task(gateway._retention_loop())
         return gateway
 
+    async def _retention_loop(self) -> None:
+        """Purge audit records past ``audit_retention_days``: at start, then periodically.
+
+        A failed purge (store down, or a broken chain it refuses to erase) is logged and
+        retried next time; it never stops the gateway or touches the decision path.
+        """
+        days = self.settings.audit_retention_days
+        assert days is not None
+        while True:
+            try:
+                removed = await self.audit.purge_older_than(days)
+                if removed:
+                    log.info("audit retention: purged %d records older than %d days", removed, days)
+            except Exception as exc:  # retried on the next round
+                log.warning("audit retention: purge failed: %s", exc)
+            await asyncio.sleep(self.settings.audit_retention_interval_s)
+
     async def close(self) -> None:
+        if self.retention is not None:
+            self.retention.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.retention
         if self.watcher is not None:
             await self.watcher.stop()
         with contextlib.suppress(Exception):

@@ -58,7 +58,8 @@ class Settings(BaseSettings):
     audit_dsn: str | None = None
     audit_redact_queries: bool = False
     audit_redaction_key: str = "development-only-redaction-key"
-    audit_retention_days: int | None = None
+    audit_retention_days: int | None = Field(default=None, ge=0)
+    audit_retention_interval_s: float = Field(default=3600.0, gt=0)
 
     # HTTP.
     max_body_bytes: int = Field(default=1_000_000, ge=1024)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
 from pathlib import Path
@@ -147,7 +146,7 @@ async def test_paused_server_times_out(tmp_path: Path) -> None:
     try:
         await client.ensure_store_and_model()
         server.pause()
-        with pytest.raises(AuthorizationUnavailable, match="timed out|failed"):
+        with pytest.raises(AuthorizationUnavailable, match=r"timed out|failed"):
             await client.batch_check(plan_checks(CTX, ["d1"]))
     finally:
         server.resume()
@@ -162,7 +161,6 @@ async def test_paused_server_times_out(tmp_path: Path) -> None:
         ValidationException(status=400, reason="bad"),
         FgaValidationException("bad id"),
         TimeoutError(),
-        asyncio.TimeoutError(),
         aiohttp.ClientConnectionError("reset"),
         aiohttp.ServerDisconnectedError(),
         ConnectionResetError(),

@@ -11,7 +11,7 @@ from gateway.relationships import admin_tuple, document_tuples, task_tuples
 BAD_IDS = [
     "", "a#b", "a:b", "a@b", "a/b", "../x", "a/..", "..", "a b", "a\tb", "a\nb", "a\x00b",
     "a\x7fb", "\u0430lice",  # Cyrillic a
-    "ｄ1",  # full-width
+    "\uff441",  # full-width d
     "e\u0301", "x" * 129, "-lead", ".hidden", "a..b",
 ]
 
