@@ -186,6 +186,13 @@ def _rid(request: Request) -> str:
     return str(getattr(request.state, "request_id", None) or uuid.uuid4().hex)
 
 
+def _demanded_consistency(request: Request) -> str | None:
+    """``Cache-Control: no-cache`` demands answers straight from OpenFGA (no decision cache)."""
+    directives = request.headers.get("cache-control", "").lower()
+    no_cache = any(d.strip() in {"no-cache", "no-store"} for d in directives.split(","))
+    return "HIGHER_CONSISTENCY" if no_cache else None
+
+
 def _error_body(exc: ScopegateError, request_id: str) -> dict[str, Any]:
     return {"error": {"code": exc.code, "message": exc.message, "request_id": request_id}}
 
@@ -281,6 +288,7 @@ def create_app(
                 body.sources,
                 body.max_tokens,
                 request_id=request.state.request_id,
+                consistency=_demanded_consistency(request),
             )
         except ScopegateError as exc:
             metrics.count_error(ctx.tenant, exc.code)

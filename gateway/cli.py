@@ -155,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     mcp = sub.add_parser("mcp", help="serve the MCP tools (retrieve, list_sources)")
     _common(mcp)
     mcp.add_argument("--transport", choices=["stdio", "http"], default="stdio")
+    mcp.add_argument("--host", default="127.0.0.1", help="HTTP transport bind address")
     mcp.add_argument("--port", type=int, default=8090)
     return parser
 

@@ -514,6 +514,11 @@ class Gateway:
         request_id = request_id or uuid.uuid4().hex
         started = time.monotonic()
         chosen = strategy or self.settings.strategy
+        # Recorded as asked: "MINIMIZE_LATENCY+cache" means answers may come from the
+        # decision cache (within its staleness bound), the rest from OpenFGA in that mode.
+        mode = consistency or self.fga.consistency
+        if consistency is None and self.fga.cache is not None:
+            mode += "+cache"
         outcome: RetrievalOutcome | None = None
         source_names: list[str] = list(sources or [])
         try:
@@ -531,21 +536,21 @@ class Gateway:
         except TimeoutError as exc:
             err = AuthorizationUnavailable("retrieval deadline exceeded")
             await self._audit_retrieval(
-                request_id, ctx, query, k, source_names, chosen, outcome, [], started, err
+                request_id, ctx, query, k, source_names, chosen, outcome, [], started, err, mode
             )
             raise err from exc
         except ScopegateError as exc:
             await self._audit_retrieval(
-                request_id, ctx, query, k, source_names, chosen, outcome, [], started, exc
+                request_id, ctx, query, k, source_names, chosen, outcome, [], started, exc, mode
             )
             raise
         except Exception as exc:
             # A bug must fail closed too: no content, and a record of the failure.
-            internal = ScopegateError(f"internal error: {type(exc).__name__}")
+            bug = ScopegateError(f"internal error: {type(exc).__name__}")
             await self._audit_retrieval(
-                request_id, ctx, query, k, source_names, chosen, outcome, [], started, internal
+                request_id, ctx, query, k, source_names, chosen, outcome, [], started, bug, mode
             )
-            raise internal from exc
+            raise bug from exc
         await self._audit_retrieval(
             request_id,
             ctx,
@@ -557,6 +562,7 @@ class Gateway:
             packed,
             started,
             None,
+            mode,
         )
         return RetrieveResult(request_id, packed, outcome)
 
@@ -572,6 +578,7 @@ class Gateway:
         packed: Sequence[PackedChunk],
         started: float,
         error: ScopegateError | None,
+        consistency: str,
     ) -> None:
         returned = {c.chunk_id for c in packed}
         candidates = []
@@ -615,7 +622,7 @@ class Gateway:
             strategy=strategy,
             store_id=self.fga.store_id,
             model_id=self.fga.model_id,
-            consistency=self.fga.consistency,
+            consistency=consistency,
             k=k,
             candidates=tuple(candidates),
             returned_chunk_ids=tuple(c.chunk_id for c in packed),
