@@ -40,6 +40,7 @@ model: setup
 
 bench: setup
 	$(PY) bench/retrieval.py
+	$(PY) bench/staleness.py
 
 load: setup
 	$(PY) bench/load.py
