@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import httpx
 
+from connectors.memory import InMemoryStore
 from gateway.service import Gateway
 from tests.world import World, bearer, doc
 
@@ -213,9 +214,20 @@ async def test_client_filters_rejected(gateway: Gateway, http: httpx.AsyncClient
     task = await w.task("alice", "summarizer", ["source:docs"])
     for extra in (
         {"where": {"tenant": "globex"}},
+        {"where": {"$or": [{"tenant": "acme"}, {"tenant": "globex"}]}},
+        {"where": {"document_id": {"$nin": ["pay1"]}}},
+        {"where": {"classification": {"$ne": "secret"}}},
+        {"where_document": {"$contains": "salary"}},
         {"filter": {"$ne": 1}},
+        {"metadata": {"tenant": "globex"}},
+        {"sources": [{"$ne": "docs"}]},
+        {"sources": "docs"},
         {"tenant": "globex"},
         {"user": "bob"},
+        {"agent": "narrow"},
+        {"task": "another-task"},
+        {"strategy": "postfilter"},
+        {"consistency": "MINIMIZE_LATENCY"},
     ):
         response = await http.post(
             "/v1/retrieve",
@@ -224,6 +236,70 @@ async def test_client_filters_rejected(gateway: Gateway, http: httpx.AsyncClient
         )
         assert response.status_code == 422
         assert response.json()["error"]["code"] == "invalid_request"
+
+
+async def test_chunks_with_missing_or_foreign_stamps_are_never_released(
+    gateway: Gateway, http: httpx.AsyncClient
+) -> None:
+    """A corrupted or foreign collection: the chunks nearest to the query lack their
+    document id, tenant or source stamp, carry another tenant's or source's stamp, or
+    name a document that has no access list at all. No strategy releases any of them,
+    and the one legitimate chunk still comes back."""
+    w = await World(gateway, http, "acme").setup(members=["alice"], agents=["bot"])
+    await w.admin_call("POST", "/v1/sources", {"id": "mem", "kind": "memory"})
+    await w.ingest(
+        [
+            doc(
+                "ok1",
+                "Board memo on the quarterly revenue forecast.",
+                ["user:alice"],
+                ["agent:bot"],
+            ),
+            {"id": "noacl", "text": "Quarterly revenue forecast draft without an access list."},
+        ],
+        source="mem",
+    )
+    info = await gateway.catalog.get_source("acme", "mem")
+    assert info is not None
+    store = gateway.stores.for_source(info)
+    query = "quarterly revenue forecast"
+    vector = gateway.embeddings.embed_query(query)
+    [legit] = [c for c in await store.search("acme", "mem", vector, 10) if c.document_id == "ok1"]
+    stamps = {"document_id": "ok1", "stamped_tenant": legit.tenant, "stamped_source": "mem"}
+    planted = {
+        "no-document-id": {**stamps, "document_id": None},
+        "no-tenant": {**stamps, "stamped_tenant": None},
+        "no-source": {**stamps, "stamped_source": None},
+        "other-tenant": {**stamps, "stamped_tenant": "globex"},
+        "other-source": {**stamps, "stamped_source": "docs"},
+        "no-stamps": {},
+        "document-without-tuples": {**stamps, "document_id": "ghost"},
+    }
+    assert isinstance(store, InMemoryStore)
+    for name, kwargs in planted.items():
+        store.plant(
+            "acme", "mem", chunk_id=f"x-{name}", text=f"PLANTED {name}", embedding=vector, **kwargs
+        )
+    task = await w.task("alice", "bot", ["source:mem"])
+    token = w.agent_token("alice", "bot", task)
+    response = await w.retrieve("alice", "bot", task, query, k=20)
+    assert response.status_code == 200, response.text
+    assert "PLANTED" not in response.text
+    assert [c["document_id"] for c in response.json()["chunks"]] == ["ok1"]
+    ctx = gateway.verifier.verify_delegation(token)
+    for strategy in ("postfilter", "prefilter", "adaptive"):
+        result = await gateway.retrieve(ctx, query, 20, ["mem"], strategy=strategy)
+        assert [c.chunk_id for c in result.chunks] == [legit.chunk_id], strategy
+    # Even an admin-wide grant on the source does not release a chunk with bad stamps.
+    await w.relationships(
+        writes=[
+            {"user": "tenant:acme#member", "relation": "viewer", "object": "source:mem"},
+            {"user": "tenant:acme#member", "relation": "agent_viewer", "object": "source:mem"},
+        ]
+    )
+    response = await w.retrieve("alice", "bot", task, query, k=20)
+    assert "PLANTED" not in response.text
+    assert {c["document_id"] for c in response.json()["chunks"]} == {"ok1", "noacl"}
 
 
 async def test_max_tokens_honoured(gateway: Gateway, http: httpx.AsyncClient) -> None:

@@ -20,6 +20,7 @@ CI runs a bounded number of worlds; ``--soak`` runs many more.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import itertools
 import json
@@ -234,8 +235,8 @@ def tenant_worlds(draw: st.DrawFn, name: str, doc_seeds: list[tuple[int, ...]]) 
                     )
                 )
             ),
-            draw(st.sampled_from(["none"] * 4 + ["future"] * 2 + ["past"])),
-            revoked=draw(st.sampled_from([False] * 7 + [True])),
+            draw(st.sampled_from(["none"] * 6 + ["future"] * 3 + ["past"])),
+            revoked=draw(st.sampled_from([False] * 9 + [True])),
         )
         for _ in range(draw(st.integers(1, 4)))
     ]
@@ -286,7 +287,7 @@ def worlds(draw: st.DrawFn) -> WorldSpec:
                 " ".join(draw(st.lists(st.sampled_from(VOCAB), min_size=1, max_size=5))),
                 draw(st.integers(1, 8)),
                 draw(
-                    st.sampled_from(["bound"] * 6 + ["other_user", "other_agent", "foreign_task"])
+                    st.sampled_from(["bound"] * 10 + ["other_user", "other_agent", "foreign_task"])
                 ),
                 tuple(requested) if requested else None,
             )
@@ -599,10 +600,14 @@ def rel(user: str, relation: str, obj: str) -> dict[str, str]:
 @dataclass
 class Tally:
     worlds: int = 0
-    retrievals: int = 0
+    retrievals: int = 0  # answers compared (HTTP plus each pinned strategy)
     permitted_chunks_returned: int = 0
-    denied_requests: int = 0
+    nonempty_answers: int = 0
+    empty_because: dict[str, int] = field(default_factory=dict)
     mutations: int = 0
+
+    def empty(self, reason: str) -> None:
+        self.empty_because[reason] = self.empty_because.get(reason, 0) + 1
 
 
 TALLY = Tally()
@@ -653,11 +658,19 @@ async def check_retrievals(
     g: Gateway, http: httpx.AsyncClient, spec: WorldSpec, phase: str
 ) -> None:
     embeddings = ORACLE_EMBEDDINGS
-    for r in spec.retrievals:
+    # A token presented by the wrong user or agent, or with a foreign task, is also asked
+    # as its rightful holder: the same query then has something to return.
+    asked = [
+        twin
+        for r in spec.retrievals
+        for twin in ([r] if r.who == "bound" else [r, dataclasses.replace(r, who="bound")])
+    ]
+    for r in asked:
         w = spec.tenants[r.tenant]
         user, agent, task_id, task = identity(spec, r)
         oracle = Oracle(w, embeddings)
-        ranked = oracle.ranking(oracle.permitted(user, agent, task), r.query, r.sources)
+        permitted = oracle.permitted(user, agent, task)
+        ranked = oracle.ranking(permitted, r.query, r.sources)
         token = g.mint_token(tenant=w.name, user=user, agent=agent, task=task_id)
         body: dict[str, Any] = {"query": r.query, "k": r.k}
         if r.sources:
@@ -679,7 +692,25 @@ async def check_retrievals(
             )
             TALLY.retrievals += 1
             TALLY.permitted_chunks_returned += len(chunks)
-            TALLY.denied_requests += not ranked
+        if ranked:
+            TALLY.nonempty_answers += len(answers)
+        else:
+            TALLY.empty(why_empty(w, r, user, agent, task, permitted))
+
+
+def why_empty(
+    w: TenantWorld, r: Retrieval, user: str, agent: str, task: Task | None, permitted: set[str]
+) -> str:
+    """Why the oracle permits nothing for ``r``: the tally shows what the worlds exercised."""
+    if r.who != "bound":
+        return r.who
+    if task is None or task.revoked:
+        return "task revoked"
+    if task.expiry == "past":
+        return "task expired"
+    if f"user:{user}" not in w.members or f"agent:{agent}" not in w.members:
+        return "deprovisioned"
+    return "no grant in scope" if not permitted else "outside the requested sources"
 
 
 async def run_world(openfga: ManagedOpenFGA, spec: WorldSpec) -> None:
@@ -706,7 +737,7 @@ COMMON = {
 
 
 @settings(
-    max_examples=int(os.environ.get("SCOPEGATE_ORACLE_WORLDS", "8")),
+    max_examples=int(os.environ.get("SCOPEGATE_ORACLE_WORLDS", "30")),
     phases=[Phase.explicit, Phase.generate],
     **COMMON,
 )
