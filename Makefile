@@ -42,11 +42,15 @@ bench: setup
 	$(PY) bench/retrieval.py
 	$(PY) bench/staleness.py
 
+# Two minutes of 32 concurrent agents by default: make load LOAD_ARGS="--duration 600".
+LOAD_ARGS ?= --duration 120 --concurrency 32
 load: setup
-	$(PY) bench/load.py
+	$(PY) bench/load.py $(LOAD_ARGS)
 
+# Only the long tests: the leak oracle's many worlds, the schema fuzzing soak and minutes
+# of load (SCOPEGATE_ORACLE_SOAK_WORLDS sets the number of worlds, 300 by default).
 soak: setup
-	$(PY) -m pytest -q --soak
+	$(PY) -m pytest -q --soak -m soak
 
 clean:
 	rm -rf .scopegate .scopegate-demo
