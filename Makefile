@@ -24,7 +24,7 @@ serve: setup
 
 test: setup
 	$(VENV)/bin/fga model test --tests 'fga_models/scopegate/*.fga.yaml'
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 check: setup lint types
 
