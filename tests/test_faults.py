@@ -65,6 +65,7 @@ BATCH_CHECK = "/batch-check"
 @dataclass
 class Tally:
     faults: dict[str, int] = field(default_factory=dict)
+    faulty_responses: int = 0  # requests the proxies answered with a fault
 
     def add(self, name: str) -> None:
         self.faults[name] = self.faults.get(name, 0) + 1
@@ -271,6 +272,7 @@ async def env(
                     assert allowed == {"rev1", "inc1"}
                 yield e
         finally:
+            TALLY.faulty_responses += fga_proxy.faults_injected + chroma_proxy.faults_injected
             await g.close()
 
 
@@ -612,5 +614,6 @@ def report_tally(request: pytest.FixtureRequest) -> Iterator[None]:
     if TALLY.faults and capture is not None:
         with capture.global_and_fixture_disabled():
             print(
-                f"\nfaults injected: {len(TALLY.faults)} kinds, {sum(TALLY.faults.values())} runs"
+                f"\nfaults injected: {len(TALLY.faults)} cases, {sum(TALLY.faults.values())} "
+                f"runs, {TALLY.faulty_responses} faulty responses from the proxies"
             )
