@@ -22,13 +22,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.deps import AgentCaller, GatewayDep, PrincipalCaller
 from gateway.errors import Forbidden, InvalidRequest, PayloadTooLarge, ScopegateError
+from gateway.ids import ID_PATTERN, REF_PATTERN
 from gateway.metrics import Metrics
 from gateway.service import Gateway
 from gateway.settings import Settings
 
 MAX_JSON_DEPTH = 32
-Id = Annotated[str, Field(min_length=1, max_length=128)]
-Ref = Annotated[str, Field(min_length=3, max_length=300)]
+Id = Annotated[str, Field(min_length=1, max_length=128, json_schema_extra={"pattern": ID_PATTERN})]
+Ref = Annotated[
+    str, Field(min_length=3, max_length=300, json_schema_extra={"pattern": REF_PATTERN})
+]
 
 
 class _Strict(BaseModel):

@@ -18,6 +18,9 @@ MAX_ID_LENGTH = 128
 # separators (# : @ /), whitespace and control characters are refused outright.
 _BARE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SEPARATOR = "/"
+# Published in the OpenAPI schema so that clients and schema-driven tools see the
+# charset; the validators here stay the authority (they also refuse "..").
+ID_PATTERN = _BARE_ID.pattern
 
 OBJECT_TYPES = frozenset(
     {"user", "agent", "tenant", "group", "task", "source", "folder", "document"}
@@ -25,6 +28,7 @@ OBJECT_TYPES = frozenset(
 PUBLIC_RELATIONS = frozenset(
     {"member", "admin", "reviewer", "parent", "owner", "viewer", "agent_viewer"}
 )
+REF_PATTERN = rf"^({'|'.join(sorted(OBJECT_TYPES))}):[A-Za-z0-9][A-Za-z0-9._-]{{0,127}}(#member)?$"
 
 
 def validate_id(value: object, what: str = "id") -> str:

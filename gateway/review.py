@@ -24,6 +24,7 @@ from gateway.deps import GatewayDep, PrincipalCaller
 from gateway.errors import InvalidRequest, NotFound
 from gateway.fga import Tuple
 from gateway.identity import PrincipalContext
+from gateway.ids import REF_PATTERN
 from gateway.relationships import admin_tuple, principal
 from gateway.replay import candidate_explanations, replay_decision
 from gateway.service import Gateway
@@ -49,7 +50,9 @@ PAGE_HEADERS = {
     "cache-control": "no-store",
 }
 
-Ref = Annotated[str, Field(min_length=3, max_length=300)]
+Ref = Annotated[
+    str, Field(min_length=3, max_length=300, json_schema_extra={"pattern": REF_PATTERN})
+]
 
 
 class _Strict(BaseModel):
