@@ -54,6 +54,15 @@ CHUNKS = "chunks"
 # 0.997); 500 finds them all in bench/ and costs no measurable latency, because a
 # query's time is dominated by reading metadata, not by the graph walk.
 HNSW_EF_SEARCH = 500
+# The HNSW graph itself: with Chroma's defaults (16 neighbours per node, ef_construction
+# 100) the graph misses true neighbours once distances flatten out beyond the nearest
+# cluster (bench/hnsw_recall.py, 10k chunks: in windows of 250, 9 to 12 of 30 queries
+# miss one of the exact top 125; raising ef_search to 2000 still left 1). 32 neighbours
+# and ef_construction 400 brought it to 0 or 1 of 30 at ef_search 500, for about twice
+# the indexing time.
+# Collections keep the parameters they were created with.
+HNSW_MAX_NEIGHBORS = 32
+HNSW_EF_CONSTRUCTION = 400
 DOCUMENT_INDEX = "document_index"
 _TEXT: Include = ["documents", "metadatas"]
 _WORKERS = 8  # threads per store; Chroma's embedded client releases the GIL in Rust
@@ -415,7 +424,12 @@ def _open_collection(
         return client.get_or_create_collection(
             name,
             configuration={
-                "hnsw": {"space": "cosine", "ef_search": HNSW_EF_SEARCH}
+                "hnsw": {
+                    "space": "cosine",
+                    "ef_search": HNSW_EF_SEARCH,
+                    "ef_construction": HNSW_EF_CONSTRUCTION,
+                    "max_neighbors": HNSW_MAX_NEIGHBORS,
+                }
                 if kind == CHUNKS
                 else {"space": "l2"}
             },

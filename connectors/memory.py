@@ -67,7 +67,10 @@ def cosine_top_n(
         )
     # einsum computes the row norms about three times faster than linalg.norm.
     norms = np.sqrt(np.einsum("ij,ij->i", matrix, matrix)) * float(np.linalg.norm(q))
-    distances = 1.0 - (matrix @ q) / np.clip(norms, 1e-12, None)
+    # Not ``matrix @ q``: BLAS kernels round rows differently by their position in
+    # the block, so identical vectors would get distances 1e-16 apart and an exact tie
+    # would be broken by position instead of by id. einsum computes every row alike.
+    distances = 1.0 - np.einsum("ij,j->i", matrix, q) / np.clip(norms, 1e-12, None)
     order = np.lexsort((np.asarray(ids), distances))[:n]
     return [(int(row), float(distances[row])) for row in order]
 

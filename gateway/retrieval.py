@@ -18,7 +18,11 @@ prefix ends at the nearest of the per-source boundaries; inside it the order is 
 - Approximate stores (Chroma's HNSW) trust only the first ``ann_trust`` (half) of
   each window: HNSW misses neighbours mostly near the end of what it returns (top-100
   inside a window of 200 at ef_search=100: recall 0.99; top-20 of 40: 1.000, measured
-  in ``bench/``). This bounds the error, it does not remove it. The pre-filter path
+  in ``bench/``). Where distances flatten out beyond the nearest cluster, misses
+  reach into the trusted half of large windows (``bench/hnsw_recall.py``: with the
+  connector's graph, 0 to 1 of 30 queries miss one of the top 125 of a 250 window,
+  4 to 7 of 30 one of the top 250 of 500). This bounds the error, it does not remove
+  it. The pre-filter path
   ranks exactly, and :class:`Adaptive` takes it whenever the permitted superset is
   small enough to be cheap, so only permissive requests (where the top-k permitted
   lie in the first ranks of the unfiltered query) depend on HNSW recall.
@@ -36,7 +40,8 @@ Strategies:
   server deadline or broken is never trusted: the strategy falls back to PostFilter.
 - :class:`Adaptive` picks one per request from measured selectivity (per tenant, user,
   agent and task, with coarser levels as priors; bounded LRU) and measured cost of
-  each phase (:class:`CostModel`).
+  each phase (:class:`CostModel`). Once it knows a task, its pre-filter asks only the
+  ListObjects that was narrowest: any one complete answer is a superset.
 
 All OpenFGA calls of one request go through one :class:`RequestChecks`: request-level
 checks are asked once, each document once, and the request deadline and consistency
@@ -51,7 +56,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from connectors.base import Candidate, VectorStore
 from gateway.decision import (
@@ -73,6 +78,11 @@ MISSING_METADATA = "chunk_metadata"
 REQUEST_LEVEL = frozenset(c.value for c in REQUEST_CHECKS)
 #: Fraction of an approximate store's window that is trusted (see module docstring).
 ANN_TRUST = 0.5
+#: Weight, in examined chunks, of the expected permitted rate when a refill is sized,
+#: and the margin of a refill over what that rate says the missing chunks need: a
+#: refill is already a second round trip, it should rarely need a third.
+PRIOR_CHUNKS = 10
+REFILL_MARGIN = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,8 +132,10 @@ class RetrievalOutcome:
     notes: list[str] = field(default_factory=list)
     #: False when the ranking relied on an approximate store's window.
     exact_ranking: bool = True
-    #: Documents in the complete ListObjects superset (pre-filter), if one was used.
+    #: Documents in the complete ListObjects superset (pre-filter), if one was used,
+    #: and the relation whose complete answer was the smallest.
     superset: int | None = None
+    narrowest: str | None = None
     #: Chunks examined in trusted windows, and how many of them were permitted.
     examined: int = 0
     permitted: int = 0
@@ -175,6 +187,9 @@ async def _timed(
         if left <= 0:
             if isinstance(call, asyncio.Future):
                 call.cancel()
+                # A cancelled gather() finishes with CancelledError as its exception:
+                # read it, or asyncio logs "exception was never retrieved".
+                call.add_done_callback(_consume)
             elif hasattr(call, "close"):
                 call.close()
             raise TimeoutError("request deadline exceeded")
@@ -182,6 +197,11 @@ async def _timed(
             result = await call
     outcome.phases.append(Phase(name, size, (time.perf_counter() - started) * 1000))
     return result
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 async def _timed_search(
@@ -411,31 +431,61 @@ class PostFilter:
             if len(permitted) >= k or window.exhausted or checks.request_denied:
                 outcome.chunks = [] if checks.request_denied else permitted[:k]
                 return outcome
-            n = self._next_window(n, k, len(permitted), len(window.trusted))
+            expected = min(1.0, 1.25 / max(1.0, overfetch or self.overfetch))
+            n = self._next_window(n, k, len(permitted), len(window.trusted), expected, sources)
 
-    def _next_window(self, n: int, k: int, permitted: int, examined: int) -> int:
-        """Grow the window to what the permitted rate seen so far says k needs."""
-        rate = max(permitted, 1) / max(examined, 1)
-        return max(2 * n, math.ceil(1.25 * k / rate / self.ann_trust))
+    def _next_window(
+        self,
+        n: int,
+        k: int,
+        permitted: int,
+        examined: int,
+        expected: float,
+        sources: Sequence[SourceHandle],
+    ) -> int:
+        """Grow the window to what the permitted rate seen so far says the missing
+        chunks need (at least doubling it).
+
+        The rate of a small window is noisy (a few documents' chunks): it is shrunk
+        towards the ``expected`` rate, worth ``PRIOR_CHUNKS`` examined chunks, so one
+        unlucky window does not send hundreds of documents to OpenFGA at once.
+        """
+        trust = 1.0 if all(s.exact for s in sources) else self.ann_trust
+        rate = (permitted + expected * PRIOR_CHUNKS) / (examined + PRIOR_CHUNKS)
+        wanted = examined + REFILL_MARGIN * (k - permitted) / rate
+        return max(2 * n, math.ceil(wanted / trust))
 
 
 # -- pre-filter -----------------------------------------------------------------------
 
 
+#: The conjuncts whose ListObjects answers bound the permitted documents: every
+#: complete answer is a superset of them. (tuple of the subject type, the relation)
+LIST_CONJUNCTS = (
+    ("task", "in_task_scope"),
+    ("agent", "agent_can_read"),
+    ("user", "user_can_read"),
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Superset:
-    """Documents that may be permitted (None: no complete ListObjects answer)."""
+    """Documents that may be permitted (None: no complete ListObjects answer), and
+    the relation whose complete answer was the smallest."""
 
     ids: frozenset[str] | None
     calls: int
     notes: tuple[str, ...] = ()
+    narrowest: str | None = None
 
 
 class PreFilter:
     """ListObjects narrows the candidates; exact search over them; BatchCheck re-verifies.
 
     ``max_results`` is the largest superset (documents) worth ranking exactly;
-    ``list_budget_s`` the time ListObjects may take before it is abandoned.
+    ``list_budget_s`` the time ListObjects may take before it is abandoned (a probe
+    of three parallel lists needs about 1 s for a 400-object answer on a busy 2-core
+    machine; :class:`Adaptive` gives a known task a budget from measured costs).
     """
 
     name = "prefilter"
@@ -447,7 +497,7 @@ class PreFilter:
         max_results: int = 1000,
         model_id: str | None = None,
         *,
-        list_budget_s: float = 0.5,
+        list_budget_s: float = 1.0,
         grace: float = 1.0,
     ) -> None:
         self.fga = fga
@@ -463,49 +513,55 @@ class PreFilter:
         options: RequestOptions | None = None,
         limit: int | None = None,
         outcome: RetrievalOutcome | None = None,
+        relations: Sequence[str] | None = None,
+        budget_s: float | None = None,
     ) -> Superset:
         """Intersection of the complete ListObjects answers for task, agent and user.
 
-        The three run in parallel; once one is complete the others get ``grace`` times
-        its duration to finish (their intersection is tighter), then are abandoned.
+        They run in parallel; once one is complete the others get ``grace`` times its
+        duration to finish (their intersection is tighter), then are abandoned.
+        ``relations`` asks only some of them (:class:`Adaptive` asks only the one it
+        saw narrowest): any one complete answer is already a superset.
         """
         options = options or RequestOptions()
         limit = self.max_results if limit is None else limit
-        queries = [
-            (f"task:{scoped(ctx.tenant, ctx.task)}", "in_task_scope"),
-            (f"agent:{scoped(ctx.tenant, ctx.agent)}", "agent_can_read"),
-            (f"user:{scoped(ctx.tenant, ctx.user)}", "user_can_read"),
-        ]
+        queries = {
+            relation: f"{kind}:{scoped(ctx.tenant, getattr(ctx, kind))}"
+            for kind, relation in LIST_CONJUNCTS
+            if relations is None or relation in relations
+        }
         started = time.perf_counter()
-        pending: set[asyncio.Future[ListObjectsResult]] = {
+        pending: dict[asyncio.Future[ListObjectsResult], str] = {
             asyncio.ensure_future(
                 self.fga.stream_list_objects(
                     user,
                     relation,
                     "document",
                     limit=limit,
-                    budget_s=self.list_budget_s,
+                    budget_s=budget_s or self.list_budget_s,
                     consistency=options.consistency,
                     deadline=options.deadline,
                 )
-            )
-            for user, relation in queries
+            ): relation
+            for relation, user in queries.items()
         }
         complete, notes = await self._collect(pending)
         if outcome is not None:
-            size = min(len(a.ids) for a in complete) if complete else limit
+            size = min(len(a.ids) for _, a in complete) if complete else limit
             outcome.phases.append(Phase("list", size, (time.perf_counter() - started) * 1000))
         if not complete:
             return Superset(None, len(queries), tuple(notes))
-        ids = frozenset.intersection(*(a.ids for a in complete))
+        ids = frozenset.intersection(*(a.ids for _, a in complete))
         prefix = f"{ctx.tenant}/"
         bare = frozenset(unscoped(ctx.tenant, i) for i in ids if i.startswith(prefix))
-        return Superset(bare, len(queries), tuple(notes))
+        narrowest = min(complete, key=lambda pair: len(pair[1].ids))[0]
+        return Superset(bare, len(queries), tuple(notes), narrowest)
 
     async def _collect(
-        self, pending: set[asyncio.Future[ListObjectsResult]]
-    ) -> tuple[list[ListObjectsResult], list[str]]:
-        complete: list[ListObjectsResult] = []
+        self, tasks: dict[asyncio.Future[ListObjectsResult], str]
+    ) -> tuple[list[tuple[str, ListObjectsResult]], list[str]]:
+        pending = set(tasks)
+        complete: list[tuple[str, ListObjectsResult]] = []
         notes: list[str] = []
         started = time.monotonic()
         until: float | None = None
@@ -523,7 +579,7 @@ class PreFilter:
                         continue
                     if answer.truncated:
                         continue
-                    complete.append(answer)
+                    complete.append((tasks[task], answer))
                     if until is None:
                         waited = time.monotonic() - started
                         until = time.monotonic() + max(0.005, self.grace * waited)
@@ -547,11 +603,13 @@ class PreFilter:
         limit: int | None = None,
         precision: float = 1.0,
         overfetch: float | None = None,
+        relations: Sequence[str] | None = None,
+        budget_s: float | None = None,
     ) -> RetrievalOutcome:
         options = options or RequestOptions()
         checks = checks or RequestChecks(self.fga, ctx, options, self.model_id)
         probe = RetrievalOutcome(self.name)
-        superset = await self.permitted_superset(ctx, options, limit, probe)
+        superset = await self.permitted_superset(ctx, options, limit, probe, relations, budget_s)
         if superset.ids is None:
             result = await self.fallback.retrieve(
                 ctx, vector, k, sources, options, overfetch=overfetch, checks=checks
@@ -569,6 +627,7 @@ class PreFilter:
         outcome.list_objects_calls = superset.calls
         outcome.notes.extend(superset.notes)
         outcome.superset = len(superset.ids)
+        outcome.narrowest = superset.narrowest
         corpus = sum(s.documents for s in sources)
         outcome.selectivity = len(superset.ids) / corpus if corpus else None
         await self._rank_exactly(outcome, ctx, vector, k, sources, superset.ids, checks, precision)
@@ -625,7 +684,12 @@ class Observation:
     samples: int = 1
     superset: float | None = None
     precision: float | None = None
+    #: Consecutive ListObjects failures (over the limit, over budget, broken), and
+    #: their weighted rate.
     list_failures: int = 0
+    list_failure_rate: float = 0.0
+    #: The relation whose complete ListObjects answer was the smallest last time.
+    narrowest: str | None = None
 
 
 StatsKey = tuple[str, ...]
@@ -680,6 +744,7 @@ class SelectivityStats:
         superset: int | None = None,
         precision: float | None = None,
         list_failed: bool | None = None,
+        narrowest: str | None = None,
     ) -> None:
         fraction = min(1.0, max(0.0, fraction))
         for level, key in enumerate(self.keys(ctx)):
@@ -695,6 +760,9 @@ class SelectivityStats:
                 old.precision = _ewma(old.precision, min(1.0, max(0.0, precision)), self.alpha, 1)
             if list_failed is not None:
                 old.list_failures = old.list_failures + 1 if list_failed else 0
+                old.list_failure_rate += self.alpha * (list_failed - old.list_failure_rate)
+                # A failed answer may mean the grants changed: ask every list next time.
+                old.narrowest = None if list_failed else narrowest or old.narrowest
             table.move_to_end(key)
             while len(table) > self.capacity:
                 table.popitem(last=False)
@@ -713,11 +781,20 @@ def _ewma(old: float | None, new: float, alpha: float, samples: int) -> float:
 class LinearCost:
     """ms = a + b * size, fitted by exponentially weighted least squares."""
 
-    def __init__(self, a: float, b: float, decay: float = 0.95, prior_weight: float = 3.0):
-        # Start from a prior line through two synthetic points, worth ``prior_weight``.
+    def __init__(
+        self,
+        a: float,
+        b: float,
+        decay: float = 0.95,
+        prior_weight: float = 3.0,
+        typical: float = 100.0,
+    ):
+        # Start from a prior line through two synthetic points, worth ``prior_weight``,
+        # at 0 and at a ``typical`` size: a prior point far beyond the sizes observed
+        # would pin the slope (least-squares leverage) long after real data arrived.
         self.decay = decay
         self._w = self._x = self._y = self._xx = self._xy = 0.0
-        for x in (0.0, 1000.0):
+        for x in (0.0, typical):
             self._add(x, a + b * x, prior_weight / 2)
 
     def _add(self, x: float, y: float, w: float) -> None:
@@ -747,15 +824,18 @@ class LinearCost:
 class CostModel:
     """Measured cost of each phase (ms), learned from every retrieval's phases.
 
-    Priors: the Chroma figures of DESIGN section 6 and a BatchCheck round of ~10 ms.
+    Priors: the Chroma figures of DESIGN section 6, and OpenFGA on SQLite as measured
+    in ``bench/`` (a check of a nested grant costs about a millisecond; a ListObjects
+    answer about a quarter of one per object). They only matter for the first few
+    requests.
     """
 
     def __init__(self) -> None:
         self.phases: dict[str, LinearCost] = {
-            "search": LinearCost(3.0, 0.03),  # unfiltered query, by window
-            "check": LinearCost(8.0, 0.05),  # one BatchCheck round, by checks
-            "list": LinearCost(5.0, 0.05),  # parallel ListObjects, by superset size
-            "exact": LinearCost(5.0, 0.2),  # rank a superset exactly, by documents
+            "search": LinearCost(3.0, 0.03, typical=200),  # unfiltered query, by window
+            "check": LinearCost(5.0, 1.0),  # one BatchCheck round, by checks
+            "list": LinearCost(5.0, 0.25),  # ListObjects, by superset size
+            "exact": LinearCost(3.0, 0.3),  # rank a superset exactly, by documents
         }
 
     def observe(self, phases: Sequence[Phase]) -> None:
@@ -787,16 +867,23 @@ class Plan:
     reason: str
     limit: int | None = None
     precision: float = 1.0
+    relations: tuple[str, ...] | None = None
+    budget_s: float | None = None
 
 
 class Adaptive:
     """Choose post-filter or pre-filter per request from measured selectivity and cost.
 
-    Unknown keys start with a pre-filter probe (cheap and exact when the permitted
-    set is small; a truncated probe falls back to post-filter in the same request and
-    teaches the statistics). Known keys take the cheaper strategy under
-    :class:`CostModel`; a key whose ListObjects keep failing is probed again every
-    ``reprobe_every`` requests, since grants change.
+    A task seen for the first time starts with a pre-filter probe, whatever coarser
+    keys suggest: the probe costs at most the ListObjects budget (a truncated probe
+    falls back to post-filter in the same request and teaches the statistics), while
+    a post-filter at a selectivity far below the prior's checks the store until it is
+    exhausted. Known keys take the cheaper strategy under :class:`CostModel`, counting
+    the rate at which their ListObjects answers came back unusable (a failed probe
+    costs its budget and then the post-filter); a key whose ListObjects keep failing
+    is probed again every ``reprobe_every`` requests, since grants change. A known
+    key's pre-filter asks only the ListObjects that was narrowest last time: one
+    OpenFGA call instead of three, and no CPU spent on the wide lists.
     """
 
     name = "adaptive"
@@ -823,6 +910,8 @@ class Adaptive:
         level, seen = found
         s = max(seen.selectivity, 1e-4)
         overfetch = min(1.25 / s, 1e4)
+        if level > 0:
+            return Plan("prefilter", overfetch, f"new task (prior s={s:.4f}): ListObjects probe")
         trust = 1.0 if all(h.exact for h in sources) else self.post.ann_trust
         post_ms = self.costs.post_ms(k, s, trust)
         corpus = sum(h.documents for h in sources)
@@ -830,12 +919,23 @@ class Adaptive:
         precision = seen.precision if seen.precision is not None else 1.0
         if superset > self.pre.max_results:
             return Plan("postfilter", overfetch, f"superset ~{superset:.0f} over the limit")
-        failing = seen.list_failures > 0 and seen.samples % self.reprobe_every != 0
-        pre_ms = math.inf if failing else self.costs.pre_ms(k, superset, precision)
         limit = max(1, min(self.pre.max_results, math.ceil(4 * superset) + 16))
-        reason = f"s={s:.4f} (level {level}) post~{post_ms:.0f}ms pre~{pre_ms:.0f}ms"
+        if seen.list_failures > 0 and seen.samples % self.reprobe_every == 0:
+            return Plan("prefilter", overfetch, "ListObjects failed before: probe", limit)
+        # Room for three times the measured cost of the list: a slow answer is still
+        # far cheaper than a post-filter that needs many check rounds.
+        budget = min(
+            4 * self.pre.list_budget_s,
+            max(self.pre.list_budget_s, 3 * self.costs.phases["list"](superset) / 1000),
+        )
+        failed = seen.list_failure_rate
+        pre_ms = (1 - failed) * self.costs.pre_ms(k, superset, precision) + failed * (
+            1000 * budget + post_ms
+        )
+        reason = f"s={s:.4f} post~{post_ms:.0f}ms pre~{pre_ms:.0f}ms"
         if pre_ms < post_ms:
-            return Plan("prefilter", overfetch, reason, limit, precision)
+            narrowest = (seen.narrowest,) if seen.narrowest else None
+            return Plan("prefilter", overfetch, reason, limit, precision, narrowest, budget)
         return Plan("postfilter", overfetch, reason)
 
     def choose(
@@ -865,6 +965,8 @@ class Adaptive:
                 limit=plan.limit,
                 precision=plan.precision,
                 overfetch=plan.overfetch,
+                relations=plan.relations,
+                budget_s=plan.budget_s,
             )
         else:
             result = await self.post.retrieve(
@@ -898,6 +1000,7 @@ class Adaptive:
             superset=result.superset,
             precision=precision,
             list_failed=True if fell_back else (False if result.superset is not None else None),
+            narrowest=result.narrowest,
         )
 
 
