@@ -633,7 +633,7 @@ def verdict(ok: bool) -> str:
 
 
 def targets(all_res: dict[int, Results]) -> list[str]:
-    """The issue's targets, evaluated for the gateway's default strategy (adaptive)."""
+    """The performance targets, evaluated for the gateway's default strategy (adaptive)."""
     out = []
     for size, res in all_res.items():
         a = {sel: m["adaptive"] for sel, m in res.items()}
