@@ -42,13 +42,15 @@ from types import TracebackType
 from typing import Any
 
 Rewrite = Callable[[int, bytes], tuple[int, bytes]]
+Paths = str | tuple[str, ...] | None
 _MAX_HEAD = 64 * 1024
 
 
 @dataclass(frozen=True)
 class Fault:
     kind: str = "none"
-    path: str | None = None  # only requests whose path contains this
+    # Only requests whose path contains this (or, for a tuple, any of these).
+    path: Paths = None
     seconds: float = 0.0
     limit: int = 0
     transform: Callable[[bytes], bytes] | None = None
@@ -61,31 +63,31 @@ class Fault:
         return Fault()
 
     @staticmethod
-    def latency(seconds: float, path: str | None = None) -> Fault:
+    def latency(seconds: float, path: Paths = None) -> Fault:
         return Fault("latency", path, seconds=seconds)
 
     @staticmethod
-    def blackhole(path: str | None = None) -> Fault:
+    def blackhole(path: Paths = None) -> Fault:
         return Fault("blackhole", path)
 
     @staticmethod
-    def drop(path: str | None = None) -> Fault:
+    def drop(path: Paths = None) -> Fault:
         return Fault("drop", path)
 
     @staticmethod
-    def reset(path: str | None = None) -> Fault:
+    def reset(path: Paths = None) -> Fault:
         return Fault("reset", path)
 
     @staticmethod
-    def truncate(limit: int, path: str | None = None) -> Fault:
+    def truncate(limit: int, path: Paths = None) -> Fault:
         return Fault("truncate", path, limit=limit)
 
     @staticmethod
-    def corrupt(transform: Callable[[bytes], bytes], path: str | None = None) -> Fault:
+    def corrupt(transform: Callable[[bytes], bytes], path: Paths = None) -> Fault:
         return Fault("corrupt", path, transform=transform)
 
     @staticmethod
-    def respond(status: int, body: bytes | str | Any, path: str | None = None) -> Fault:
+    def respond(status: int, body: bytes | str | Any, path: Paths = None) -> Fault:
         raw = (
             body
             if isinstance(body, bytes)
@@ -94,11 +96,16 @@ class Fault:
         return Fault("respond", path, status=status, body=raw)
 
     @staticmethod
-    def rewrite(fn: Rewrite, path: str | None = None) -> Fault:
+    def rewrite(fn: Rewrite, path: Paths = None) -> Fault:
         return Fault("rewrite", path, rewrite_fn=fn)
 
     def applies(self, path: str) -> bool:
-        return self.kind != "none" and (self.path is None or self.path in path)
+        if self.kind == "none":
+            return False
+        if self.path is None:
+            return True
+        wanted = (self.path,) if isinstance(self.path, str) else self.path
+        return any(part in path for part in wanted)
 
 
 @dataclass

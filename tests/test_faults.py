@@ -395,15 +395,20 @@ async def test_listobjects_fault_never_narrows_the_answer(env: Env, name: str) -
 
 # -- the vector store ---------------------------------------------------------------------------
 
+# The store's data calls: search (post-filter) and get by ids (pre-filter exact ranking);
+# whichever the adaptive strategy picks, the fault is on its path.
+CHROMA_DATA = ("/query", "/get")
 CHROMA_FAULTS: dict[str, Callable[[], Fault]] = {
     "http_500": lambda: Fault.respond(
-        500, {"error": "InternalError", "message": "injected"}, "/query"
+        500, {"error": "InternalError", "message": "injected"}, CHROMA_DATA
     ),
-    "connection_reset": lambda: Fault.reset("/query"),
-    "response_truncated": lambda: Fault.truncate(30, "/query"),
-    "garbled_json": lambda: Fault.corrupt(garble_json, "/query"),
-    "not_json": lambda: Fault.respond(200, b"<html>oops</html>", "/query"),
-    "wrong_shape": lambda: Fault.respond(200, {"ids": [["rev1#0"]], "documents": None}, "/query"),
+    "connection_reset": lambda: Fault.reset(CHROMA_DATA),
+    "response_truncated": lambda: Fault.truncate(30, CHROMA_DATA),
+    "garbled_json": lambda: Fault.corrupt(garble_json, CHROMA_DATA),
+    "not_json": lambda: Fault.respond(200, b"<html>oops</html>", CHROMA_DATA),
+    "wrong_shape": lambda: Fault.respond(
+        200, {"ids": [["rev1#0"]], "documents": None}, CHROMA_DATA
+    ),
 }
 
 
@@ -430,7 +435,7 @@ async def test_chroma_server_killed_then_restarted(env: Env) -> None:
 
 
 async def test_chroma_slow_past_the_request_deadline(env: Env) -> None:
-    env.chroma_proxy.set(Fault.latency(REQUEST_TIMEOUT_S + 1.0, "/query"))
+    env.chroma_proxy.set(Fault.latency(REQUEST_TIMEOUT_S + 1.0, CHROMA_DATA))
     try:
         started = time.monotonic()
         response = await env.retrieve("remote")
