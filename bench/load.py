@@ -147,18 +147,25 @@ class ServerProcess:
         raise RuntimeError(f"server did not start: {self.log_tail()}")
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        if self.process is not None:
+            stop_gracefully(self.process)
         self.process = None
 
     def log_tail(self) -> str:
         path = self.data_dir / "server.log"
         return path.read_text(errors="replace")[-3000:] if path.exists() else ""
+
+
+def stop_gracefully(process: subprocess.Popen[Any], grace_s: float = 30.0) -> None:
+    """SIGTERM (the server's clean shutdown), SIGKILL only if it does not exit in time."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(10)
 
 
 def free_port() -> int:

@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
+from bench.load import stop_gracefully
 from gateway.audit import SqliteAuditStore
 from gateway.identity import issue_token, load_or_create_signing_key
 
@@ -85,13 +86,8 @@ class Serve:
         self.process.wait(10)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        if self.process is not None:
+            stop_gracefully(self.process)
 
     def log(self) -> str:
         path = self.data_dir.parent / "serve.log"
