@@ -275,24 +275,6 @@ class RequestChecks:
         return verdict is not None and verdict.allowed
 
 
-async def check_documents(
-    fga: FgaClient,
-    ctx: DelegationContext,
-    document_ids: Sequence[str],
-    include_request: bool,
-    model_id: str | None = None,
-) -> dict[CheckItem, CheckOutcome]:
-    """One BatchCheck round (possibly several parallel calls) for these documents."""
-    items = plan_checks(ctx, document_ids, include_request=include_request)
-    outcomes = await fga.batch_check(items, model_id=model_id)
-    errored = [item for item, o in outcomes.items() if o.allowed is None]
-    if errored:
-        raise AuthorizationUnavailable(
-            f"OpenFGA could not answer {len(errored)} check(s): {errored[0].name.value}"
-        )
-    return outcomes
-
-
 def _deny_malformed(outcome: RetrievalOutcome, c: Candidate) -> None:
     key = c.document_id or f"?{c.chunk_id}"
     outcome.verdicts.setdefault(key, DocumentVerdict(key, "deny", (MISSING_METADATA,)))
@@ -719,10 +701,6 @@ class SelectivityStats:
         full = (ctx.tenant, ctx.user, ctx.agent, ctx.task)
         return [full[: SelectivityStats.LEVELS - i] for i in range(SelectivityStats.LEVELS)]
 
-    @staticmethod
-    def key(ctx: DelegationContext) -> StatsKey:
-        return SelectivityStats.keys(ctx)[0]
-
     def estimate(self, ctx: DelegationContext) -> tuple[int, Observation] | None:
         """(level, observation) of the most specific key seen; level 0 is the task."""
         for level, key in enumerate(self.keys(ctx)):
@@ -937,11 +915,6 @@ class Adaptive:
             narrowest = (seen.narrowest,) if seen.narrowest else None
             return Plan("prefilter", overfetch, reason, limit, precision, narrowest, budget)
         return Plan("postfilter", overfetch, reason)
-
-    def choose(
-        self, ctx: DelegationContext, k: int = 10, sources: Sequence[SourceHandle] = ()
-    ) -> str:
-        return self.plan(ctx, k, sources).strategy
 
     async def retrieve(
         self,

@@ -16,6 +16,16 @@ from bench.load import run_load
 from gateway.fga_server import ManagedOpenFGA
 
 
+def _show(request: pytest.FixtureRequest, line: str) -> None:
+    """Print past pytest's capture: the figures belong in the CI log."""
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    if capture is None:
+        print(line)
+        return
+    with capture.global_and_fixture_disabled():
+        print(f"\n{line}")
+
+
 async def test_concurrent_agents_no_leak_every_request_audited(
     openfga: ManagedOpenFGA, request: pytest.FixtureRequest
 ) -> None:
@@ -26,10 +36,7 @@ async def test_concurrent_agents_no_leak_every_request_audited(
         documents=30,
         max_shed_fraction=0.05,
     )
-    capture = request.config.pluginmanager.getplugin("capturemanager")
-    if capture is not None:
-        with capture.global_and_fixture_disabled():
-            print(f"\nload: {report.summary()}")
+    _show(request, f"load: {report.summary()}")
     assert report.requests >= 30, report.summary()
     assert report.leaks == 0, report.problems
     assert report.misses == 0, report.problems
@@ -52,9 +59,6 @@ async def test_soak_minutes_of_load(
         documents=120,
         max_shed_fraction=0.05,
     )
-    capture = request.config.pluginmanager.getplugin("capturemanager")
-    if capture is not None:
-        with capture.global_and_fixture_disabled():
-            print(f"\nsoak load: {report.summary()}")
+    _show(request, f"soak load: {report.summary()}")
     assert report.leaks == 0 and report.misses == 0, report.problems[:10]
     assert report.ok(), (report.summary(), report.problems[:10])
