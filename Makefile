@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo serve test test-fast check lint types model bench load soak clean
+.PHONY: setup system-deps demo serve test test-fast check lint types model bench load soak clean
 
 setup: $(STAMP) .tools/bin/openfga
 
@@ -16,13 +16,18 @@ $(STAMP): pyproject.toml
 .tools/bin/openfga: scripts/install-openfga
 	scripts/install-openfga
 
+# Debian packages only the test suite needs (PostgreSQL, Chromium, e2fsprogs): installed
+# when missing (as root), a no-op when present, a clear failure otherwise.
+system-deps:
+	scripts/install-system-deps
+
 demo: setup
 	$(VENV)/bin/scopegate demo --data-dir .scopegate-demo
 
 serve: setup
 	$(VENV)/bin/scopegate serve --data-dir .scopegate
 
-test: setup
+test: setup system-deps
 	$(VENV)/bin/fga model test --tests 'fga_models/scopegate/*.fga.yaml'
 	$(PY) -m pytest -q --durations=15
 

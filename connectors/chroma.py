@@ -98,7 +98,9 @@ def chroma_errors(action: str) -> Iterator[None]:
     except TimeoutError as exc:
         raise SourceUnavailable(f"Chroma {action} timed out") from exc
     except UPSTREAM_ERRORS as exc:
-        raise SourceUnavailable(f"Chroma {action} failed: {type(exc).__name__}") from exc
+        raise SourceUnavailable(
+            f"Chroma {action} failed: {type(exc).__name__}", detail=str(exc)[:500] or None
+        ) from exc
 
 
 def collection_name(tenant: str, source: str, kind: str = CHUNKS) -> str:

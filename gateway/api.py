@@ -13,17 +13,24 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.deps import AgentCaller, GatewayDep, PrincipalCaller
-from gateway.errors import Forbidden, InvalidRequest, PayloadTooLarge, ScopegateError
+from gateway.errors import (
+    Forbidden,
+    InvalidRequest,
+    PayloadTooLarge,
+    RateLimited,
+    ScopegateError,
+)
 from gateway.ids import ID_PATTERN, REF_PATTERN
 from gateway.metrics import Metrics
+from gateway.ratelimit import Rate, RetrievalLimiter
 from gateway.service import Gateway
 from gateway.settings import Settings
 
@@ -212,9 +219,19 @@ async def _no_receive() -> Message:
 def create_app(
     settings: Settings | None = None,
     gateway: Gateway | None = None,
+    metrics: Metrics | None = None,
 ) -> FastAPI:
-    """The ASGI app. Without ``gateway`` it starts one from ``settings`` on startup."""
-    metrics = Metrics()
+    """The ASGI app. Without ``gateway`` it starts one from ``settings`` on startup.
+
+    It counts into ``metrics`` (``app.state.metrics``) but never serves them: that is
+    the operator listener's job (:func:`gateway.metrics.create_metrics_app`).
+    """
+    metrics = metrics or Metrics()
+    configured = settings or (gateway.settings if gateway is not None else Settings())
+    limiter = RetrievalLimiter(
+        Rate.of(configured.rate_limit_agent_per_s, configured.rate_limit_agent_burst),
+        Rate.of(configured.rate_limit_tenant_per_s, configured.rate_limit_tenant_burst),
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -242,7 +259,11 @@ def create_app(
 
     @app.exception_handler(ScopegateError)
     async def scopegate_error(request: Request, exc: ScopegateError) -> JSONResponse:
-        return JSONResponse(_error_body(exc, request.state.request_id), status_code=exc.status)
+        headers = None
+        if isinstance(exc, RateLimited) and exc.retry_after_s is not None:
+            headers = {"retry-after": str(exc.retry_after_s)}
+        body = _error_body(exc, request.state.request_id)
+        return JSONResponse(body, status_code=exc.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -284,6 +305,7 @@ def create_app(
     ) -> dict[str, Any]:
         """Exact top-k chunks the delegating user, agent, task and tenant all permit."""
         try:
+            limiter.admit(ctx.tenant, ctx.agent)
             result = await g.retrieve(
                 ctx,
                 body.query,
@@ -306,7 +328,7 @@ def create_app(
         """Operator only: bootstrap a tenant and its first admin."""
         if not p.operator:
             raise Forbidden("only platform operators may create tenants")
-        await g.create_tenant(body.id, body.admin)
+        await g.create_tenant(body.id, body.admin, by=p)
         return {"tenant": body.id, "admin": body.admin}
 
     @app.get("/v1/retrieve/sources")
@@ -342,6 +364,17 @@ def create_app(
         documents = await g.catalog.document_count(p.tenant, source_id)
         return {"id": info.id, "kind": info.kind, "config": info.config, "documents": documents}
 
+    @app.delete("/v1/sources/{source_id}", status_code=204)
+    async def remove_source(source_id: str, p: PrincipalCaller, g: GatewayDep) -> Response:
+        """Remove the source, its chunks, tuples and catalog entries."""
+        await g.remove_source(p, source_id)
+        return Response(status_code=204)
+
+    @app.delete("/v1/principals/{ref}")
+    async def deprovision(ref: str, p: PrincipalCaller, g: GatewayDep) -> dict[str, int]:
+        """Remove every relation of ``user:..`` or ``agent:..`` in the tenant; revoke its tasks."""
+        return await g.deprovision(p, ref)
+
     @app.post("/v1/sources/{source_id}/documents")
     async def ingest(
         source_id: str, body: IngestBody, p: PrincipalCaller, g: GatewayDep
@@ -365,6 +398,16 @@ def create_app(
         await g.write_relationships(p, writes, deletes)
         return {"written": len(writes), "deleted": len(deletes)}
 
+    @app.get("/v1/relationships")
+    async def list_relationships(
+        p: PrincipalCaller,
+        g: GatewayDep,
+        object: Annotated[str | None, Query(max_length=300)] = None,
+        user: Annotated[str | None, Query(max_length=300)] = None,
+    ) -> dict[str, Any]:
+        """Tuples naming ``object`` or ``user`` (exactly one), in tenant-local form."""
+        return {"relationships": await g.list_relationships(p, object=object, user=user)}
+
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
@@ -376,14 +419,8 @@ def create_app(
         body = {"ready": ready, **parts, "store_id": g.fga.store_id, "model_id": g.fga.model_id}
         return JSONResponse(body, status_code=200 if ready else 503)
 
-    @app.get("/metrics", response_class=PlainTextResponse)
-    async def prometheus() -> Response:
-        body, content_type = metrics.render()
-        return Response(body, media_type=content_type)
-
     from gateway.review import register_review_routes
 
     register_review_routes(app)
-    configured = settings or (gateway.settings if gateway is not None else Settings())
     app.add_middleware(BodyGuard, max_bytes=configured.max_body_bytes)
     return app

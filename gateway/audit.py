@@ -29,6 +29,7 @@ import copy
 import hashlib
 import hmac
 import json
+import logging
 import math
 import sqlite3
 import threading
@@ -46,6 +47,8 @@ from psycopg.pq import TransactionStatus
 from psycopg.rows import TupleRow
 
 from gateway.errors import AuditUnavailable, InvalidRequest
+
+log = logging.getLogger("scopegate.audit")
 
 GENESIS_HASH = "0" * 64
 DEFAULT_PAGE_SIZE = 50
@@ -393,7 +396,11 @@ def storage_errors() -> Iterator[None]:
         yield
     except (sqlite3.Error, psycopg.Error, OSError) as exc:
         detail = (str(exc).splitlines() or [""])[0][:200]
-        raise AuditUnavailable(f"audit store unavailable ({type(exc).__name__}: {detail})") from exc
+        # The driver's text may name hosts or files: logged, kept out of the message.
+        log.warning("audit store unavailable: %s: %s", type(exc).__name__, detail)
+        raise AuditUnavailable(
+            f"audit store unavailable ({type(exc).__name__})", detail=detail
+        ) from exc
 
 
 # -- schema (shared by both stores; "?" placeholders) ------------------------------------

@@ -1,4 +1,4 @@
-"""``scopegate audit ...``: list, show, replay and export decisions; verify the chain.
+"""``scopegate audit ...``: list, show, replay (with what-if) and export; verify the chain.
 
 In-process commands go through the same reviewer functions as the HTTP API
 (:mod:`gateway.review`), so ``--as`` must name a reviewer (or an admin) of
@@ -53,7 +53,7 @@ async def audit_in_process(
     elif name == "audit_show":
         dump(await review.show_decision(g, p, args.request_id))
     elif name == "audit_replay":
-        dump(await review.replay(g, p, args.request_id))
+        dump(await review.replay(g, p, args.request_id, getattr(args, "what_if", None) or ()))
     elif name == "audit_export":
         output = getattr(args, "output", None)
         count = await write_lines(await review.export_lines(g, p), output)

@@ -12,6 +12,8 @@ import argparse
 import asyncio
 import json
 import os
+import re
+import socket
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -51,6 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
     _common(serve)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        help="address of the operators' Prometheus listener (default loopback only)",
+    )
+    serve.add_argument(
+        "--metrics-port",
+        type=int,
+        default=9464,
+        help="port of GET /metrics, never served on the API port (0 turns it off)",
+    )
 
     demo = sub.add_parser("demo", help="multi-tenant demo: allowed, blocked, audit, replay")
     _common(demo)
@@ -108,6 +121,35 @@ def build_parser() -> argparse.ArgumentParser:
     slist = sources_sub.add_parser("list", help="list sources")
     _common(slist)
     _as(slist)
+    sshow = sources_sub.add_parser("show", help="a source and its document count")
+    _common(sshow)
+    _as(sshow)
+    sshow.add_argument("source_id")
+    sremove = sources_sub.add_parser(
+        "remove", help="remove a source, its chunks, relationships and catalog entries"
+    )
+    _common(sremove)
+    _as(sremove)
+    sremove.add_argument("source_id")
+
+    documents = sub.add_parser("documents", help="ingested documents")
+    documents_sub = documents.add_subparsers(dest="documents_command", required=True)
+    ddelete = documents_sub.add_parser("delete", help="remove a document's chunks and relations")
+    _common(ddelete)
+    _as(ddelete)
+    ddelete.add_argument("source_id")
+    ddelete.add_argument("document_id")
+
+    _relationships_parser(sub)
+
+    principals = sub.add_parser("principals", help="users and agents of a tenant")
+    principals_sub = principals.add_subparsers(dest="principals_command", required=True)
+    deprovision = principals_sub.add_parser(
+        "deprovision", help="remove every relation of a user or agent and revoke its tasks"
+    )
+    _common(deprovision)
+    _as(deprovision)
+    deprovision.add_argument("ref", help="user:ID or agent:ID")
 
     ingest = sub.add_parser("ingest", help="ingest documents from a JSON Lines file")
     _common(ingest)
@@ -140,6 +182,17 @@ def build_parser() -> argparse.ArgumentParser:
             _as(cmd)
         if name in {"show", "replay"}:
             cmd.add_argument("request_id")
+        if name == "replay":
+            cmd.add_argument(
+                "--what-if",
+                dest="what_if",
+                nargs="+",
+                action="extend",
+                type=relationship,
+                default=[],
+                metavar="USER,RELATION,OBJECT",
+                help="evaluate as if these relationships existed (nothing is written)",
+            )
         if name == "list":
             cmd.add_argument("--outcome")
             cmd.add_argument("--limit", type=int, default=20)
@@ -160,6 +213,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _relationships_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    relationships = sub.add_parser("relationships", help="relationships inside the tenant")
+    relationships_sub = relationships.add_subparsers(dest="relationships_command", required=True)
+    for name, helptext in (("write", "write relationships"), ("delete", "delete relationships")):
+        cmd = relationships_sub.add_parser(name, help=helptext)
+        _common(cmd)
+        _as(cmd)
+        cmd.add_argument("--user", help="one relationship: user:alice, group:eng#member, ...")
+        cmd.add_argument("--relation", help="member, admin, reviewer, parent, owner, viewer, ...")
+        cmd.add_argument("--object", help="tenant:T, group:G, source:S, folder:F, document:D")
+        cmd.add_argument(
+            "--tuple",
+            dest="tuples",
+            nargs="+",
+            action="extend",
+            type=relationship,
+            default=[],
+            metavar="USER,RELATION,OBJECT",
+            help="more relationships, e.g. user:alice,member,group:eng (repeatable)",
+        )
+        cmd.add_argument(
+            "--file",
+            type=Path,
+            help='JSON Lines of {"user", "relation", "object"} ("-" reads stdin)',
+        )
+    rlist = relationships_sub.add_parser("list", help="relationships on an object or of a user")
+    _common(rlist)
+    _as(rlist)
+    which = rlist.add_mutually_exclusive_group(required=True)
+    which.add_argument("--object", help="relationships on this object, e.g. document:d1")
+    which.add_argument("--user", help="relationships of this subject, e.g. group:eng#member")
+
+
+def relationship(text: str) -> dict[str, str]:
+    """``user:alice,viewer,document:d1`` (commas or spaces) as a relationship."""
+    parts = [part for part in re.split(r"[,\s]+", text.strip()) if part]
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not USER,RELATION,OBJECT (e.g. user:alice,viewer,document:d1)"
+        )
+    return dict(zip(("user", "relation", "object"), parts, strict=True))
+
+
 def _as(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tenant", required=True, help="the caller's tenant")
     parser.add_argument("--as", dest="as_user", required=True, help="the calling user (admin)")
@@ -170,7 +266,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except ScopegateError as exc:
-        print(f"scopegate: {exc.code}: {exc.message}", file=sys.stderr)
+        # The operator's own console: the upstream detail helps, and reaches no agent.
+        detail = f" ({exc.detail})" if exc.detail else ""
+        print(f"scopegate: {exc.code}: {exc.message}{detail}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
@@ -197,23 +295,69 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
+    from starlette.types import ASGIApp
 
     from gateway.api import create_app
+    from gateway.metrics import Metrics, create_metrics_app
 
     data_dir = _data_dir(args)
     settings = load_settings(data_dir=data_dir)
+    # Both ports are bound before anything starts, so a taken port fails fast and whole.
+    metrics_port: int = args.metrics_port
+    try:
+        api_socket = _listen(args.host, args.port)
+        metrics_socket = _listen(args.metrics_host, metrics_port) if metrics_port else None
+    except OSError as exc:
+        print(f"scopegate: cannot listen: {exc}", file=sys.stderr)
+        return 2
+    metrics = Metrics()
+    listeners: list[tuple[ASGIApp, socket.socket]] = [
+        (create_app(settings, metrics=metrics), api_socket)
+    ]
+    runtime_info: dict[str, object] = {"url": _url(args.host, args.port), "pid": os.getpid()}
+    if metrics_socket is not None:
+        listeners.append((create_metrics_app(metrics), metrics_socket))
+        runtime_info["metrics_url"] = _url(args.metrics_host, metrics_port) + "/metrics"
     runtime = data_dir / "runtime.json"
     data_dir.mkdir(parents=True, exist_ok=True)
-    runtime.write_text(json.dumps({"url": f"http://{args.host}:{args.port}", "pid": os.getpid()}))
-    print(
-        f"scopegate: serving on http://{args.host}:{args.port} (data in {data_dir})",
-        file=sys.stderr,
-    )
+    runtime.write_text(json.dumps(runtime_info))
+    print(f"scopegate: serving on {runtime_info['url']} (data in {data_dir})", file=sys.stderr)
+    if metrics_socket is not None:
+        print(f"scopegate: metrics on {runtime_info['metrics_url']}", file=sys.stderr)
+    servers = [
+        (uvicorn.Server(uvicorn.Config(app, log_level="warning")), sock) for app, sock in listeners
+    ]
     try:
-        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning")
+        asyncio.run(_serve_all(servers))
     finally:
         runtime.unlink(missing_ok=True)
     return 0
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family, backlog=2048)
+
+
+def _url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+async def _serve_all(servers: Sequence[tuple[Any, socket.socket]]) -> None:
+    """The API server and the metrics server on one loop; the API's end stops both.
+
+    Each uvicorn server takes over SIGINT/SIGTERM while it runs and passes a signal on
+    to the handler it replaced once it has stopped, so a Ctrl-C stops the metrics
+    listener first, then the API (its lifespan closes the gateway and OpenFGA).
+    """
+    (api, api_socket), *others = servers
+    rest = [asyncio.ensure_future(s.serve(sockets=[sock])) for s, sock in others]
+    try:
+        await api.serve(sockets=[api_socket])
+    finally:
+        for server, _ in others:
+            server.should_exit = True
+        await asyncio.gather(*rest, return_exceptions=True)
 
 
 def _token(args: argparse.Namespace) -> int:

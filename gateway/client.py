@@ -1,10 +1,11 @@
 """Python client for a running scopegate gateway (sync and async, over httpx).
 
 Both clients expose the same typed methods for the whole HTTP API v1 (DESIGN §4):
-retrieval, tasks, sources and ingestion, relationships, and the reviewer's audit
-list / show / replay. Errors come back as the exception classes the gateway raises
-(:mod:`gateway.errors`), mapped by the ``error.code`` of the body, or by the HTTP
-status when a proxy answered instead of the gateway.
+retrieval, tasks, sources and ingestion, relationships, deprovisioning, and the
+reviewer's audit list / show / replay (with what-if). Errors come back as the
+exception classes the gateway raises (:mod:`gateway.errors`), mapped by the
+``error.code`` of the body, or by the HTTP status when a proxy answered instead of
+the gateway.
 
 The token is a string or a zero-argument callable returning one; the callable is
 asked before every attempt, so a token provider can rotate tokens freely.
@@ -16,7 +17,8 @@ Retries are limited to what is safe to repeat:
 - a request that may have reached it is retried only when repeating it changes
   nothing (reads, retrieval and replay, which write nothing but an audit record,
   and task revocation), on transport errors and on 429/503 answers, honouring
-  ``Retry-After``;
+  ``Retry-After``; removals of sources, documents and principals are not repeated,
+  as a second attempt would answer 404 or zero counts for work the first one did;
 - a 401 is retried once, with a fresh token, when the token callable hands out a
   different one: the gateway rejects an unauthenticated request before doing anything.
 """
@@ -29,6 +31,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
+from urllib.parse import quote
 
 import anyio
 import httpx
@@ -157,8 +160,11 @@ class Source:
 
 @dataclass(frozen=True, slots=True)
 class IngestSummary:
+    """Totals of an ingestion; ``skipped`` counts documents that were already up to date."""
+
     documents: int
     chunks: int
+    skipped: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -456,11 +462,46 @@ def _register_source(source_id: str, kind: str, config: Mapping[str, Any] | None
     )
 
 
+def _segment(value: str) -> str:
+    """``value`` as one path segment: no id can turn a call into one on another route."""
+    if not value:
+        raise errors.InvalidRequest("an id in a request path must not be empty")
+    quoted = quote(value, safe=":")
+    # "." and ".." would be resolved away by URL normalisation: keep them literal.
+    return quoted.replace(".", "%2E") if not quoted.strip(".") else quoted
+
+
+def _path(template: str, *values: str) -> str:
+    return template.format(*(_segment(v) for v in values))
+
+
 def _relationships(
     writes: Sequence[Mapping[str, str]], deletes: Sequence[Mapping[str, str]]
 ) -> _Request:
     body = {"writes": [dict(w) for w in writes], "deletes": [dict(d) for d in deletes]}
     return _Request("POST", "/v1/relationships", body)
+
+
+def _list_relationships(object: str | None, user: str | None) -> _Request:
+    params = _clean({"object": object, "user": user})
+    return _Request("GET", "/v1/relationships", params=params, repeatable=True)
+
+
+def _relationship_list(data: Mapping[str, Any]) -> list[dict[str, str]]:
+    return [
+        {"user": str(r["user"]), "relation": str(r["relation"]), "object": str(r["object"])}
+        for r in data["relationships"]
+    ]
+
+
+def _replay(request_id: str, what_if: Sequence[Mapping[str, str]] | None) -> _Request:
+    path = _path("/v1/audit/decisions/{}/replay", request_id)
+    body = {"what_if": {"writes": [dict(w) for w in what_if]}} if what_if else None
+    return _Request("POST", path, body, repeatable=True)
+
+
+def _counts(data: Mapping[str, Any]) -> dict[str, int]:
+    return {str(k): int(v) for k, v in data.items()}
 
 
 def _list_decisions(**filters: Any) -> _Request:
@@ -483,7 +524,9 @@ def _batches(documents: Sequence[Mapping[str, Any]], size: int) -> Iterator[list
 
 def _summary(total: IngestSummary, data: Mapping[str, Any]) -> IngestSummary:
     return IngestSummary(
-        total.documents + int(data["documents"]), total.chunks + int(data["chunks"])
+        total.documents + int(data["documents"]),
+        total.chunks + int(data["chunks"]),
+        total.skipped + int(data.get("skipped", 0)),
     )
 
 
@@ -593,7 +636,7 @@ class AsyncScopegateClient:
         return str(data["task_id"])
 
     async def revoke_task(self, task_id: str) -> None:
-        await self._send(_Request("DELETE", f"/v1/tasks/{task_id}", repeatable=True))
+        await self._send(_Request("DELETE", _path("/v1/tasks/{}", task_id), repeatable=True))
 
     # sources and ingestion (admin)
 
@@ -607,7 +650,9 @@ class AsyncScopegateClient:
         return [Source.from_json(s) for s in data["sources"]]
 
     async def get_source(self, source_id: str) -> Source:
-        data = await self._send(_Request("GET", f"/v1/sources/{source_id}", repeatable=True))
+        data = await self._send(
+            _Request("GET", _path("/v1/sources/{}", source_id), repeatable=True)
+        )
         return Source.from_json(data)
 
     async def ingest(
@@ -621,14 +666,22 @@ class AsyncScopegateClient:
         """Ingest in batches; ``progress`` gets the number of documents of each batch."""
         total = IngestSummary(0, 0)
         for batch in _batches(documents, batch_size):
-            path = f"/v1/sources/{source_id}/documents"
+            path = _path("/v1/sources/{}/documents", source_id)
             total = _summary(total, await self._send(_Request("POST", path, {"documents": batch})))
             if progress is not None:
                 progress(len(batch))
         return total
 
     async def delete_document(self, source_id: str, document_id: str) -> None:
-        await self._send(_Request("DELETE", f"/v1/sources/{source_id}/documents/{document_id}"))
+        """Remove a document's chunks and relationships."""
+        path = _path("/v1/sources/{}/documents/{}", source_id, document_id)
+        await self._send(_Request("DELETE", path))
+
+    async def remove_source(self, source_id: str) -> None:
+        """Remove a source with its chunks, relationships and catalog entries."""
+        await self._send(_Request("DELETE", _path("/v1/sources/{}", source_id)))
+
+    # relationships and principals (admin)
 
     async def write_relationships(
         self,
@@ -636,8 +689,20 @@ class AsyncScopegateClient:
         deletes: Sequence[Mapping[str, str]] = (),
     ) -> dict[str, int]:
         """``{"user", "relation", "object"}`` items, inside the caller's tenant."""
-        data = await self._send(_relationships(writes, deletes))
-        return {str(k): int(v) for k, v in data.items()}
+        return _counts(await self._send(_relationships(writes, deletes)))
+
+    async def list_relationships(
+        self, *, object: str | None = None, user: str | None = None
+    ) -> list[dict[str, str]]:
+        """Relationships on ``object`` and/or of ``user`` (typed ids, e.g. ``document:d1``)."""
+        return _relationship_list(await self._send(_list_relationships(object, user)))
+
+    async def deprovision(self, ref: str) -> dict[str, int]:
+        """Remove every relation of ``user:..`` or ``agent:..`` and revoke its tasks.
+
+        Returns ``{"relations_removed": n, "tasks_revoked": n}``.
+        """
+        return _counts(await self._send(_Request("DELETE", _path("/v1/principals/{}", ref))))
 
     # audit (reviewer)
 
@@ -677,12 +742,14 @@ class AsyncScopegateClient:
             cursor = page.next_cursor
 
     async def get_decision(self, request_id: str) -> Decision:
-        path = f"/v1/audit/decisions/{request_id}"
+        path = _path("/v1/audit/decisions/{}", request_id)
         return Decision.from_json(await self._send(_Request("GET", path, repeatable=True)))
 
-    async def replay(self, request_id: str) -> Replay:
-        path = f"/v1/audit/decisions/{request_id}/replay"
-        return Replay.from_json(await self._send(_Request("POST", path, repeatable=True)))
+    async def replay(
+        self, request_id: str, what_if: Sequence[Mapping[str, str]] | None = None
+    ) -> Replay:
+        """Re-evaluate a decision now; ``what_if`` relationships are tried, never written."""
+        return Replay.from_json(await self._send(_replay(request_id, what_if)))
 
     # health (no token needed)
 
@@ -791,7 +858,7 @@ class ScopegateClient:
         return str(self._send(_create_task(user, agent, scope, expires_at))["task_id"])
 
     def revoke_task(self, task_id: str) -> None:
-        self._send(_Request("DELETE", f"/v1/tasks/{task_id}", repeatable=True))
+        self._send(_Request("DELETE", _path("/v1/tasks/{}", task_id), repeatable=True))
 
     def register_source(
         self, source_id: str, kind: str = "chroma", config: Mapping[str, Any] | None = None
@@ -804,7 +871,7 @@ class ScopegateClient:
 
     def get_source(self, source_id: str) -> Source:
         return Source.from_json(
-            self._send(_Request("GET", f"/v1/sources/{source_id}", repeatable=True))
+            self._send(_Request("GET", _path("/v1/sources/{}", source_id), repeatable=True))
         )
 
     def ingest(
@@ -817,22 +884,33 @@ class ScopegateClient:
     ) -> IngestSummary:
         total = IngestSummary(0, 0)
         for batch in _batches(documents, batch_size):
-            path = f"/v1/sources/{source_id}/documents"
+            path = _path("/v1/sources/{}/documents", source_id)
             total = _summary(total, self._send(_Request("POST", path, {"documents": batch})))
             if progress is not None:
                 progress(len(batch))
         return total
 
     def delete_document(self, source_id: str, document_id: str) -> None:
-        self._send(_Request("DELETE", f"/v1/sources/{source_id}/documents/{document_id}"))
+        path = _path("/v1/sources/{}/documents/{}", source_id, document_id)
+        self._send(_Request("DELETE", path))
+
+    def remove_source(self, source_id: str) -> None:
+        self._send(_Request("DELETE", _path("/v1/sources/{}", source_id)))
 
     def write_relationships(
         self,
         writes: Sequence[Mapping[str, str]] = (),
         deletes: Sequence[Mapping[str, str]] = (),
     ) -> dict[str, int]:
-        data = self._send(_relationships(writes, deletes))
-        return {str(k): int(v) for k, v in data.items()}
+        return _counts(self._send(_relationships(writes, deletes)))
+
+    def list_relationships(
+        self, *, object: str | None = None, user: str | None = None
+    ) -> list[dict[str, str]]:
+        return _relationship_list(self._send(_list_relationships(object, user)))
+
+    def deprovision(self, ref: str) -> dict[str, int]:
+        return _counts(self._send(_Request("DELETE", _path("/v1/principals/{}", ref))))
 
     def list_decisions(
         self,
@@ -868,12 +946,11 @@ class ScopegateClient:
             cursor = page.next_cursor
 
     def get_decision(self, request_id: str) -> Decision:
-        path = f"/v1/audit/decisions/{request_id}"
+        path = _path("/v1/audit/decisions/{}", request_id)
         return Decision.from_json(self._send(_Request("GET", path, repeatable=True)))
 
-    def replay(self, request_id: str) -> Replay:
-        path = f"/v1/audit/decisions/{request_id}/replay"
-        return Replay.from_json(self._send(_Request("POST", path, repeatable=True)))
+    def replay(self, request_id: str, what_if: Sequence[Mapping[str, str]] | None = None) -> Replay:
+        return Replay.from_json(self._send(_replay(request_id, what_if)))
 
     def ready(self) -> dict[str, Any]:
         return dict(self._send(_Request("GET", "/readyz", ok_statuses=frozenset({503}))))

@@ -14,7 +14,7 @@ import json
 import os
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -82,13 +82,83 @@ def _operator_token(data_dir: Path) -> str:
 
 
 def _jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    with path.open() as handle:
-        for number, line in enumerate(handle, 1):
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise InvalidRequest(f"{path}:{number}: not JSON") from exc
+    """The objects of a JSON Lines file (``-`` is stdin), each line numbered in errors."""
+    try:
+        with contextlib.ExitStack() as stack:
+            handle = sys.stdin if str(path) == "-" else stack.enter_context(path.open())
+            for number, line in enumerate(handle, 1):
+                if line.strip():
+                    yield _json_object(line, f"{path}:{number}")
+    except OSError as exc:
+        raise InvalidRequest(f"{path}: {exc.strerror or exc}") from exc
+
+
+def _json_object(line: str, where: str) -> dict[str, Any]:
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(f"{where}: not JSON") from exc
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"{where}: not a JSON object")
+    return value
+
+
+RELATIONSHIP_KEYS = ("user", "relation", "object")
+# The gateway takes at most this many relationship changes per call.
+RELATIONSHIPS_PER_CALL = 500
+
+
+def relationships_of(args: argparse.Namespace) -> list[dict[str, str]]:
+    """The relationships a command names: --user/--relation/--object, --tuple, --file."""
+    single = [args.user, args.relation, args.object]
+    found: list[dict[str, str]] = []
+    if any(single):
+        if not all(single):
+            raise InvalidRequest("--user, --relation and --object go together")
+        found.append(dict(zip(RELATIONSHIP_KEYS, single, strict=True)))
+    found.extend(args.tuples)
+    if args.file is not None:
+        for number, item in enumerate(_jsonl(args.file), 1):
+            if set(item) != set(RELATIONSHIP_KEYS) or not all(
+                isinstance(v, str) for v in item.values()
+            ):
+                raise InvalidRequest(
+                    f'{args.file}: entry {number} is not {{"user", "relation", "object"}}'
+                )
+            found.append({key: item[key] for key in RELATIONSHIP_KEYS})
+    if not found:
+        raise InvalidRequest(
+            "name relationships with --user/--relation/--object, --tuple or --file"
+        )
+    return found
+
+
+Relationships = list[dict[str, str]]
+
+
+async def change_relationships(
+    name: str,
+    args: argparse.Namespace,
+    write: Callable[[Relationships, Relationships], Awaitable[object]],
+) -> None:
+    """``relationships write|delete``: in calls of at most 500, each one atomic."""
+    items = relationships_of(args)
+    key = "written" if name == "relationships_write" else "deleted"
+    totals = {"written": 0, "deleted": 0}
+    for start in range(0, len(items), RELATIONSHIPS_PER_CALL):
+        batch = items[start : start + RELATIONSHIPS_PER_CALL]
+        await (write(batch, []) if key == "written" else write([], batch))
+        totals[key] += len(batch)
+    dump(totals)
+
+
+def _report_deprovision(ref: str, counts: dict[str, int]) -> None:
+    dump(counts)
+    print(
+        f"scopegate: {ref} deprovisioned: {counts['relations_removed']} relations removed, "
+        f"{counts['tasks_revoked']} tasks revoked",
+        file=sys.stderr,
+    )
 
 
 async def run_command(args: argparse.Namespace, data_dir: Path) -> int:
@@ -136,7 +206,7 @@ async def run_command(args: argparse.Namespace, data_dir: Path) -> int:
         target = url or "local"
         if url is None:
             async with local_gateway(data_dir) as g:
-                ctx = g.verifier.verify_delegation(args.token)
+                ctx = await g.verifier.averify_delegation(args.token)
                 dump((await g.retrieve(ctx, args.query, args.k)).to_dict())
             return 0
         async with AsyncScopegateClient(target, args.token) as client:
@@ -175,25 +245,34 @@ async def _over_http(name: str, args: argparse.Namespace, c: AsyncScopegateClien
         )
     elif name == "sources_list":
         dump([s.to_dict() for s in await c.list_sources()])
+    elif name == "sources_show":
+        dump((await c.get_source(args.source_id)).to_dict())
+    elif name == "sources_remove":
+        await c.remove_source(args.source_id)
+        print(f"source {args.source_id} removed")
+    elif name == "documents_delete":
+        await c.delete_document(args.source_id, args.document_id)
+        print(f"document {args.document_id} deleted from source {args.source_id}")
+    elif name in {"relationships_write", "relationships_delete"}:
+        await change_relationships(name, args, c.write_relationships)
+    elif name == "relationships_list":
+        dump(await c.list_relationships(object=args.object, user=args.user))
+    elif name == "principals_deprovision":
+        _report_deprovision(args.ref, await c.deprovision(args.ref))
     elif name == "ingest":
         docs = list(_jsonl(args.file))
-        totals = {"documents": 0, "chunks": 0}
         with tqdm(total=len(docs), desc="ingest", unit="doc") as bar:
-            for i in range(0, len(docs), args.batch):
-                batch = docs[i : i + args.batch]
-                done = await c.request(
-                    "POST", f"/v1/sources/{args.source_id}/documents", {"documents": batch}
-                )
-                totals = {k: totals[k] + int(done[k]) for k in totals}
-                bar.update(len(batch))
-        dump(totals)
+            summary = await c.ingest(
+                args.source_id, docs, batch_size=args.batch, progress=bar.update
+            )
+        dump(dataclasses.asdict(summary))
     elif name == "audit_list":
         params = {"limit": args.limit, **({"outcome": args.outcome} if args.outcome else {})}
         dump(await c.request("GET", "/v1/audit/decisions", params=params))
     elif name == "audit_show":
         dump(await c.request("GET", f"/v1/audit/decisions/{args.request_id}"))
     elif name == "audit_replay":
-        dump(await c.request("POST", f"/v1/audit/decisions/{args.request_id}/replay"))
+        dump((await c.replay(args.request_id, args.what_if)).raw)
     else:
         print(f"scopegate: '{name.replace('_', ' ')}' is not available over --url", file=sys.stderr)
         return 2
@@ -214,6 +293,22 @@ async def _in_process(name: str, args: argparse.Namespace, g: Gateway, p: Princi
         dump({"id": info.id, "kind": info.kind, "config": info.config})
     elif name == "sources_list":
         dump([{"id": s.id, "kind": s.kind, "config": s.config} for s in await g.list_sources(p)])
+    elif name == "sources_show":
+        info = await g.get_source(p, args.source_id)
+        documents = await g.catalog.document_count(p.tenant, info.id)
+        dump({"id": info.id, "kind": info.kind, "config": info.config, "documents": documents})
+    elif name == "sources_remove":
+        await g.remove_source(p, args.source_id)
+        print(f"source {args.source_id} removed")
+    elif name == "documents_delete":
+        await g.delete_document(p, args.source_id, args.document_id)
+        print(f"document {args.document_id} deleted from source {args.source_id}")
+    elif name in {"relationships_write", "relationships_delete"}:
+        await change_relationships(name, args, lambda w, d: g.write_relationships(p, w, d))
+    elif name == "relationships_list":
+        dump(await g.list_relationships(p, object=args.object, user=args.user))
+    elif name == "principals_deprovision":
+        _report_deprovision(args.ref, await g.deprovision(p, args.ref))
     elif name == "ingest":
         docs = list(_jsonl(args.file))
         with tqdm(total=len(docs), desc="ingest", unit="doc") as bar:

@@ -25,11 +25,13 @@ async def current_gateway(request: Request) -> Gateway:
 
 
 async def agent_context(request: Request) -> DelegationContext:
-    return (await current_gateway(request)).verifier.verify_delegation(bearer_token(request))
+    gateway = await current_gateway(request)
+    return await gateway.verifier.averify_delegation(bearer_token(request))
 
 
 async def principal_context(request: Request) -> PrincipalContext:
-    return (await current_gateway(request)).verifier.verify_principal(bearer_token(request))
+    gateway = await current_gateway(request)
+    return await gateway.verifier.averify_principal(bearer_token(request))
 
 
 AgentCaller = Annotated[DelegationContext, Depends(agent_context)]

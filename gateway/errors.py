@@ -18,6 +18,10 @@ Exception tree::
 
 A denial is a result, never an exception: these errors mean the gateway could not
 decide, and every one of them makes the request return no content.
+
+``message`` is what callers see (the HTTP error body); ``detail`` is what an upstream
+said (OpenFGA's per-item errors, a driver's text), which may name objects or hosts: it
+goes to the audit record and logs, never into a response.
 """
 
 from __future__ import annotations
@@ -29,9 +33,10 @@ class ScopegateError(Exception):
     # Set on errors received from a gateway over HTTP: the id of the failed request.
     request_id: str | None = None
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, detail: str | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.detail = detail
 
 
 class InvalidToken(ScopegateError):
@@ -66,6 +71,13 @@ class PayloadTooLarge(ScopegateError):
 class RateLimited(ScopegateError):
     status = 429
     code = "rate_limited"
+
+    def __init__(
+        self, message: str, detail: str | None = None, *, retry_after_s: int | None = None
+    ) -> None:
+        super().__init__(message, detail)
+        # Whole seconds after which a retry may pass: the ``Retry-After`` header.
+        self.retry_after_s = retry_after_s
 
 
 class Conflict(ScopegateError):

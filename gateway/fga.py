@@ -54,7 +54,10 @@ from gateway.errors import AuthorizationUnavailable, InvalidRequest
 MAX_CHECKS_PER_BATCH = 50
 MAX_WRITES_PER_REQUEST = 100
 STORE_NAME = "scopegate"
-MODEL_PATH = Path(__file__).resolve().parent.parent / "fga_models" / "scopegate" / "model.json"
+# fga_models/scopegate of a source checkout; an installed wheel carries it as gateway/fga_model.
+_SHIPPED_MODEL = Path(__file__).resolve().parent / "fga_model" / "model.json"
+_CHECKOUT_MODEL = Path(__file__).resolve().parent.parent / "fga_models" / "scopegate" / "model.json"
+MODEL_PATH = _SHIPPED_MODEL if _SHIPPED_MODEL.exists() else _CHECKOUT_MODEL
 EXPIRY_CONDITION = "not_expired"
 
 #: A check as OpenFGA sees it: (user, relation, object). Items with equal questions
@@ -123,15 +126,33 @@ def fga_errors(action: str) -> Any:
     except AuthorizationUnavailable:
         raise
     except ValidationException as exc:
-        raise AuthorizationUnavailable(f"OpenFGA rejected {action}: {exc.status}") from exc
+        raise AuthorizationUnavailable(
+            f"OpenFGA rejected {action}: {exc.status}", detail=_upstream(exc.body)
+        ) from exc
     except ApiException as exc:
-        raise AuthorizationUnavailable(f"OpenFGA {action} failed with HTTP {exc.status}") from exc
+        raise AuthorizationUnavailable(
+            f"OpenFGA {action} failed with HTTP {exc.status}", detail=_upstream(exc.body)
+        ) from exc
     except TimeoutError as exc:
         raise AuthorizationUnavailable(f"OpenFGA {action} timed out") from exc
     except (OpenApiException, aiohttp.ClientError, OSError) as exc:
-        raise AuthorizationUnavailable(f"OpenFGA {action} failed: {type(exc).__name__}") from exc
+        raise AuthorizationUnavailable(
+            f"OpenFGA {action} failed: {type(exc).__name__}", detail=_upstream(exc)
+        ) from exc
     except (ValueError, KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
-        raise AuthorizationUnavailable(f"OpenFGA {action}: unreadable answer") from exc
+        raise AuthorizationUnavailable(
+            f"OpenFGA {action}: unreadable answer", detail=_upstream(exc)
+        ) from exc
+
+
+def _upstream(text: object) -> str | None:
+    """What OpenFGA or the transport said, for the audit record only (it may name
+    objects): bounded, and never part of an error's message."""
+    if text is None:
+        return None
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    return str(text)[:500] or None
 
 
 def load_model() -> dict[str, Any]:
@@ -565,8 +586,12 @@ class FgaClient:
     # -- writes ----------------------------------------------------------------------
 
     async def write(self, writes: Sequence[Tuple] = (), deletes: Sequence[Tuple] = ()) -> None:
-        """Write and delete tuples idempotently, in transactions of at most 100."""
-        ops: list[tuple[str, Tuple]] = [("w", t) for t in writes] + [("d", t) for t in deletes]
+        """Write and delete tuples idempotently, in transactions of at most 100.
+
+        Order is kept: deletes first (a narrowing lands before any widening), then the
+        writes in the order given, so a tuple placed last lands in the last transaction.
+        """
+        ops: list[tuple[str, Tuple]] = [("d", t) for t in deletes] + [("w", t) for t in writes]
         conflict = ConflictOptions(
             on_duplicate_writes=ClientWriteRequestOnDuplicateWrites.IGNORE,
             on_missing_deletes=ClientWriteRequestOnMissingDeletes.IGNORE,

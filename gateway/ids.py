@@ -14,6 +14,15 @@ from dataclasses import dataclass
 from gateway.errors import Forbidden, InvalidIdentifier
 
 MAX_ID_LENGTH = 128
+# OpenFGA's limits on the two sides of a tuple or check (openfga/api, openfga/v1:
+# TupleKey and CheckRequestTupleKey): ``object`` matches ``^[^\s]{2,256}$``, ``user``
+# is at most 512 bytes. Ids here are ASCII, so characters are bytes. A namespaced id
+# (``document:<tenant>/<id>``) can exceed them although tenant and id are each valid:
+# only the combination decides.
+MAX_FGA_OBJECT = 256
+MAX_FGA_USER = 512
+# Types the model never relates anything to: they only ever stand on the user side.
+SUBJECT_ONLY_TYPES = frozenset({"user", "agent"})
 # ASCII only: ids that differ by case stay distinct, and unicode look-alikes,
 # separators (# : @ /), whitespace and control characters are refused outright.
 _BARE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -63,10 +72,14 @@ class TypedRef:
     relation: str | None = None
 
     def to_fga(self, tenant: str) -> str:
-        """The OpenFGA form, namespaced per tenant (tenants are their own namespace)."""
-        object_id = self.id if self.type == "tenant" else scoped(tenant, self.id)
-        base = f"{self.type}:{object_id}"
-        return f"{base}#{self.relation}" if self.relation else base
+        """The OpenFGA form, namespaced per tenant (tenants are their own namespace).
+
+        Raises InvalidIdentifier when that form would not fit OpenFGA's limits.
+        """
+        base = fga_object(self.type, tenant, self.id)
+        if self.relation is None:
+            return base
+        return _fitting(f"{base}#{self.relation}", MAX_FGA_USER, self.type)
 
     def __str__(self) -> str:
         base = f"{self.type}:{self.id}"
@@ -97,7 +110,44 @@ def parse_ref(
 
 
 def fga_object(type_name: str, tenant: str, bare_id: str) -> str:
-    """``document:acme/d1`` from its parts; tenants map to ``tenant:acme``."""
+    """``document:acme/d1`` from its parts; tenants map to ``tenant:acme``.
+
+    The single gate on the way to OpenFGA: both ids are validated, and a form longer
+    than OpenFGA accepts on the side this type stands on raises InvalidIdentifier
+    (422), before anything is written anywhere.
+    """
+    validate_id(tenant, "tenant")
+    validate_id(bare_id, f"{type_name} id")
     if type_name == "tenant":
         return f"tenant:{bare_id}"
-    return f"{type_name}:{scoped(tenant, bare_id)}"
+    limit = MAX_FGA_USER if type_name in SUBJECT_ONLY_TYPES else MAX_FGA_OBJECT
+    return _fitting(f"{type_name}:{scoped(tenant, bare_id)}", limit, type_name)
+
+
+def validate_scoped_id(tenant: str, type_name: str, value: object, what: str | None = None) -> str:
+    """``value`` if it is a valid bare id whose namespaced form fits OpenFGA in ``tenant``.
+
+    What to call up front on every id of a request before writing anything: it raises
+    InvalidIdentifier exactly where :func:`fga_object` would later.
+    """
+    bare = validate_id(value, what or f"{type_name} id")
+    fga_object(type_name, tenant, bare)
+    return bare
+
+
+def is_valid_scoped_id(tenant: str, type_name: str, value: object) -> bool:
+    """:func:`validate_scoped_id` as a predicate, for ids read back from a store."""
+    try:
+        validate_scoped_id(tenant, type_name, value)
+    except InvalidIdentifier:
+        return False
+    return True
+
+
+def _fitting(form: str, limit: int, type_name: str) -> str:
+    if len(form) > limit:
+        raise InvalidIdentifier(
+            f"{type_name} id is too long for this tenant: its namespaced form has "
+            f"{len(form)} characters, OpenFGA accepts at most {limit}"
+        )
+    return form

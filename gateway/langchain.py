@@ -148,7 +148,7 @@ async def _retrieve_local(
     sources: Sequence[str] | None,
     max_tokens: int | None,
 ) -> list[Document]:
-    ctx = gateway.verifier.verify_delegation(token)
+    ctx = await gateway.verifier.averify_delegation(token)
     result = await gateway.retrieve(ctx, query, k, sources, max_tokens)
     return to_documents(result.request_id, result.chunks)
 

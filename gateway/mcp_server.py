@@ -102,12 +102,12 @@ class LocalBackend:
     async def retrieve(
         self, token: str, query: str, k: int, sources: list[str] | None
     ) -> Retrieval:
-        ctx = self._gateway.verifier.verify_delegation(token)
+        ctx = await self._gateway.verifier.averify_delegation(token)
         result = await self._gateway.retrieve(ctx, query, k, sources)
         return Retrieval.from_json(result.to_dict())
 
     async def sources(self, token: str) -> list[str]:
-        ctx = self._gateway.verifier.verify_delegation(token)
+        ctx = await self._gateway.verifier.averify_delegation(token)
         found: list[str] = await self._gateway.retrievable_sources(ctx)
         return found
 

@@ -1,4 +1,9 @@
-"""Prometheus metrics, one registry per app (tests run several apps per process)."""
+"""Prometheus metrics, one registry per app (tests run several apps per process).
+
+They are served by their own small app (:func:`create_metrics_app`) on an operator
+listener (``scopegate serve --metrics-port``, loopback by default), never by the
+agent-facing API: per-tenant counts of denials are themselves a side channel.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,10 @@ from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from gateway.decision import DocumentVerdict
 
@@ -56,3 +65,17 @@ class Metrics:
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def create_metrics_app(metrics: Metrics) -> Starlette:
+    """The operator-facing ASGI app: ``GET /metrics`` in Prometheus' text format, nothing else.
+
+    Give it the :class:`Metrics` of the API app (``create_app(metrics=...)`` or
+    ``app.state.metrics``) so that it serves that app's counters.
+    """
+
+    async def scrape(request: Request) -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    return Starlette(routes=[Route("/metrics", scrape, methods=["GET"])])

@@ -12,7 +12,7 @@ from typing import Any
 
 from gateway.errors import InvalidRequest
 from gateway.fga import Tuple
-from gateway.ids import PUBLIC_RELATIONS, fga_object, parse_ref, validate_id
+from gateway.ids import PUBLIC_RELATIONS, fga_object, parse_ref, unscoped, validate_id
 
 VIEWER_TYPES = frozenset({"user", "group", "tenant"})
 AGENT_TYPES = frozenset({"agent", "group", "tenant"})
@@ -129,3 +129,19 @@ def _list(acl: Mapping[str, Any], key: str) -> list[object]:
     if not isinstance(value, list):
         raise InvalidRequest(f"acl.{key} must be a list")
     return value
+
+
+def local_tuple(tenant: str, t: Tuple) -> dict[str, str]:
+    """A tuple of ``tenant`` in the typed, tenant-local form API callers write."""
+    return {
+        "user": _local(tenant, t.user),
+        "relation": t.relation,
+        "object": _local(tenant, t.object),
+    }
+
+
+def _local(tenant: str, value: str) -> str:
+    head, sep, relation = value.partition("#")
+    type_name, _, object_id = head.partition(":")
+    bare = object_id if type_name == "tenant" else unscoped(tenant, object_id)
+    return f"{type_name}:{bare}{sep}{relation}"

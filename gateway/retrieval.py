@@ -70,11 +70,13 @@ from gateway.decision import (
 from gateway.errors import AuthorizationUnavailable, SourceUnavailable
 from gateway.fga import FgaClient, ListObjectsResult
 from gateway.identity import DelegationContext
-from gateway.ids import scoped, unscoped
+from gateway.ids import is_valid_scoped_id, scoped, unscoped
 
 T = TypeVar("T")
 
 MISSING_METADATA = "chunk_metadata"
+#: Per-item errors of one failed round kept in the error's detail (audit only).
+DETAILED_ERRORS = 5
 REQUEST_LEVEL = frozenset(c.value for c in REQUEST_CHECKS)
 #: Fraction of an approximate store's window that is trusted (see module docstring).
 ANN_TRUST = 0.5
@@ -150,6 +152,9 @@ class RetrievalOutcome:
 
 
 class RetrievalStrategy(Protocol):
+    """``outcome``, when given, is filled in place as the retrieval goes: if it fails
+    half way, the caller still holds every verdict reached (for the audit record)."""
+
     name: str
 
     async def retrieve(
@@ -159,12 +164,27 @@ class RetrievalStrategy(Protocol):
         k: int,
         sources: Sequence[SourceHandle],
         options: RequestOptions | None = None,
+        *,
+        outcome: RetrievalOutcome | None = None,
     ) -> RetrievalOutcome: ...
 
 
+def _started(outcome: RetrievalOutcome | None, name: str) -> RetrievalOutcome:
+    if outcome is None:
+        return RetrievalOutcome(name)
+    outcome.strategy = name
+    return outcome
+
+
 def well_formed(ctx: DelegationContext, c: Candidate, source: str) -> bool:
-    """A chunk without its stamps, or stamped for another tenant/source, is never released."""
-    return bool(c.document_id) and c.tenant == ctx.tenant and c.source == source
+    """A chunk without its stamps, stamped for another tenant/source, or naming a
+    document id that is malformed or too long once namespaced, is never released and
+    its document never reaches OpenFGA."""
+    return (
+        c.tenant == ctx.tenant
+        and c.source == source
+        and is_valid_scoped_id(ctx.tenant, "document", c.document_id)
+    )
 
 
 def rank_key(c: Candidate) -> tuple[float, str]:
@@ -239,27 +259,41 @@ class RequestChecks:
         self.request_denied = False
 
     async def verify(self, document_ids: Sequence[str], outcome: RetrievalOutcome) -> None:
-        """Decide every document not decided yet, in one BatchCheck round."""
+        """Decide every document not decided yet, in one BatchCheck round.
+
+        If the round fails, its documents are recorded in ``outcome`` with verdict
+        ``error`` (and the conjuncts that went unanswered) before the error is raised;
+        the per-item texts of OpenFGA go into the error's ``detail`` only.
+        """
         fresh = [d for d in dict.fromkeys(document_ids) if d not in self.verdicts]
         if fresh:
             items = plan_checks(self.ctx, fresh, include_request=not self.rounds)
-            answered = await _timed(
-                outcome,
-                "check",
-                len(items),
-                self.fga.batch_check(
-                    items,
-                    model_id=self.model_id,
-                    consistency=self.options.consistency,
-                    deadline=self.options.deadline,
-                ),
-                None,
-            )
+            try:
+                answered = await _timed(
+                    outcome,
+                    "check",
+                    len(items),
+                    self.fga.batch_check(
+                        items,
+                        model_id=self.model_id,
+                        consistency=self.options.consistency,
+                        deadline=self.options.deadline,
+                    ),
+                    None,
+                )
+            except BaseException:
+                outcome.verdicts.update(decide(self.ctx, fresh, self.outcomes))
+                raise
             errored = [item for item, o in answered.items() if o.allowed is None]
             if errored:
+                outcome.verdicts.update(decide(self.ctx, fresh, {**self.outcomes, **answered}))
                 raise AuthorizationUnavailable(
-                    f"OpenFGA could not answer {len(errored)} check(s): "
-                    f"{errored[0].name.value} ({answered[errored[0]].error})"
+                    f"OpenFGA could not answer {len(errored)} check(s)",
+                    detail="; ".join(
+                        f"{item.name.value} {item.user} {item.relation} {item.object}: "
+                        f"{answered[item].error}"
+                        for item in errored[:DETAILED_ERRORS]
+                    ),
                 )
             self.outcomes.update(answered)
             self.rounds += 1
@@ -331,20 +365,30 @@ async def _search_all(
     return list(zip(sources, results, strict=True))
 
 
+def _examine(outcome: RetrievalOutcome, ctx: DelegationContext, window: Window) -> list[str]:
+    """Record the trusted prefix in the outcome (before any check, so a failure later
+    still leaves it on the record), deny malformed chunks, and return the documents
+    that OpenFGA must decide."""
+    documents: list[str] = []
+    for c, source in window.trusted:
+        outcome.observe([c])
+        if well_formed(ctx, c, source):
+            documents.append(str(c.document_id))
+        else:
+            _deny_malformed(outcome, c)
+    return documents
+
+
 def _finish(
     outcome: RetrievalOutcome,
     ctx: DelegationContext,
     checks: RequestChecks,
     window: Window,
-    k: int,
 ) -> list[Candidate]:
-    """Record the trusted prefix in the outcome; return its permitted chunks."""
+    """The permitted chunks of the trusted prefix, once its documents are decided."""
     permitted: list[Candidate] = []
     for c, source in window.trusted:
-        outcome.observe([c])
-        if not well_formed(ctx, c, source):
-            _deny_malformed(outcome, c)
-        elif checks.allowed(c.document_id):
+        if well_formed(ctx, c, source) and checks.allowed(c.document_id):
             permitted.append(c)
     outcome.examined = len(window.trusted)
     outcome.permitted = len(permitted)
@@ -396,20 +440,18 @@ class PostFilter:
         *,
         overfetch: float | None = None,
         checks: RequestChecks | None = None,
+        outcome: RetrievalOutcome | None = None,
     ) -> RetrievalOutcome:
         options = options or RequestOptions()
         checks = checks or RequestChecks(self.fga, ctx, options, self.model_id)
-        outcome = RetrievalOutcome(self.name)
+        outcome = _started(outcome, self.name)
         outcome.exact_ranking = all(s.exact for s in sources)
         n = self.first_window(k, overfetch or self.overfetch, sources)
         while True:
             found = await _search_all(outcome, sources, vector, n, options.deadline)
             window = trusted_prefix(found, n, self.ann_trust)
-            documents = [
-                str(c.document_id) for c, source in window.trusted if well_formed(ctx, c, source)
-            ]
-            await checks.verify(documents, outcome)
-            permitted = _finish(outcome, ctx, checks, window, k)
+            await checks.verify(_examine(outcome, ctx, window), outcome)
+            permitted = _finish(outcome, ctx, checks, window)
             if len(permitted) >= k or window.exhausted or checks.request_denied:
                 outcome.chunks = [] if checks.request_denied else permitted[:k]
                 return outcome
@@ -587,23 +629,23 @@ class PreFilter:
         overfetch: float | None = None,
         relations: Sequence[str] | None = None,
         budget_s: float | None = None,
+        outcome: RetrievalOutcome | None = None,
     ) -> RetrievalOutcome:
         options = options or RequestOptions()
         checks = checks or RequestChecks(self.fga, ctx, options, self.model_id)
-        probe = RetrievalOutcome(self.name)
+        probe = _started(outcome, self.name)
         superset = await self.permitted_superset(ctx, options, limit, probe, relations, budget_s)
         if superset.ids is None:
-            result = await self.fallback.retrieve(
-                ctx, vector, k, sources, options, overfetch=overfetch, checks=checks
-            )
-            result.strategy = "prefilter->postfilter"
-            result.list_objects_calls = superset.calls
-            result.phases[:0] = probe.phases
-            result.notes.extend(superset.notes)
-            result.notes.append(
+            probe.list_objects_calls = superset.calls
+            probe.notes.extend(superset.notes)
+            probe.notes.append(
                 "ListObjects answers over the limit, over budget or incomplete; "
                 "fell back to post-filter"
             )
+            result = await self.fallback.retrieve(
+                ctx, vector, k, sources, options, overfetch=overfetch, checks=checks, outcome=probe
+            )
+            result.strategy = "prefilter->postfilter"
             return result
         outcome = probe
         outcome.list_objects_calls = superset.calls
@@ -642,11 +684,9 @@ class PreFilter:
             )
             exact = [SourceHandle(s.tenant, s.id, s.store, s.documents, True) for s in sources]
             window = trusted_prefix(list(zip(exact, found, strict=True)), n, 1.0)
-            documents = [
-                str(c.document_id) for c, source in window.trusted if well_formed(ctx, c, source)
-            ]
+            documents = _examine(outcome, ctx, window)
             await checks.verify(documents, outcome)
-            permitted = _finish(outcome, ctx, checks, window, k)
+            permitted = _finish(outcome, ctx, checks, window)
             if len(permitted) >= k or window.exhausted or checks.request_denied or not ids:
                 outcome.chunks = [] if checks.request_denied else permitted[:k]
                 return
@@ -923,10 +963,14 @@ class Adaptive:
         k: int,
         sources: Sequence[SourceHandle],
         options: RequestOptions | None = None,
+        *,
+        outcome: RetrievalOutcome | None = None,
     ) -> RetrievalOutcome:
         options = options or RequestOptions()
         plan = self.plan(ctx, k, sources)
         checks = RequestChecks(self.post.fga, ctx, options, self.post.model_id)
+        outcome = _started(outcome, self.name)
+        outcome.notes.append(f"adaptive chose {plan.strategy}: {plan.reason}")
         if plan.strategy == "prefilter":
             result = await self.pre.retrieve(
                 ctx,
@@ -940,13 +984,20 @@ class Adaptive:
                 overfetch=plan.overfetch,
                 relations=plan.relations,
                 budget_s=plan.budget_s,
+                outcome=outcome,
             )
         else:
             result = await self.post.retrieve(
-                ctx, vector, k, sources, options, overfetch=plan.overfetch, checks=checks
+                ctx,
+                vector,
+                k,
+                sources,
+                options,
+                overfetch=plan.overfetch,
+                checks=checks,
+                outcome=outcome,
             )
         self.learn(ctx, result, sources)
-        result.notes.insert(0, f"adaptive chose {plan.strategy}: {plan.reason}")
         result.strategy = f"adaptive:{result.strategy}"
         return result
 

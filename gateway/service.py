@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import secrets
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,8 +22,7 @@ from typing import Any
 
 from langchain_core.embeddings import Embeddings
 
-from connectors.base import ChunkRecord, VectorStore
-from connectors.chunking import chunk_document
+from connectors.base import VectorStore
 from gateway.audit import AuditRecord, AuditStore, CandidateVerdict, open_audit_store, redact_query
 from gateway.cache import ChangeWatcher, DecisionCache
 from gateway.catalog import SourceCatalog, SourceInfo
@@ -46,13 +44,16 @@ from gateway.identity import (
     issue_token,
     load_or_create_signing_key,
 )
-from gateway.ids import fga_object, validate_id
+from gateway.ids import fga_object, parse_ref, unscoped, validate_id
+from gateway.ingestion import Ingestor, prepare, tuples_json
 from gateway.packing import PackedChunk, pack
 from gateway.relationships import (
+    SUBJECT_TYPES,
     admin_tuple,
-    document_tuples,
+    local_tuple,
     principal,
     source_tuples,
+    subject,
     task_tuples,
 )
 from gateway.retrieval import (
@@ -67,7 +68,8 @@ from gateway.retrieval import (
 from gateway.settings import Settings
 
 SOURCE_KINDS = frozenset({"chroma", "memory"})
-INGESTION_RELATIONS = frozenset({"tenant", "parent", "owner", "viewer", "agent_viewer"})
+#: Object types whose tuples may name a principal (besides its tenant).
+SUBJECT_OBJECT_TYPES = ("group", "source", "folder", "document", "task")
 DEADLINE_BACKSTOP_S = 0.5
 
 log = logging.getLogger("scopegate.service")
@@ -137,6 +139,7 @@ class Gateway:
         self.managed = managed
         self.signing_key = signing_key
         self.stores = StoreRegistry(settings.data_dir)
+        self.ingestor = Ingestor(fga, catalog, embeddings)
         self.watcher: ChangeWatcher | None = None
         self.retention: asyncio.Task[None] | None = None
         post = PostFilter(fga, settings.overfetch, settings.max_candidates)
@@ -281,13 +284,29 @@ class Gateway:
 
     # -- tenants, tasks, relationships -----------------------------------------------
 
-    async def create_tenant(self, tenant: str, admin: str) -> None:
-        """Operator bootstrap: the tenant's first admin (also an active member)."""
+    async def create_tenant(
+        self, tenant: str, admin: str, by: PrincipalContext | None = None
+    ) -> None:
+        """Operator bootstrap: the tenant's first admin (also an active member).
+
+        Conflict when the tenant exists: an existing tenant gets admins through
+        ``/v1/relationships``, never silently through bootstrap.
+        """
         validate_id(tenant, "tenant")
         validate_id(admin, "user")
         t = fga_object("tenant", tenant, tenant)
         u = fga_object("user", tenant, admin)
-        await self.fga.write([Tuple(u, "admin", t), Tuple(u, "member", t)])
+        writes = [Tuple(u, "admin", t), Tuple(u, "member", t)]
+        caller = by or PrincipalContext(tenant, "operator", "bootstrap", operator=True)
+        details = {"tenant": tenant, "admin": admin, "writes": tuples_json(writes)}
+        async with self._admin_mutation(caller, "tenant.create", details):
+            if await self.fga.read(object=t):
+                raise Conflict(f"tenant {tenant} already exists")
+            try:
+                await self.catalog.add_tenant(tenant)
+            except Conflict as exc:
+                raise Conflict(f"tenant {tenant} already exists") from exc
+            await self.fga.write(writes)
 
     async def create_task(
         self,
@@ -305,12 +324,16 @@ class Gateway:
             raise InvalidRequest("expires_at must include a timezone")
         task_id = f"t{secrets.token_hex(8)}"
         tuples = task_tuples(p.tenant, task_id, user_id, agent_id, scope, expires_at)
-        await self.fga.write(tuples)
-        await self._audit_admin(
-            p,
-            "task.create",
-            {"task": task_id, "user": user_id, "agent": agent_id, "scope": [str(s) for s in scope]},
-        )
+        details = {
+            "task": task_id,
+            "user": user_id,
+            "agent": agent_id,
+            "scope": [str(s) for s in scope],
+            "expires_at": expires_at.isoformat() if expires_at else None,
+            "writes": tuples_json(tuples),
+        }
+        async with self._admin_mutation(p, "task.create", details):
+            await self.fga.write(tuples)
         return task_id
 
     async def revoke_task(self, p: PrincipalContext, task_id: str) -> None:
@@ -325,8 +348,10 @@ class Gateway:
         )
         if not is_delegator:
             await self.require_admin(p)
-        await self.fga.write(deletes=[t for t in existing if t.relation == "live"])
-        await self._audit_admin(p, "task.revoke", {"task": task_id})
+        live = [t for t in existing if t.relation == "live"]
+        details = {"task": task_id, "deletes": tuples_json(live)}
+        async with self._admin_mutation(p, "task.revoke", details):
+            await self.fga.write(deletes=live)
 
     async def write_relationships(
         self,
@@ -339,8 +364,96 @@ class Gateway:
             raise InvalidRequest("at most 500 relationship changes per call")
         w = [admin_tuple(p.tenant, x) for x in writes]
         d = [admin_tuple(p.tenant, x) for x in deletes]
-        await self.fga.write(w, d)
-        await self._audit_admin(p, "relationships.write", {"writes": len(w), "deletes": len(d)})
+        details = {"writes": tuples_json(w), "deletes": tuples_json(d)}
+        async with self._admin_mutation(p, "relationships.write", details):
+            await self._claim_parents(p.tenant, w)
+            await self.fga.write(w, d)
+            await self._unlink_parents(p.tenant, d)
+
+    async def _claim_parents(self, tenant: str, writes: Sequence[Tuple]) -> None:
+        """A ``parent`` write may not move another source's folder or document (409)."""
+        for t in writes:
+            if t.relation != "parent":
+                continue
+            parent_type, _, parent_id = t.user.partition(":")
+            child_type, _, child_id = t.object.partition(":")
+            if parent_type not in {"source", "folder"} or child_type not in {"folder", "document"}:
+                raise InvalidRequest("parent links a folder or document to a folder or source")
+            await self.catalog.link(
+                tenant,
+                f"{parent_type}:{unscoped(tenant, parent_id)}",
+                f"{child_type}:{unscoped(tenant, child_id)}",
+            )
+
+    async def _unlink_parents(self, tenant: str, deletes: Sequence[Tuple]) -> None:
+        for t in deletes:
+            if t.relation == "parent" and t.user.startswith("folder:"):
+                await self.catalog.unlink(
+                    tenant,
+                    f"folder:{unscoped(tenant, t.user.partition(':')[2])}",
+                    f"folder:{unscoped(tenant, t.object.partition(':')[2])}",
+                )
+
+    async def list_relationships(
+        self, p: PrincipalContext, object: str | None = None, user: str | None = None
+    ) -> list[dict[str, str]]:
+        """Tuples naming ``object`` or ``user`` (typed, tenant-local ids), for admins."""
+        await self.require_admin(p)
+        if (object is None) == (user is None):
+            raise InvalidRequest("give exactly one of object or user")
+        if object is not None:
+            ref = parse_ref(object, p.tenant)
+            found = await self.fga.read(object=ref.to_fga(p.tenant))
+        else:
+            who = subject(p.tenant, user, SUBJECT_TYPES)
+            found = await self._tuples_of_subject(p.tenant, who)
+        return [local_tuple(p.tenant, t) for t in found]
+
+    async def _tuples_of_subject(self, tenant: str, who: str) -> list[Tuple]:
+        """Every tuple of the tenant whose user is ``who`` (one read per object type)."""
+        reads = [
+            self.fga.read(user=who, object=fga_object("tenant", tenant, tenant)),
+            *(self.fga.read(user=who, object=f"{kind}:") for kind in SUBJECT_OBJECT_TYPES),
+        ]
+        prefix = f"{tenant}/"
+        found: list[Tuple] = []
+        for batch in await asyncio.gather(*reads):
+            found += [
+                t
+                for t in batch
+                if t.object == f"tenant:{tenant}" or t.object.partition(":")[2].startswith(prefix)
+            ]
+        return found
+
+    async def deprovision(self, p: PrincipalContext, ref: str) -> dict[str, int]:
+        """Remove every relation of a user or agent in the tenant and revoke its tasks.
+
+        Tenant and group membership, admin, reviewer, direct grants and task bindings
+        go; tasks it delegated or executes lose their ``live`` tuple, so re-adding the
+        principal later revives nothing.
+        """
+        await self.require_admin(p)
+        target = parse_ref(ref, p.tenant, frozenset({"user", "agent"}))
+        who = target.to_fga(p.tenant)
+        relations = await self._tuples_of_subject(p.tenant, who)
+        tasks = sorted({t.object for t in relations if t.relation in {"delegator", "executor"}})
+        lives = [
+            t
+            for batch in await asyncio.gather(
+                *(self.fga.read(relation="live", object=task) for task in tasks)
+            )
+            for t in batch
+        ]
+        deletes = [Tuple(t.user, t.relation, t.object) for t in relations + lives]
+        details = {"principal": str(target), "deletes": tuples_json(deletes)}
+        async with self._admin_mutation(p, "principal.deprovision", details):
+            # Membership first: from the first transaction on, the principal is inactive.
+            deletes.sort(key=lambda t: t.object != f"tenant:{p.tenant}")
+            await self.fga.write(deletes=deletes)
+        return {
+            "relations_removed": len(relations),
+            "tasks_revoked": len({t.object for t in lives}),
+        }
 
     # -- sources and ingestion -------------------------------------------------------
 
@@ -351,24 +464,69 @@ class Gateway:
         validate_id(source_id, "source")
         if kind not in SOURCE_KINDS:
             raise InvalidRequest(f"kind must be one of {sorted(SOURCE_KINDS)}")
-        if await self.catalog.get_source(p.tenant, source_id) is not None:
-            raise Conflict(f"source {source_id} already exists")
-        await self.fga.write(source_tuples(p.tenant, source_id))
-        info = await self.catalog.add_source(p.tenant, source_id, kind, dict(config))
-        await self._audit_admin(p, "source.register", {"source": source_id, "kind": kind})
+        existing = await self.catalog.get_source(p.tenant, source_id)
+        if existing is not None:
+            state = " (being removed)" if existing.state != "active" else ""
+            raise Conflict(f"source {source_id} already exists{state}")
+        tuples = source_tuples(p.tenant, source_id)
+        details = {"source": source_id, "kind": kind, "writes": tuples_json(tuples)}
+        async with self._admin_mutation(p, "source.register", details):
+            info = await self.catalog.add_source(p.tenant, source_id, kind, dict(config))
+            await self.fga.write(tuples)
         return info
 
     async def get_source(self, p: PrincipalContext, source_id: str) -> SourceInfo:
         await self.require_admin(p)
         validate_id(source_id, "source")
         info = await self.catalog.get_source(p.tenant, source_id)
-        if info is None:
+        if info is None or info.state != "active":
             raise NotFound(f"source {source_id} not found")
         return info
 
     async def list_sources(self, p: PrincipalContext) -> list[SourceInfo]:
         await self.require_admin(p)
         return await self.catalog.list_sources(p.tenant)
+
+    async def remove_source(self, p: PrincipalContext, source_id: str) -> dict[str, int]:
+        """Remove a source: its tuples, its chunks, then its catalog entries.
+
+        The source stops serving first (state ``removing``), then every tuple naming its
+        documents, folders and itself goes (task scopes on them included, so a task
+        scoped only to it denies), then the store's collection, then the catalog, which
+        frees its names. A removal that fails half-way is finished by calling it again.
+        """
+        await self.require_admin(p)
+        validate_id(source_id, "source")
+        info = await self.catalog.get_source(p.tenant, source_id)
+        if info is None:
+            raise NotFound(f"source {source_id} not found")
+        documents, folders = await self.catalog.source_contents(p.tenant, source_id)
+        objects = [fga_object("document", p.tenant, d) for d in documents]
+        objects += [fga_object("folder", p.tenant, f) for f in folders]
+        objects.append(fga_object("source", p.tenant, source_id))
+        deletes = await self._tuples_on(objects)
+        details = {
+            "source": source_id,
+            "documents": documents,
+            "folders": folders,
+            "deletes": tuples_json(deletes),
+        }
+        async with self._admin_mutation(p, "source.remove", details):
+            await self.catalog.mark_removing(p.tenant, source_id)
+            # Document stamps first: from the first transaction on, nothing is served.
+            deletes.sort(key=lambda t: t.relation != "tenant")
+            await self.fga.write(deletes=deletes)
+            await self.stores.for_source(info).drop(p.tenant, source_id)
+            await self.catalog.forget_source(p.tenant, source_id)
+        return {"documents": len(documents), "folders": len(folders), "tuples": len(deletes)}
+
+    async def _tuples_on(self, objects: Sequence[str]) -> list[Tuple]:
+        found: list[Tuple] = []
+        for i in range(0, len(objects), 16):
+            batch = objects[i : i + 16]
+            for tuples in await asyncio.gather(*(self.fga.read(object=o) for o in batch)):
+                found += [Tuple(t.user, t.relation, t.object) for t in tuples]
+        return found
 
     async def ingest(
         self,
@@ -377,96 +535,52 @@ class Gateway:
         documents: Sequence[Mapping[str, Any]],
         progress: Any = None,
     ) -> dict[str, int]:
-        """Chunk, embed and store documents, then write their tuples (diffed on re-ingest)."""
-        info = await self.get_source(p, source_id)
-        store = self.stores.for_source(info)
-        chunks_total = 0
-        for doc in documents:
-            document_id = validate_id(doc.get("id"), "document id")
-            text = doc.get("text")
-            if not isinstance(text, str):
-                raise InvalidRequest(f"document {document_id}: text must be a string")
-            existing_source = await self.catalog.document_source(p.tenant, document_id)
-            if existing_source not in (None, source_id):
-                raise Conflict(
-                    f"document {document_id} already belongs to source {existing_source}"
-                )
-            acl = doc.get("acl") or {}
-            if not isinstance(acl, Mapping):
-                raise InvalidRequest("acl must be an object")
-            folder = doc.get("folder")
-            wanted = document_tuples(p.tenant, source_id, document_id, folder, acl)
-            metadata = doc.get("metadata") or {}
-            if not isinstance(metadata, Mapping):
-                raise InvalidRequest("metadata must be an object")
-            records = await self._chunk_records(p.tenant, source_id, document_id, text, metadata)
-            if existing_source is not None:
-                await store.delete_document(p.tenant, source_id, document_id)
-            await store.upsert(p.tenant, source_id, records)
-            await self._sync_document_tuples(p.tenant, document_id, wanted)
-            await self.catalog.record_document(p.tenant, source_id, document_id, len(records))
-            chunks_total += len(records)
-            if progress is not None:
-                progress(1)
-        await self._audit_admin(
-            p, "documents.ingest", {"source": source_id, "documents": len(documents)}
-        )
-        return {"documents": len(documents), "chunks": chunks_total}
+        """Chunk, embed and store documents and write their tuples (see gateway.ingestion).
 
-    async def _chunk_records(
-        self, tenant: str, source: str, document_id: str, text: str, metadata: Mapping[str, Any]
-    ) -> list[ChunkRecord]:
-        pieces = chunk_document(document_id, text)
-        vectors = await asyncio.to_thread(self.embeddings.embed_documents, [p[2] for p in pieces])
-        clean = {str(k): v for k, v in metadata.items() if isinstance(v, str | int | float | bool)}
-        return [
-            ChunkRecord(
-                chunk_id,
-                document_id,
-                tenant,
-                source,
-                piece,
-                vector,
-                clean,
-            )
-            for (chunk_id, _index, piece), vector in zip(pieces, vectors, strict=True)
-        ]
-
-    async def _sync_document_tuples(
-        self, tenant: str, document_id: str, wanted: list[Tuple]
-    ) -> None:
-        """Write the document's ACL tuples, removing the ones a re-ingest dropped.
-
-        Only relations that ingestion owns are diffed: task scopes that name the
-        document (``scoped_task``) belong to their tasks and are left alone.
+        The whole request is validated and its names claimed before anything is
+        written: a folder or document of another source refuses it all with 409.
         """
-        document = fga_object("document", tenant, document_id)
-        current = {
-            Tuple(t.user, t.relation, t.object)
-            for t in await self.fga.read(object=document)
-            if t.relation in INGESTION_RELATIONS
+        info = await self.get_source(p, source_id)
+        prepared = prepare(p.tenant, source_id, documents)
+        store = self.stores.for_source(info)
+        details = {
+            "source": source_id,
+            "documents": [d.id for d in prepared],
+            "fingerprints": {d.id: d.fingerprint for d in prepared},
+            "wanted": tuples_json([t for d in prepared for t in [*d.wanted, d.stamp]]),
         }
-        target = set(wanted)
-        document_side = [t for t in wanted if t.object == document]
-        others = [t for t in wanted if t.object != document]
-        await self.fga.write(
-            [t for t in document_side if t not in current] + others,
-            [t for t in current if t not in target],
-        )
+        async with self._admin_mutation(p, "documents.ingest", details) as result:
+            folders = [d.folder for d in prepared if d.folder is not None]
+            claim = await self.catalog.claim(p.tenant, source_id, folders, [d.id for d in prepared])
+            try:
+                report = await self.ingestor.apply(claim, store, prepared, progress)
+            finally:
+                await self.catalog.release(claim)
+            result.update(
+                skipped=report.skipped,
+                writes=tuples_json(report.writes),
+                deletes=tuples_json(report.deletes),
+            )
+        return report.summary()
 
     async def delete_document(self, p: PrincipalContext, source_id: str, document_id: str) -> None:
         info = await self.get_source(p, source_id)
         validate_id(document_id, "document id")
         if await self.catalog.document_source(p.tenant, document_id) != source_id:
             raise NotFound(f"document {document_id} not found in source {source_id}")
-        # Tuples first: once they are gone nothing can be served, whatever the store does.
         document = fga_object("document", p.tenant, document_id)
-        await self.fga.write(deletes=await self.fga.read(object=document))
-        await self.stores.for_source(info).delete_document(p.tenant, source_id, document_id)
-        await self.catalog.forget_document(p.tenant, document_id)
-        await self._audit_admin(
-            p, "documents.delete", {"source": source_id, "document": document_id}
-        )
+        tuples = await self._tuples_on([document])
+        details = {"source": source_id, "document": document_id, "deletes": tuples_json(tuples)}
+        async with self._admin_mutation(p, "documents.delete", details):
+            claim = await self.catalog.claim(p.tenant, source_id, [], [document_id])
+            try:
+                # Tuples first (the stamp leading): once gone nothing can be served.
+                tuples.sort(key=lambda t: t.relation != "tenant")
+                await self.fga.write(deletes=tuples)
+                await self.stores.for_source(info).delete_document(p.tenant, source_id, document_id)
+                await self.catalog.forget_document(p.tenant, document_id)
+            finally:
+                await self.catalog.release(claim)
 
     # -- retrieval ---------------------------------------------------------------------
 
@@ -519,7 +633,9 @@ class Gateway:
         mode = consistency or self.fga.consistency
         if consistency is None and self.fga.cache is not None:
             mode += "+cache"
-        outcome: RetrievalOutcome | None = None
+        # Filled in place by the strategy: when it fails half way, the verdicts it
+        # reached are still recorded (and nothing is returned).
+        outcome = RetrievalOutcome(chosen)
         source_names: list[str] = list(sources or [])
         try:
             handles = await self._source_handles(ctx.tenant, sources)
@@ -528,8 +644,11 @@ class Gateway:
             options = RequestOptions(started + self.settings.request_timeout_s, consistency)
             # Each phase runs out at ``options.deadline`` and says whose fault it was;
             # this outer bound, a little later, is only the backstop.
+            strategy_run = self.strategies[chosen].retrieve(
+                ctx, vector, k, handles, options, outcome=outcome
+            )
             outcome = await asyncio.wait_for(
-                self.strategies[chosen].retrieve(ctx, vector, k, handles, options),
+                strategy_run,
                 timeout=self.settings.request_timeout_s + DEADLINE_BACKSTOP_S,
             )
             packed = pack(outcome.chunks, max_tokens)
@@ -546,7 +665,7 @@ class Gateway:
             raise
         except Exception as exc:
             # A bug must fail closed too: no content, and a record of the failure.
-            bug = ScopegateError(f"internal error: {type(exc).__name__}")
+            bug = ScopegateError("internal error", detail=f"{type(exc).__name__}: {exc}"[:500])
             await self._audit_retrieval(
                 request_id, ctx, query, k, source_names, chosen, outcome, [], started, bug, mode
             )
@@ -634,15 +753,70 @@ class Gateway:
                 "list_objects_calls": outcome.list_objects_calls if outcome else 0,
                 "notes": list(outcome.notes) if outcome else [],
                 "error": error.message if error is not None else None,
+                # What the upstream said (may name objects): kept here, never in a response.
+                "error_detail": error.detail if error is not None else None,
             },
         )
         await self.audit.append(record)
 
-    async def _audit_admin(
+    @contextlib.asynccontextmanager
+    async def _admin_mutation(
         self, p: PrincipalContext, action: str, details: Mapping[str, Any]
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Record an admin mutation before applying it, then record how it ended.
+
+        The intent record (with the tuples) is written first: if the audit store is
+        down the mutation is not applied (``audit_unavailable``). The closing record
+        names the intent and carries what the body adds to the yielded dict; a failed
+        mutation closes with an ``error`` record and re-raises.
+        """
+        intent = uuid.uuid4().hex
+        started = time.monotonic()
+        await self.audit.append(
+            self._admin_record(
+                p, intent, "allowed", None, {"action": action, "phase": "intent", **details}, 0.0
+            )
+        )
+        result: dict[str, Any] = {}
+        try:
+            yield result
+        except BaseException as exc:
+            code = exc.code if isinstance(exc, ScopegateError) else "internal_error"
+            message = exc.message if isinstance(exc, ScopegateError) else type(exc).__name__
+            extra = {"action": action, "phase": "failed", "intent": intent, "error": message}
+            await self._close_admin(p, "error", code, extra, started)
+            raise
+        extra = {"action": action, "phase": "applied", "intent": intent, **result}
+        await self._close_admin(p, "allowed", None, extra, started)
+
+    async def _close_admin(
+        self,
+        p: PrincipalContext,
+        outcome: str,
+        code: str | None,
+        extra: Mapping[str, Any],
+        started: float,
     ) -> None:
-        record = AuditRecord(
-            request_id=uuid.uuid4().hex,
+        latency = round((time.monotonic() - started) * 1000, 3)
+        try:
+            await self.audit.append(
+                self._admin_record(p, uuid.uuid4().hex, outcome, code, extra, latency)
+            )
+        except ScopegateError as exc:
+            # The intent record already holds the tuples; the closing one is best effort.
+            log.warning("audit: closing record of %s not written: %s", extra["action"], exc)
+
+    def _admin_record(
+        self,
+        p: PrincipalContext,
+        request_id: str,
+        outcome: str,
+        code: str | None,
+        extra: Mapping[str, Any],
+        latency_ms: float,
+    ) -> AuditRecord:
+        return AuditRecord(
+            request_id=request_id,
             time=datetime.now(UTC).isoformat(),
             tenant=p.tenant,
             user=p.user,
@@ -660,12 +834,11 @@ class Gateway:
             k=0,
             candidates=(),
             returned_chunk_ids=(),
-            outcome="allowed",
-            error_code=None,
-            latency_ms=0.0,
-            extra={"action": action, **details},
+            outcome=outcome,
+            error_code=code,
+            latency_ms=latency_ms,
+            extra=extra,
         )
-        await self.audit.append(record)
 
     # -- health ------------------------------------------------------------------------
 
@@ -688,7 +861,3 @@ def _decision_cache(settings: Settings, fga: FgaClient) -> ChangeWatcher | None:
     watcher = ChangeWatcher(fga, fga.cache, interval_s=settings.decision_cache_poll_s)
     watcher.start()
     return watcher
-
-
-def fingerprint(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_DATA_DIR = Path(".scopegate")
@@ -63,7 +63,26 @@ class Settings(BaseSettings):
 
     # HTTP.
     max_body_bytes: int = Field(default=1_000_000, ge=1024)
-    rate_limit_per_minute: int | None = None
+
+    # Rate limits of POST /v1/retrieve (token buckets, per process; see gateway/ratelimit.py).
+    # Off unless a rate is set; a burst left unset is one second's worth of the rate.
+    rate_limit_agent_per_s: float | None = Field(default=None, gt=0)
+    rate_limit_agent_burst: int | None = Field(default=None, ge=1)
+    rate_limit_tenant_per_s: float | None = Field(default=None, gt=0)
+    rate_limit_tenant_burst: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _bursts_need_rates(self) -> Settings:
+        for scope in ("agent", "tenant"):
+            if (
+                getattr(self, f"rate_limit_{scope}_burst") is not None
+                and getattr(self, f"rate_limit_{scope}_per_s") is None
+            ):
+                raise ValueError(
+                    f"SCOPEGATE_RATE_LIMIT_{scope.upper()}_BURST needs "
+                    f"SCOPEGATE_RATE_LIMIT_{scope.upper()}_PER_S"
+                )
+        return self
 
     def check_production(self) -> None:
         """Refuse development placeholders outside development."""

@@ -51,12 +51,12 @@ def embeddings() -> Any:
 
 
 def make_settings(openfga: ManagedOpenFGA, data_dir: Path, **overrides: Any) -> Settings:
-    return load_settings(
-        data_dir=data_dir,
-        openfga_url=openfga.url,
-        openfga_store_name=f"test-{uuid.uuid4().hex[:12]}",
-        **overrides,
-    )
+    values: dict[str, Any] = {
+        "data_dir": data_dir,
+        "openfga_url": openfga.url,
+        "openfga_store_name": f"test-{uuid.uuid4().hex[:12]}",
+    }
+    return load_settings(**{**values, **overrides})
 
 
 @pytest.fixture

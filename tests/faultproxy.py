@@ -26,12 +26,17 @@ Faults (each may be limited to request paths containing ``path``):
 - ``corrupt(fn)``: send ``fn(raw answer bytes)`` (a broken status line, garbled JSON).
 - ``respond(status, body)``: answer with a canned response instead of asking upstream.
 - ``rewrite(fn)``: ask upstream, then answer ``fn(status, body) -> (status, body)``.
+
+``Fault.after(n, fault)`` lets the first ``n`` matching requests through untouched (counted
+from the last :meth:`FaultProxy.set`), so a fault can hit the second or third write of
+an operation rather than its first.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import socket
 import struct
@@ -57,6 +62,8 @@ class Fault:
     status: int = 200
     body: bytes = b""
     rewrite_fn: Rewrite | None = None
+    # Matching requests let through untouched before the fault applies.
+    skip: int = 0
 
     @staticmethod
     def none() -> Fault:
@@ -98,6 +105,11 @@ class Fault:
     @staticmethod
     def rewrite(fn: Rewrite, path: Paths = None) -> Fault:
         return Fault("rewrite", path, rewrite_fn=fn)
+
+    @staticmethod
+    def after(passed: int, fault: Fault) -> Fault:
+        """``fault``, once ``passed`` matching requests have gone through untouched."""
+        return dataclasses.replace(fault, skip=passed)
 
     def applies(self, path: str) -> bool:
         if self.kind == "none":
@@ -151,6 +163,7 @@ class FaultProxy:
         self.fault = Fault.none()
         self.seen: list[Seen] = []
         self.faults_injected = 0
+        self._let_through = 0  # matching requests passed since the last set() (Fault.skip)
         self.listen_port = listen_port
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.Server | None = None
@@ -197,6 +210,7 @@ class FaultProxy:
         """Switch to ``fault`` and close every open connection."""
         with self._lock:
             self.fault = fault
+            self._let_through = 0
         self._call(self._close_all())
 
     def clear(self) -> None:
@@ -276,7 +290,7 @@ class FaultProxy:
         seen = Seen(method, path, request.body)
         with self._lock:
             self.seen.append(seen)
-        if not fault.applies(path):
+        if not fault.applies(path) or self._lets_through(fault):
             response = await self._forward(conn, request, method)
             seen.status = _status(response.first_line)
             conn.writer.write(response.raw)
@@ -285,6 +299,14 @@ class FaultProxy:
         seen.fault = fault.kind
         self.faults_injected += 1
         return await self._inject(conn, request, method, fault, seen)
+
+    def _lets_through(self, fault: Fault) -> bool:
+        """Whether this matching request is one of the ``fault.skip`` first ones."""
+        with self._lock:
+            if fault is not self.fault or self._let_through >= fault.skip:
+                return False
+            self._let_through += 1
+            return True
 
     async def _inject(
         self, conn: _Conn, request: Message, method: str, fault: Fault, seen: Seen

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
 
 import httpx
 
 from connectors.memory import InMemoryStore
+from gateway.api import create_app
+from gateway.fga_server import ManagedOpenFGA
 from gateway.service import Gateway
+from tests.conftest import make_settings
 from tests.world import World, bearer, doc
 
 TOPICS = {
@@ -300,6 +305,62 @@ async def test_chunks_with_missing_or_foreign_stamps_are_never_released(
     response = await w.retrieve("alice", "bot", task, query, k=20)
     assert "PLANTED" not in response.text
     assert {c["document_id"] for c in response.json()["chunks"]} == {"ok1", "noacl"}
+
+
+async def test_malformed_document_ids_read_from_a_store_are_denied_never_a_503(
+    openfga: ManagedOpenFGA, tmp_path: Path, embeddings: Any
+) -> None:
+    """Document ids read back from a store are validated before they reach OpenFGA: an
+    id too long once namespaced in this 120-character tenant (valid on its own or not)
+    and ids with separators are denied candidates (``chunk_metadata``) on the record,
+    not a 503 for the tenant; the legitimate chunk comes back, in every strategy."""
+    settings = make_settings(openfga, tmp_path / "data", strategy="postfilter")
+    g = await Gateway.start(settings, embeddings=embeddings)
+    transport = httpx.ASGITransport(app=create_app(gateway=g))
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            tenant = "m" * 120
+            w = await World(g, client, tenant).setup(members=["alice"], agents=["bot"])
+            await w.admin_call("POST", "/v1/sources", {"id": "mem", "kind": "memory"})
+            memo = "Board memo on the quarterly revenue forecast."
+            await w.ingest([doc("ok1", memo, ["user:alice"], ["agent:bot"])], source="mem")
+            info = await g.catalog.get_source(tenant, "mem")
+            assert info is not None
+            store = g.stores.for_source(info)
+            assert isinstance(store, InMemoryStore)
+            query = "quarterly revenue forecast"
+            vector = g.embeddings.embed_query(query)
+            # "y" * 128 is a valid id, but document:<tenant>/<id> has 258 characters.
+            malformed = ["x" * 140, "y" * 128, "a#b", "a:b", "a/b", "../etc", "a b"]
+            for i, bad in enumerate(malformed):
+                store.plant(
+                    tenant,
+                    "mem",
+                    chunk_id=f"x-{i}",
+                    text=f"PLANTED {i}",
+                    embedding=vector,
+                    document_id=bad,
+                    stamped_tenant=tenant,
+                    stamped_source="mem",
+                )
+            task = await w.task("alice", "bot", ["source:mem"])
+            response = await w.retrieve("alice", "bot", task, query, k=20)
+            assert response.status_code == 200, response.text
+            assert "PLANTED" not in response.text
+            assert [c["document_id"] for c in response.json()["chunks"]] == ["ok1"]
+            entry = await g.audit.get(tenant, response.json()["request_id"])
+            assert entry is not None
+            verdicts = {c.document_id: c for c in entry.record.candidates}
+            assert verdicts["ok1"].verdict == "allow"
+            for bad in malformed:
+                assert verdicts[bad].verdict == "deny", bad
+                assert verdicts[bad].failed_checks == ("chunk_metadata",), bad
+            ctx = await g.verifier.averify_delegation(w.agent_token("alice", "bot", task))
+            for strategy in ("postfilter", "prefilter", "adaptive"):
+                result = await g.retrieve(ctx, query, 20, ["mem"], strategy=strategy)
+                assert [c.document_id for c in result.chunks] == ["ok1"], strategy
+    finally:
+        await g.close()
 
 
 async def test_max_tokens_honoured(gateway: Gateway, http: httpx.AsyncClient) -> None:

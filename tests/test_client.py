@@ -22,7 +22,9 @@ from gateway.client import (
     AsyncScopegateClient,
     RetryPolicy,
     ScopegateClient,
+    Source,
     _Request,
+    _segment,
     error_from_response,
 )
 from gateway.fga_server import ManagedOpenFGA
@@ -147,7 +149,89 @@ async def test_async_client_and_reviewer_flow(acme: Served) -> None:
         verdicts = {d.document_id: (d.was, d.now) for d in replay.documents}
         assert verdicts["pay1"] == ("deny", "deny")
         assert verdicts["rev1"] == ("allow", "allow")
+        assert replay.raw["what_if"] is None
+
+        # What-if: the grant is evaluated, never written.
+        grant = {"user": "user:alice", "relation": "viewer", "object": "document:pay1"}
+        what_if = await reviewer.replay(found.request_id, what_if=[grant])
+        assert what_if.raw["what_if"]["would_allow"] == ["pay1"]
+        assert grant not in await reviewer.list_relationships(object="document:pay1")
         assert (await reviewer.ready())["ready"] is True
+
+
+def test_relationships_removal_and_deprovisioning(acme: Served) -> None:
+    # A tenant of its own: deprovisioning and removal here leave acme's fixture alone.
+    tenant = "initech"
+    acme.run(acme.bg.gateway.create_tenant(tenant, "root"))
+    admin = ScopegateClient(acme.url, lambda: acme.bg.mint_token(tenant=tenant, user="root"))
+    with admin:
+        members = [
+            {"user": "user:dana", "relation": "member", "object": f"tenant:{tenant}"},
+            {"user": "agent:summarizer", "relation": "member", "object": f"tenant:{tenant}"},
+        ]
+        assert admin.write_relationships(writes=members) == {"written": 2, "deleted": 0}
+        admin.register_source("notes")
+        notes = [
+            doc(f"n{i}", f"Meeting notes {i} on revenue.", viewers=["user:dana"],
+                agents=["agent:summarizer"])
+            for i in (1, 2)
+        ]
+        first = admin.ingest("notes", notes, batch_size=1)
+        assert (first.documents, first.skipped) == (2, 0)
+        assert admin.ingest("notes", notes, batch_size=1).skipped == 2  # summed over batches
+        assert admin.get_source("notes") == Source("notes", "chroma", {}, 2)
+
+        on_n1 = admin.list_relationships(object="document:n1")
+        assert {"user": "user:dana", "relation": "viewer", "object": "document:n1"} in on_n1
+        assert all(r["object"] == "document:n1" for r in on_n1)
+        assert members[0] in admin.list_relationships(user="user:dana")
+
+        task = admin.create_task("user:dana", "agent:summarizer", ["source:notes"])
+        token = acme.bg.mint_token(tenant=tenant, user="dana", agent="summarizer", task=task)
+        with ScopegateClient(acme.url, token) as agent:
+            assert {c.document_id for c in agent.retrieve("revenue", k=10).chunks} == {"n1", "n2"}
+            counts = admin.deprovision("user:dana")
+            # tenant membership, viewer of n1 and n2, delegator of the task
+            assert counts["relations_removed"] >= 3 and counts["tasks_revoked"] == 1
+            assert admin.list_relationships(user="user:dana") == []
+            assert agent.retrieve("revenue", k=10).chunks == []
+
+        admin.delete_document("notes", "n2")
+        assert admin.get_source("notes").documents == 1
+        with pytest.raises(errors.NotFound, match="document n2 not found"):
+            admin.delete_document("notes", "n2")
+        admin.remove_source("notes")
+        with pytest.raises(errors.NotFound, match="source notes not found"):
+            admin.get_source("notes")
+        with pytest.raises(errors.NotFound):
+            admin.remove_source("notes")
+        assert admin.list_relationships(object="document:n1") == []
+        with pytest.raises(errors.InvalidRequest):
+            admin.deprovision("group:eng")
+    # Dot segments stay path segments: "docs/documents/.." is not the source "docs".
+    with acme.admin() as acme_admin, pytest.raises(errors.InvalidRequest, match="document id"):
+        acme_admin.delete_document("docs", "..")
+
+
+async def test_async_admin_methods(acme: Served) -> None:
+    async with AsyncScopegateClient(acme.url, acme.admin_token) as admin:
+        await admin.register_source("scratch")
+        summary = await admin.ingest("scratch", [doc("s1", "Scratch pad.", viewers=["user:bob"])])
+        assert (summary.documents, summary.skipped) == (1, 0)
+        assert (await admin.get_source("scratch")).documents == 1
+        grant = {"user": "user:alice", "relation": "viewer", "object": "document:s1"}
+        await admin.write_relationships(writes=[grant])
+        assert grant in await admin.list_relationships(user="user:alice")
+        await admin.delete_document("scratch", "s1")
+        assert await admin.list_relationships(object="document:s1") == []
+        await admin.remove_source("scratch")
+        with pytest.raises(errors.NotFound):
+            await admin.get_source("scratch")
+        # A principal with no relations: nothing to remove, nothing to revoke.
+        assert await admin.deprovision("agent:ghost") == {
+            "relations_removed": 0,
+            "tasks_revoked": 0,
+        }
 
 
 # -- errors from the real gateway -----------------------------------------------------------
@@ -277,6 +361,15 @@ def test_proxy_answers_map_by_status() -> None:
     body = {"error": {"code": "audit_unavailable", "message": "down", "request_id": "r1"}}
     audit = error_from_response(httpx.Response(503, json=body))
     assert type(audit) is errors.AuditUnavailable and audit.request_id == "r1"
+
+
+def test_path_segments_cannot_leave_their_route() -> None:
+    assert _segment("user:bob") == "user:bob"
+    assert _segment("a/b?c") == "a%2Fb%3Fc"
+    assert _segment("..") == "%2E%2E"
+    assert _segment("v1.2") == "v1.2"
+    with pytest.raises(errors.InvalidRequest):
+        _segment("")
 
 
 def test_retry_policy() -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import httpx
 
-from gateway.fga_server import ManagedOpenFGA
+from gateway.fga_server import ManagedOpenFGA, find_openfga_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 SCOPEGATE = str(ROOT / ".venv" / "bin" / "scopegate")
@@ -54,6 +56,16 @@ def _wait_ready(url: str, timeout: float = 90.0) -> dict[str, object]:
     raise AssertionError(f"{url} never became ready")
 
 
+def test_openfga_binary_reports_its_release() -> None:
+    # scripts/install-openfga stamps the build info that `go install` leaves at `dev`.
+    out = subprocess.run([find_openfga_binary(), "version"], capture_output=True, text=True,
+                         timeout=60)
+    reported = re.search(r"OpenFGA version `([^`]*)`", out.stdout + out.stderr)
+    assert reported, out.stdout + out.stderr
+    assert reported.group(1) != "dev"
+    assert re.fullmatch(r"v\d+\.\d+\.\d+", reported.group(1)), reported.group(1)
+
+
 def test_managed_server_stops_cleanly(tmp_path: Path) -> None:
     server = ManagedOpenFGA(tmp_path)
     server.start()
@@ -86,8 +98,9 @@ def test_serve_ready_interrupt_and_reuse(tmp_path: Path) -> None:
     data = tmp_path / "data"
     ids = []
     for _ in range(2):
-        port = _free_port()
-        proc = subprocess.Popen([SCOPEGATE, "serve", "--data-dir", str(data), "--port", str(port)],
+        port, metrics_port = _free_port(), _free_port()
+        proc = subprocess.Popen([SCOPEGATE, "serve", "--data-dir", str(data), "--port", str(port),
+                                 "--metrics-port", str(metrics_port)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             body = _wait_ready(f"http://127.0.0.1:{port}")
@@ -95,7 +108,16 @@ def test_serve_ready_interrupt_and_reuse(tmp_path: Path) -> None:
             ids.append((body["store_id"], body["model_id"]))
             children = _openfga_children(proc.pid)
             assert children, "serve should run a managed openfga child"
-            assert (data / "runtime.json").exists()
+            runtime = json.loads((data / "runtime.json").read_text())
+            # Prometheus on its own loopback listener, never on the agent-facing port.
+            metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+            assert runtime["metrics_url"] == metrics_url
+            scraped = httpx.get(metrics_url)
+            assert scraped.status_code == 200
+            readyz = 'scopegate_http_request_seconds_count{route="other",status="200"}'
+            assert readyz in scraped.text, "the metrics listener serves the API's counters"
+            assert httpx.get(f"http://127.0.0.1:{port}/metrics").status_code == 404
+            assert httpx.get(f"http://127.0.0.1:{metrics_port}/readyz").status_code == 404
         finally:
             proc.send_signal(signal.SIGINT)
             proc.wait(timeout=30)
@@ -106,3 +128,16 @@ def test_serve_ready_interrupt_and_reuse(tmp_path: Path) -> None:
             assert not _alive(child), "Ctrl-C left an openfga process behind"
         assert not (data / "runtime.json").exists()
     assert ids[0] == ids[1], "a second start must reuse the store and the model"
+
+
+def test_serve_refuses_a_taken_metrics_port(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = str(taken.getsockname()[1])
+        result = subprocess.run([SCOPEGATE, "serve", "--data-dir", str(tmp_path / "data"),
+                                 "--port", str(_free_port()), "--metrics-port", busy],
+                                capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "cannot listen" in result.stderr, result.stderr
+    assert not (tmp_path / "data" / "runtime.json").exists()
+    assert not (tmp_path / "data" / "openfga").exists(), "nothing starts when a port is taken"

@@ -490,10 +490,13 @@ async def test_hostile_ids_are_rejected_and_write_nothing(env: Env, bad: str) ->
             if method == "GET" and "tasks" in path:
                 continue
             raw = urllib.parse.quote(path.encode("utf-8", "surrogatepass"), safe="/")
-            response = await env.http.request(method, raw, headers=bearer(env.tokens["admin"]))
+            request = env.http.build_request(method, raw, headers=bearer(env.tokens["admin"]))
+            if request.url.raw_path.decode() != raw:
+                # The client removes dot segments: "/v1/sources/docs/documents/.." would be
+                # a real DELETE of the source, not a hostile id.
+                continue
+            response = await env.http.send(request)
             env.requests += 1
-            if response.request.url.raw_path.decode() != raw:
-                continue  # the client removed dot segments: another (harmless) request
             if response.status_code not in {307, 308}:  # "/v1/sources/" and friends redirect
                 assert_error(response, 400, 404, 405, 422)
     assert await env.state() == before
@@ -549,6 +552,56 @@ async def test_ids_differing_only_in_case_or_normalisation_never_alias(env: Env)
     for doc_id in ("Rev1", "rev1-lower"):
         await acme.admin_call("DELETE", f"/v1/sources/docs/documents/{doc_id}")
     env.untouched["acme"] = await env.tenant_state("acme")
+
+
+async def test_ids_too_long_once_namespaced_are_422_before_anything_is_stored(env: Env) -> None:
+    """In a 127-character tenant every id below is valid on its own (at most 128
+    characters), but its namespaced form (``document:<tenant>/<id>``) would not fit
+    OpenFGA's 256 characters: each call is refused with 422 before anything is chunked,
+    embedded, stored or written, whichever document of the request is the long one. An
+    id that leaves room works end to end in the same tenant."""
+    tenant = "l" * 127
+    w = await World(env.g, env.http, tenant).setup(members=["alice"], agents=["bot"])
+    room = 256 - len("document:") - len(tenant) - 1
+    long_id, fitting_id = "d" * (room + 1), "d" * room
+    widest = "x" * 128  # too long here for every object type (folder, group, source)
+
+    def sample(doc_id: str, **extra: Any) -> dict[str, Any]:
+        return {**doc(doc_id, TEXTS["rev1"], ["user:alice"], ["agent:bot"]), **extra}
+
+    def grant(user: str, obj: str) -> dict[str, Any]:
+        return {"writes": [{"user": user, "relation": "viewer", "object": obj}]}
+
+    refused: list[tuple[str, str, Any]] = [
+        ("POST", "/v1/sources/docs/documents", {"documents": [sample(long_id)]}),
+        ("POST", "/v1/sources/docs/documents", {"documents": [sample("d" * 128)]}),
+        ("POST", "/v1/sources/docs/documents", {"documents": [sample("ok1"), sample(long_id)]}),
+        ("POST", "/v1/sources/docs/documents", {"documents": [sample("ok2", folder=widest)]}),
+        (
+            "POST",
+            "/v1/sources/docs/documents",
+            {"documents": [sample("ok3", acl={"viewers": [f"group:{widest}#member"]})]},
+        ),
+        ("POST", "/v1/sources", {"id": widest, "kind": "chroma"}),
+        ("POST", "/v1/relationships", grant("user:alice", f"folder:{widest}")),
+        ("POST", "/v1/relationships", grant(f"group:{widest}#member", "source:docs")),
+        (
+            "POST",
+            "/v1/tasks",
+            {"user": "user:alice", "agent": "agent:bot", "scope": [f"document:{long_id}"]},
+        ),
+    ]
+    before = await env.tenant_state(tenant)
+    before_calls = env.embeddings.calls
+    for method, path, body in refused:
+        error = assert_error(await env.call(method, path, w.admin_token, body), 422)
+        assert error["code"] == "invalid_request" and "too long" in error["message"], (path, body)
+    assert await env.tenant_state(tenant) == before
+    assert env.embeddings.calls == before_calls
+
+    await w.ingest([sample(fitting_id)])
+    task = await w.task("alice", "bot", [f"document:{fitting_id}"])
+    assert await w.retrieved_docs("alice", "bot", task, "quarterly revenue") == [fitting_id]
 
 
 # -- other tenants ---------------------------------------------------------------------------

@@ -9,6 +9,7 @@ yields accepted tokens.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import builtins
 import hashlib
@@ -17,12 +18,16 @@ import io
 import json
 import os
 import secrets
+import socket
 import stat
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import httpx
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -30,7 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from jwt.algorithms import OKPAlgorithm
 
-from gateway.errors import InvalidIdentifier, InvalidToken
+from gateway.errors import AuthorizationUnavailable, InvalidIdentifier, InvalidToken
 from gateway.identity import (
     ACCESS_TOKEN_TYPE,
     DelegationContext,
@@ -41,6 +46,7 @@ from gateway.identity import (
     load_or_create_signing_key,
     parse_ttl,
 )
+from gateway.service import Gateway
 
 ISSUER = "https://scopegate.test"
 AUDIENCE = "scopegate"
@@ -1081,3 +1087,224 @@ def test_rejection_is_an_invalid_token_401(key: SigningKey, verifier: TokenVerif
     # The message names no secret material.
     assert key.public_pem.decode() not in error.message
     assert key.kid not in error.message
+
+
+# ------------------------------------------------------------------- keys from a JWKS URL
+
+
+class JwksServer:
+    """A real local HTTP server publishing a JWKS document (or something broken).
+
+    ``hold``: when set to an Event, each request waits for it (at most ``HOLD_S``) before
+    answering, and ``released`` records whether it came in time, which proves the caller
+    kept running while its fetch was in flight.
+    """
+
+    HOLD_S = 3.0
+
+    def __init__(self) -> None:
+        self.status = 200
+        self.body = b""
+        self.requests = 0
+        self.hold: threading.Event | None = None
+        self.requested = threading.Event()
+        self.released: bool | None = None
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                outer.requests += 1
+                outer.requested.set()
+                if outer.hold is not None:
+                    outer.released = outer.hold.wait(outer.HOLD_S)
+                self.send_response(outer.status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(outer.body)))
+                self.end_headers()
+                self.wfile.write(outer.body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/.well-known/jwks.json"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def publish(self, document: Any, status: int = 200) -> None:
+        self.status = status
+        self.body = document if isinstance(document, bytes) else json.dumps(document).encode()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
+ISSUER_KID = "issuer-key-1"
+
+
+@pytest.fixture
+def jwks() -> Iterator[JwksServer]:
+    server = JwksServer()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def issuer_key() -> tuple[SigningKey, dict[str, Any]]:
+    """A production issuer's key pair: the signing half, and its public JWK."""
+    private = Ed25519PrivateKey.generate()
+    pem = private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    jwk = dict(OKPAlgorithm.to_jwk(private.public_key(), as_dict=True))
+    jwk.update(kid=ISSUER_KID, use="sig", alg="EdDSA")
+    return SigningKey(ISSUER_KID, pem, b""), jwk
+
+
+def jwks_verifier(url: str, issuer: str = ISSUER, audience: str = AUDIENCE) -> TokenVerifier:
+    return TokenVerifier({}, issuer=issuer, audience=audience, algorithms=["EdDSA"], jwks_url=url)
+
+
+def broken_jwks(jwk: dict[str, Any]) -> dict[str, tuple[int, Any]]:
+    """JWKS answers the gateway cannot use, each paired with its HTTP status."""
+    return {
+        "not_json": (200, b"<html>sign-in page</html>"),
+        "empty_body": (200, b""),
+        "invalid_utf8": (200, b"\xff\xfe{"),
+        "json_array": (200, [jwk]),
+        "no_keys": (200, {"issuer": ISSUER}),
+        "keys_not_a_list": (200, {"keys": jwk}),
+        "keys_empty": (200, {"keys": []}),
+        "key_does_not_parse": (200, {"keys": [{**jwk, "x": "!!not base64!!"}]}),
+        "unknown_key_type": (200, {"keys": [{**jwk, "kty": "XYZ"}]}),
+        "only_a_symmetric_key": (200, {"keys": [{"kty": "oct", "k": "c2Vj", "kid": ISSUER_KID}]}),
+        "http_500": (500, {"keys": [jwk]}),
+        "http_404": (404, b"not found"),
+    }
+
+
+BROKEN_JWKS = sorted(broken_jwks({}))
+
+
+def test_jwks_keys_verify_tokens_and_made_up_kids_do_not_refetch(
+    jwks: JwksServer, issuer_key: tuple[SigningKey, dict[str, Any]]
+) -> None:
+    key, jwk = issuer_key
+    jwks.publish({"keys": [jwk]})
+    verifier = jwks_verifier(jwks.url)
+    context = verifier.verify_delegation(hand_signed(key, delegation_claims()))
+    assert (context.user, context.agent, context.tenant) == ("alice", "summarizer", "acme")
+    assert verifier.verify_principal(hand_signed(key, principal_claims())).user == "alice"
+    for kid in ("made-up-1", "made-up-2", "../../etc/passwd"):
+        rejected(verifier, hand_signed(key, delegation_claims(), header_for(key, kid=kid)))
+    assert jwks.requests == 1  # fetched once; unknown kids inside the refetch interval never ask
+
+
+@pytest.mark.parametrize("case", BROKEN_JWKS)
+def test_a_jwks_that_cannot_be_used_is_unavailable_not_a_token_error(
+    jwks: JwksServer, issuer_key: tuple[SigningKey, dict[str, Any]], case: str
+) -> None:
+    key, jwk = issuer_key
+    status, document = broken_jwks(jwk)[case]
+    jwks.publish(document, status)
+    with pytest.raises(AuthorizationUnavailable) as caught:
+        jwks_verifier(jwks.url).verify_delegation(hand_signed(key, delegation_claims()))
+    assert caught.value.status == 503 and caught.value.code == "authorization_unavailable"
+    assert jwks.url not in caught.value.message
+
+
+async def test_one_broken_entry_makes_only_its_kid_unavailable(
+    jwks: JwksServer, issuer_key: tuple[SigningKey, dict[str, Any]]
+) -> None:
+    key, jwk = issuer_key
+    jwks.publish({"keys": [jwk, {**jwk, "kid": "rotated", "x": "!!"}]})
+    verifier = jwks_verifier(jwks.url)
+    context = await verifier.averify_delegation(hand_signed(key, delegation_claims()))
+    assert context.user == "alice"
+    rotated = hand_signed(key, delegation_claims(), header_for(key, kid="rotated"))
+    with pytest.raises(AuthorizationUnavailable):
+        await verifier.averify_delegation(rotated)
+    with pytest.raises(InvalidToken):
+        await verifier.averify_delegation(
+            hand_signed(key, delegation_claims(), header_for(key, kid="never-published"))
+        )
+
+
+async def test_an_unreachable_jwks_is_unavailable() -> None:
+    with socket.socket() as sock:  # a loopback port nothing listens on once closed
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    verifier = jwks_verifier(f"http://127.0.0.1:{port}/jwks.json")
+    key = SigningKey(ISSUER_KID, new_ed25519_pem(), b"")
+    token = hand_signed(key, principal_claims(), header_for(key))
+    with pytest.raises(AuthorizationUnavailable):
+        await verifier.averify_principal(token)
+    with pytest.raises(AuthorizationUnavailable):
+        await asyncio.to_thread(verifier.verify_principal, token)
+
+
+def _principal_token(key: SigningKey, gateway: Gateway) -> str:
+    return issue_token(
+        key,
+        issuer=gateway.settings.token_issuer,
+        audience=gateway.settings.token_audience,
+        tenant="acme",
+        user="admin",
+    )
+
+
+async def test_jwks_fetch_over_http_never_blocks_the_event_loop(
+    gateway: Gateway,
+    http: httpx.AsyncClient,
+    jwks: JwksServer,
+    issuer_key: tuple[SigningKey, dict[str, Any]],
+) -> None:
+    """The JWKS server answers only once a coroutine of the gateway's own event loop
+    releases it: a fetch that blocked the loop would keep that coroutine from running
+    (the server then gives up waiting, and ``released`` is False)."""
+    key, jwk = issuer_key
+    jwks.publish({"keys": [jwk]})
+    jwks.hold = threading.Event()
+    settings = gateway.settings
+    gateway.verifier = jwks_verifier(jwks.url, settings.token_issuer, settings.token_audience)
+    await gateway.create_tenant("acme", "admin")
+
+    async def release_once_asked() -> None:
+        while not jwks.requested.is_set():
+            await asyncio.sleep(0.01)
+        assert jwks.hold is not None
+        jwks.hold.set()
+
+    headers = {"authorization": f"Bearer {_principal_token(key, gateway)}"}
+    response, _ = await asyncio.gather(
+        http.get("/v1/sources", headers=headers), release_once_asked()
+    )
+    assert response.status_code == 200, response.text
+    assert jwks.released is True
+
+
+@pytest.mark.parametrize("case", BROKEN_JWKS)
+async def test_a_broken_jwks_is_a_503_over_http(
+    gateway: Gateway,
+    http: httpx.AsyncClient,
+    jwks: JwksServer,
+    issuer_key: tuple[SigningKey, dict[str, Any]],
+    case: str,
+) -> None:
+    key, jwk = issuer_key
+    status, document = broken_jwks(jwk)[case]
+    jwks.publish(document, status)
+    settings = gateway.settings
+    gateway.verifier = jwks_verifier(jwks.url, settings.token_issuer, settings.token_audience)
+    response = await http.get(
+        "/v1/sources", headers={"authorization": f"Bearer {_principal_token(key, gateway)}"}
+    )
+    assert response.status_code == 503, response.text
+    error = response.json()["error"]
+    assert set(error) == {"code", "message", "request_id"}
+    assert error["code"] == "authorization_unavailable"
+    assert jwks.url not in response.text and "sign-in" not in response.text

@@ -1,16 +1,21 @@
 """/metrics after real retrievals (gateway/metrics.py): decisions by tenant and verdict,
-denials by the conjunct that failed, and requests that failed closed, by error code."""
+denials by the conjunct that failed, and requests that failed closed, by error code.
+
+The counters are served by the operators' metrics app, never by the agent-facing API."""
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.api import create_app
+from gateway.metrics import Metrics, create_metrics_app
 from gateway.service import Gateway
-from tests.world import World, doc
+from tests.world import World, bearer, doc
 
 
 @pytest.fixture(autouse=True)
@@ -18,6 +23,27 @@ def postfilter(monkeypatch: pytest.MonkeyPatch) -> None:
     """Denied candidates are only seen (and counted) when the search finds them: the
     post-filter, not a pre-filter that the adaptive strategy might pick."""
     monkeypatch.setenv("SCOPEGATE_STRATEGY", "postfilter")
+
+
+@pytest.fixture
+def metrics() -> Metrics:
+    return Metrics()
+
+
+@pytest.fixture
+async def http(gateway: Gateway, metrics: Metrics) -> AsyncIterator[httpx.AsyncClient]:
+    """The agent-facing API, counting into ``metrics``."""
+    transport = httpx.ASGITransport(app=create_app(gateway=gateway, metrics=metrics))
+    async with httpx.AsyncClient(transport=transport, base_url="http://scopegate") as client:
+        yield client
+
+
+@pytest.fixture
+async def scrape(metrics: Metrics) -> AsyncIterator[httpx.AsyncClient]:
+    """The operators' metrics listener, serving the same ``metrics``."""
+    transport = httpx.ASGITransport(app=create_metrics_app(metrics))
+    async with httpx.AsyncClient(transport=transport, base_url="http://metrics") as client:
+        yield client
 
 
 def _samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -29,7 +55,7 @@ def _samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
 
 
 async def test_metrics_count_decisions_failed_checks_and_errors(
-    gateway: Gateway, http: httpx.AsyncClient
+    gateway: Gateway, http: httpx.AsyncClient, scrape: httpx.AsyncClient
 ) -> None:
     w = await World(gateway, http, "acme").setup(members=["alice"], agents=["summarizer"])
     await w.ingest(
@@ -45,7 +71,7 @@ async def test_metrics_count_decisions_failed_checks_and_errors(
     missing = await w.retrieve("alice", "summarizer", task, "revenue", sources=["nope"])
     assert missing.status_code == 404
 
-    response = await http.get("/metrics")
+    response = await scrape.get("/metrics")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
     samples = _samples(response.text)
@@ -73,3 +99,33 @@ async def test_metrics_count_decisions_failed_checks_and_errors(
     retrievals = value("scopegate_http_request_seconds_count", route="/v1/retrieve", status="200")
     assert retrievals == 2
     assert 'tenant="globex"' not in response.text
+
+
+async def test_agent_facing_api_never_serves_metrics(
+    gateway: Gateway, http: httpx.AsyncClient, scrape: httpx.AsyncClient
+) -> None:
+    w = await World(gateway, http, "acme").setup(members=["alice"], agents=["summarizer"])
+    task = await w.task("alice", "summarizer", ["source:docs"])
+    assert (await w.retrieve("alice", "summarizer", task, "anything")).status_code == 200
+    agent = bearer(w.agent_token("alice", "summarizer", task))
+    for headers in ({}, agent, bearer(w.admin_token)):
+        for method in ("GET", "HEAD"):
+            response = await http.request(method, "/metrics", headers=headers)
+            assert response.status_code == 404, (method, headers)
+            assert "scopegate_" not in response.text
+    assert (await http.get("/metrics")).json()["error"]["code"] == "not_found"
+    assert "/metrics" not in (await http.get("/openapi.json")).json()["paths"]
+
+    served = await scrape.get("/metrics")
+    assert served.status_code == 200
+    samples = _samples(served.text)
+    retrievals = samples[
+        (
+            "scopegate_http_request_seconds_count",
+            frozenset({("route", "/v1/retrieve"), ("status", "200")}),
+        )
+    ]
+    assert retrievals == 1
+    # The metrics app serves nothing but /metrics.
+    for path in ("/", "/v1/retrieve", "/healthz", "/review"):
+        assert (await scrape.get(path)).status_code == 404
