@@ -127,11 +127,11 @@ def fga_errors(action: str) -> Any:
         raise
     except ValidationException as exc:
         raise AuthorizationUnavailable(
-            f"OpenFGA rejected {action}: {exc.status}", detail=_upstream(exc.body)
+            f"OpenFGA rejected {action}: {exc.status}", detail=_upstream(exc)
         ) from exc
     except ApiException as exc:
         raise AuthorizationUnavailable(
-            f"OpenFGA {action} failed with HTTP {exc.status}", detail=_upstream(exc.body)
+            f"OpenFGA {action} failed with HTTP {exc.status}", detail=_upstream(exc)
         ) from exc
     except TimeoutError as exc:
         raise AuthorizationUnavailable(f"OpenFGA {action} timed out") from exc
@@ -145,14 +145,10 @@ def fga_errors(action: str) -> Any:
         ) from exc
 
 
-def _upstream(text: object) -> str | None:
+def _upstream(exc: Exception) -> str | None:
     """What OpenFGA or the transport said, for the audit record only (it may name
     objects): bounded, and never part of an error's message."""
-    if text is None:
-        return None
-    if isinstance(text, bytes):
-        text = text.decode("utf-8", "replace")
-    return str(text)[:500] or None
+    return f"{type(exc).__name__}: {exc}"[:500]
 
 
 def load_model() -> dict[str, Any]:

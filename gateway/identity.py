@@ -203,8 +203,8 @@ class JwksKeys:
         age = time.monotonic() - self._fetched_at
         if age >= self.max_age_s:
             return True
-        unknown = kid not in self._keys and kid not in self._broken
-        return unknown and age >= self.min_refetch_s
+        # A kid not (or not usably) published may have been added or fixed since.
+        return kid not in self._keys and age >= self.min_refetch_s
 
     async def _refresh(self) -> None:
         loop = asyncio.get_running_loop()

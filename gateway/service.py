@@ -44,7 +44,7 @@ from gateway.identity import (
     issue_token,
     load_or_create_signing_key,
 )
-from gateway.ids import fga_object, parse_ref, unscoped, validate_id
+from gateway.ids import PUBLIC_RELATIONS, fga_object, parse_ref, unscoped, validate_id
 from gateway.ingestion import Ingestor, prepare, tuples_json
 from gateway.packing import PackedChunk, pack
 from gateway.relationships import (
@@ -397,7 +397,7 @@ class Gateway:
     async def list_relationships(
         self, p: PrincipalContext, object: str | None = None, user: str | None = None
     ) -> list[dict[str, str]]:
-        """Tuples naming ``object`` or ``user`` (typed, tenant-local ids), for admins."""
+        """Public tuples naming ``object`` or ``user`` (typed, tenant-local ids), for admins."""
         await self.require_admin(p)
         if (object is None) == (user is None):
             raise InvalidRequest("give exactly one of object or user")
@@ -407,7 +407,8 @@ class Gateway:
         else:
             who = subject(p.tenant, user, SUBJECT_TYPES)
             found = await self._tuples_of_subject(p.tenant, who)
-        return [local_tuple(p.tenant, t) for t in found]
+        # The public vocabulary only: what this returns can be written or deleted back.
+        return [local_tuple(p.tenant, t) for t in found if t.relation in PUBLIC_RELATIONS]
 
     async def _tuples_of_subject(self, tenant: str, who: str) -> list[Tuple]:
         """Every tuple of the tenant whose user is ``who`` (one read per object type)."""
@@ -471,8 +472,8 @@ class Gateway:
         tuples = source_tuples(p.tenant, source_id)
         details = {"source": source_id, "kind": kind, "writes": tuples_json(tuples)}
         async with self._admin_mutation(p, "source.register", details):
-            info = await self.catalog.add_source(p.tenant, source_id, kind, dict(config))
             await self.fga.write(tuples)
+            info = await self.catalog.add_source(p.tenant, source_id, kind, dict(config))
         return info
 
     async def get_source(self, p: PrincipalContext, source_id: str) -> SourceInfo:

@@ -42,7 +42,7 @@ SOURCE_POOL = ("docs", "wiki", "hr")
 # One pool of folder names and one of document ids for every source of a tenant (and for
 # both tenants): ingestion keeps naming what another source already owns.
 FOLDER_POOL = ("f0", "f1", "f2", "f3")
-DOC_POOL = tuple(f"d{i}" for i in range(8))
+DOC_POOL = tuple(f"d{i}" for i in range(10))
 # Every word is one cl100k token, so a paragraph of 100-125 words (plus its tenant
 # marker) is one chunk and two paragraphs never fit in one (max 200 tokens).
 WORDS = (
@@ -382,6 +382,7 @@ class Step:
     fault: tuple[str, int] | None = None  # (how the OpenFGA write fails, writes let through)
     rivals: list[tuple[Call, TenantState]] = field(default_factory=list)  # a race: one wins
     new_task: bool = False  # the last task of ``after`` gets its id from the answer
+    watch: list[int] = field(default_factory=list)  # tasks (by index) to probe first
     concurrent: bool = True  # retrievals run while it is applied
 
 
@@ -460,7 +461,7 @@ def ingest_step(state: TenantState, source: str, docs: Sequence[Doc], kind: str,
     refused = state.conflict(source, docs)
     if refused:
         call.status, call.code = 409, "conflict"
-        counts = ["collision_refused"]
+        counts = ["collision_refused", f"collision_refused:{refused.split()[0]}"]
         if _changed(state, _as_if_accepted(state, source, docs))[1]:
             counts.append("collision_refused:would_leak")
         return Step(kind, f"{what}: 409 ({refused})", [call], after, counts)
@@ -503,7 +504,8 @@ def plan_collide(state: TenantState, rng: random.Random) -> Step | None:
     owned = [o for o in owned if any(s != o[2] for s in state.sources)]
     if not owned:
         return None
-    what, name, owner = rng.choice(owned)
+    kind = rng.choice(sorted({o[0] for o in owned}))  # folder or document, evenly
+    what, name, owner = rng.choice([o for o in owned if o[0] == kind])
     source = rng.choice([s for s in state.sources if s != owner])
     own_ids = sorted(d for d, doc in state.docs.items() if doc.source == source)
     if what == "document":
@@ -526,7 +528,6 @@ def plan_collide(state: TenantState, rng: random.Random) -> Step | None:
         state, source, docs, "collide", f"{source} names {what} {name} of {owner} ({bad.id})"
     )
     assert step.calls[0].status == 409
-    step.counts.append(f"collision_refused:{what}")
     return step
 
 
@@ -588,25 +589,32 @@ def _reingest(state: TenantState, rng: random.Random, doc: Doc, acl: Acl, text_p
 
 
 def _narrowed(state: TenantState, rng: random.Random, doc: Doc) -> Acl | None:
+    """The ACL less some entries (sometimes all of them; every member most often)."""
     entries = state.current_acl(doc.id).entries()
     if not entries:
         return None
+    if rng.random() < 0.25:
+        return Acl()
     dropped = {e for e in entries if e[1] == state.everyone and rng.random() < 0.7}
     dropped |= set(rng.sample(entries, rng.randint(0 if dropped else 1, len(entries))))
     return Acl.of([e for e in entries if e not in dropped])
 
 
 def _widened(state: TenantState, rng: random.Random, doc: Doc) -> Acl | None:
+    """The ACL plus a reader: a viewer and an agent entry (maybe there already) - every
+    member, or the user and agent of a task that has the document in scope."""
     entries = state.current_acl(doc.id).entries()
-    groups = [f"group:{g}#member" for g in state.groups]
-    pool = [("viewers", v) for v in [state.everyone, *groups, *(f"user:{u}" for u in state.users)]]
-    pool += [
-        ("agents", a) for a in [state.everyone, *groups, *(f"agent:{a}" for a in state.agents)]
+    pairs = [(state.everyone, state.everyone)]
+    pairs += [
+        (f"user:{t.user}", f"agent:{t.agent}")
+        for t in state.tasks
+        if not t.revoked and set(t.scope) & state.lineage(doc)
     ]
-    pool = [e for e in pool if e not in entries]
-    if not pool:
-        return None
-    return Acl.of(entries + rng.sample(pool, min(len(pool), rng.randint(1, 2))))
+    groups = [f"group:{g}#member" for g in state.groups]
+    pairs += [(rng.choice([*groups, state.everyone]), rng.choice([*groups, state.everyone]))]
+    viewer, agent = rng.choice(pairs)
+    added = {("viewers", viewer), ("agents", agent)} - set(entries)
+    return Acl.of(entries + sorted(added)) if added else None
 
 
 def _reingest_step(
@@ -622,26 +630,37 @@ def _reingest_step(
     return step
 
 
+def _prefer(steps: list[Step], key: str, rng: random.Random, p: float = 0.8) -> Step | None:
+    """One of ``steps``, most often one that exercises ``key``."""
+    good = [s for s in steps if key in s.counts]
+    return rng.choice(good if good and rng.random() < p else steps) if steps else None
+
+
+def _reingests(
+    state: TenantState,
+    rng: random.Random,
+    kind: str,
+    change: Callable[[TenantState, random.Random, Doc], Acl | None],
+) -> list[Step]:
+    """Candidate re-ingestions of each document (three draws each) with ``change``d ACLs."""
+    steps = []
+    for doc in sorted(state.docs.values(), key=lambda d: d.id):
+        for _ in range(3):
+            acl = change(state, rng, doc)
+            if acl is not None:
+                new = _reingest(state, rng, doc, acl, 0.75)
+                steps.append(_reingest_step(state, kind, [doc], [new], f"{kind} {doc.id}: {acl}"))
+    return steps
+
+
 def plan_reingest_narrow(state: TenantState, rng: random.Random) -> Step | None:
-    docs = [d for _, d in sorted(state.docs.items()) if state.current_acl(d.id).entries()]
-    if not docs:
-        return None
-    doc = rng.choice(docs)
-    acl = _narrowed(state, rng, doc)
-    assert acl is not None
-    new = _reingest(state, rng, doc, acl, 0.75)
-    return _reingest_step(state, "narrow", [doc], [new], f"narrow {doc.id}: {acl}")
+    """New text (mostly) under a narrower ACL; preferably one that drops a reader."""
+    return _prefer(_reingests(state, rng, "narrow", _narrowed), "narrow:lost_reader", rng)
 
 
 def plan_reingest_widen(state: TenantState, rng: random.Random) -> Step | None:
-    docs = [d for _, d in sorted(state.docs.items()) if _widened(state, rng, d) is not None]
-    if not docs:
-        return None
-    doc = rng.choice(docs)
-    acl = _widened(state, rng, doc)
-    assert acl is not None
-    new = _reingest(state, rng, doc, acl, 0.75)
-    return _reingest_step(state, "widen", [doc], [new], f"widen {doc.id}: {acl}")
+    """New text (mostly) under a wider ACL; preferably one that lets a reader in."""
+    return _prefer(_reingests(state, rng, "widen", _widened), "widen:new_reader", rng)
 
 
 def plan_reingest_same(state: TenantState, rng: random.Random) -> Step | None:
@@ -661,6 +680,8 @@ def plan_reingest_move(state: TenantState, rng: random.Random) -> Step | None:
     doc = state.docs[rng.choice(sorted(state.docs))]
     places = [None, *_own_folders(state, doc.source), *_fresh_folders(state)]
     places = [p for p in places if p != doc.folder]
+    if not places:
+        return None
     new = _reingest(state, rng, doc, state.current_acl(doc.id), 0.5)
     new = replace(new, folder=rng.choice(places))
     return _reingest_step(state, "move", [doc], [new], f"move {doc.id} to folder {new.folder}")
@@ -684,7 +705,7 @@ def plan_faulted_ingest(state: TenantState, rng: random.Random) -> Step | None:
     if not new:
         return None
     how = rng.choice(("refused", "reset", "answer_lost"))
-    let_through = rng.choice((0, 0, 1, 2))
+    let_through = rng.choice((0, 0, 0, 1, 1, 2))
     step = _reingest_step(
         state, "faulted", old, new, f"{source} ingest {[d.id for d in new]}, write {how}"
     )
@@ -705,23 +726,29 @@ def plan_deprovision(state: TenantState, rng: random.Random) -> Step | None:
     if not refs:
         return None
     readers = [r for r in refs if _reads_something(state, r)]
-    ref = rng.choice(readers if readers and rng.random() < 0.8 else refs)
+    ref = rng.choice(readers if readers and rng.random() < 0.6 else refs)
     after = state.copy()
     after.deprovision(ref)
     counts = ["deprovision"] + ["deprovision:had_reads"] * _reads_something(state, ref)
     call = Call("DELETE", f"/v1/principals/{ref}")
-    return Step("deprovision", f"deprovision {ref}", [call], after, counts)
+    step = Step("deprovision", f"deprovision {ref}", [call], after, counts)
+    step.watch = _tasks_of(state, ref)
+    return step
+
+
+def _tasks_of(state: TenantState, ref: str) -> list[int]:
+    return [i for i, t in enumerate(state.tasks) if ref in (f"user:{t.user}", f"agent:{t.agent}")]
 
 
 def _reads_something(state: TenantState, ref: str) -> bool:
-    return any(
-        reads and ref in (f"user:{t.user}", f"agent:{t.agent}")
-        for t, reads in zip(state.tasks, state.audience(), strict=True)
-    )
+    return any(reads for i, reads in enumerate(state.audience()) if i in _tasks_of(state, ref))
 
 
 def plan_readd(state: TenantState, rng: random.Random) -> Step | None:
-    """Re-add a removed principal as a member: nothing else of theirs comes back."""
+    """Re-add a removed principal as a member: nothing else of theirs comes back.
+
+    Half the time it gets a new task too, which reads only what members may read now.
+    """
     gone = [r for r in _refs(state) if r not in state.members]
     if not gone:
         return None
@@ -730,8 +757,21 @@ def plan_readd(state: TenantState, rng: random.Random) -> Step | None:
     after = state.copy()
     after.members.add(ref)
     counts = ["readd"] + ["readd:after_deprovision"] * (ref in state.deprovisioned)
-    call = _relationships([(ref, "member", f"tenant:{state.name}")])
-    return Step("readd", f"re-add {ref} as a member", [call], after, counts)
+    calls = [_relationships([(ref, "member", f"tenant:{state.name}")])]
+    step = Step("readd", f"re-add {ref} as a member", calls, after, counts)
+    step.watch = _tasks_of(state, ref)
+    kind, _, name = ref.partition(":")
+    users = [u for u in state.users if f"user:{u}" in after.members]
+    agents = [a for a in state.agents if f"agent:{a}" in after.members]
+    if rng.random() < 0.5 and users and agents and state.sources:
+        user = name if kind == "user" else rng.choice(users)
+        agent = name if kind == "agent" else rng.choice(agents)
+        task = Task(user, agent, (f"source:{rng.choice(state.sources)}",), "none")
+        after.tasks.append(task)
+        calls.append(Call("POST", "/v1/tasks", task.body(datetime.now(UTC)), 201))
+        step.new_task = True
+        step.what += f", new task {task.scope}"
+    return step
 
 
 def plan_suspend(state: TenantState, rng: random.Random) -> Step | None:
@@ -746,9 +786,14 @@ def plan_suspend(state: TenantState, rng: random.Random) -> Step | None:
 
 
 def plan_remove_source(state: TenantState, rng: random.Random) -> Step | None:
+    """Remove a source (preferably one somebody reads); its names become free."""
     if len(state.sources) < 2:
         return None
-    source = rng.choice(state.sources)
+    steps = [_remove_source(state, source) for source in state.sources]
+    return _prefer(steps, "remove_source:lost_reader", rng, 0.7)
+
+
+def _remove_source(state: TenantState, source: str) -> Step:
     after = state.copy()
     after.remove_source(source)
     lost, _ = _changed(state, after)
@@ -777,7 +822,8 @@ def plan_add_source(state: TenantState, rng: random.Random) -> Step | None:
     free = [s for s in SOURCE_POOL if s not in state.sources]
     if not free:
         return None
-    source = rng.choice(free)
+    reused = [s for s in free if s in state.removed_sources]
+    source = rng.choice(reused if reused and rng.random() < 0.8 else free)
     after = state.copy()
     after.sources.append(source)
     calls = [Call("POST", "/v1/sources", {"id": source, "kind": "chroma"}, 201)]

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import json
+import re
 import signal
 import socket
 import sqlite3
@@ -31,7 +34,7 @@ import pytest
 from connectors.embeddings import HashEmbeddings
 from gateway.api import create_app
 from gateway.audit import AuditRecord, AuditStore, PostgresAuditStore, SqliteAuditStore
-from gateway.errors import AuditUnavailable
+from gateway.errors import AuditUnavailable, AuthorizationUnavailable
 from gateway.fga import load_model
 from gateway.fga_server import ManagedOpenFGA
 from gateway.service import Gateway
@@ -39,6 +42,7 @@ from gateway.settings import load_settings
 from tests.faultproxy import (
     Fault,
     FaultProxy,
+    Seen,
     bad_status_line,
     drop_half_of_results,
     error_one_item,
@@ -358,6 +362,114 @@ async def test_latency_inside_the_deadline_is_not_a_fault(env: Env) -> None:
         env.fga_proxy.clear()
     assert response.status_code == 200
     assert [c["chunk_id"] for c in response.json()["chunks"]] == env.baseline["docs"]
+
+
+def item_errors_naming_objects(status: int, body: bytes) -> tuple[int, bytes]:
+    """A BatchCheck answer whose first two items carry errors that name objects."""
+    data = json.loads(body)
+    result = data.get("result", {})
+    for cid in list(result)[:2]:
+        message = "tuple document:acme/sec1#viewer@user:acme/bob: UPSTREAM-DETAIL"
+        result[cid] = {"error": {"input_error": "validation_error", "message": message}}
+    return status, json.dumps(data).encode()
+
+
+async def test_per_item_error_texts_reach_the_audit_record_never_the_body(env: Env) -> None:
+    env.fga_proxy.set(Fault.rewrite(item_errors_naming_objects, BATCH_CHECK))
+    try:
+        response = await env.retrieve()
+        await env.fails_closed(response, "authorization_unavailable")
+    finally:
+        env.fga_proxy.clear()
+    message = response.json()["error"]["message"]
+    assert re.fullmatch(r"OpenFGA could not answer \d+ check\(s\)", message), message
+    for text in ("UPSTREAM-DETAIL", "acme/", "sec1", "viewer", "document:"):
+        assert text not in response.text, text
+    entry = await env.g.audit.get("acme", response.json()["error"]["request_id"])
+    assert entry is not None
+    record = entry.record
+    assert record.extra["error"] == message
+    assert "UPSTREAM-DETAIL" in record.extra["error_detail"]
+    assert "document:acme/sec1" in record.extra["error_detail"]
+    errored = [c for c in record.candidates if c.verdict == "error"]
+    assert errored and all(c.errored_checks and not c.returned for c in errored)
+    TALLY.add("openfga:per_item_error_text")
+    await env.recovers()
+
+
+def fail_after(answered: int) -> Callable[[int, bytes], tuple[int, bytes]]:
+    """Pass the first ``answered`` BatchCheck answers through, then answer 500."""
+    calls = itertools.count(1)
+
+    def rewrite(status: int, body: bytes) -> tuple[int, bytes]:
+        if next(calls) <= answered:
+            return status, body
+        return 500, b'{"code": "internal_error", "message": "injected after the first round"}'
+
+    return rewrite
+
+
+WORDS = [f"word{chr(ord('a') + i)}" for i in range(20)]
+
+
+def checked_documents(seen: Seen) -> set[str]:
+    """The bare ids of the documents one BatchCheck request asked about."""
+    prefix = "document:acme/"
+    return {
+        check["tuple_key"]["object"].removeprefix(prefix)
+        for check in seen.json()["checks"]
+        if check["tuple_key"]["object"].startswith(prefix)
+    }
+
+
+async def test_a_fault_after_the_first_round_keeps_its_verdicts_on_the_record(env: Env) -> None:
+    """OpenFGA fails during the post-filter's refill: no chunk is returned, and the
+    error record still holds every candidate of the first round with its verdict (and
+    the refill's documents as ``error``, with the upstream text in ``error_detail``)."""
+    w = env.world
+    await w.admin_call("POST", "/v1/sources", {"id": "wide", "kind": "memory"})
+    # One readable document among twenty: the first window (k=2) cannot fill, so a
+    # refill, and a second BatchCheck round, must follow.
+    await w.ingest(
+        [
+            doc(
+                f"w{i}",
+                f"{QUERY} {' '.join(WORDS[: i + 1])}",  # distinct distances, w0 nearest
+                viewers=["user:alice"] if i == 0 else ["user:bob"],
+                agents=["agent:bot"],
+            )
+            for i in range(20)
+        ],
+        source="wide",
+    )
+    task = await w.task("alice", "bot", ["source:wide"])
+    ctx = await env.g.verifier.averify_delegation(w.agent_token("alice", "bot", task))
+    before = len(env.fga_proxy.requests(BATCH_CHECK))
+    env.fga_proxy.set(Fault.rewrite(fail_after(1), BATCH_CHECK))
+    request_id = uuid.uuid4().hex
+    try:
+        with pytest.raises(AuthorizationUnavailable):
+            await env.g.retrieve(
+                ctx, QUERY, 2, ["wide"], strategy="postfilter", request_id=request_id
+            )
+    finally:
+        env.fga_proxy.clear()
+    first, second = env.fga_proxy.requests(BATCH_CHECK)[before:]
+    entry = await env.g.audit.get("acme", request_id)
+    assert entry is not None
+    record = entry.record
+    assert record.outcome == "error" and record.error_code == "authorization_unavailable"
+    assert record.returned_chunk_ids == ()
+    assert record.extra["batch_rounds"] == 1
+    assert "injected after the first round" in record.extra["error_detail"]
+    decided = {c.document_id: c for c in record.candidates if c.verdict in ("allow", "deny")}
+    assert set(decided) == checked_documents(first) and decided
+    for candidate in decided.values():
+        assert candidate.source == "wide" and candidate.chunk_ids and not candidate.returned
+        assert candidate.verdict == ("allow" if candidate.document_id == "w0" else "deny")
+    unanswered = {c.document_id for c in record.candidates if c.verdict == "error"}
+    assert unanswered == checked_documents(second) and not unanswered & set(decided)
+    TALLY.add("openfga:fails_after_first_round")
 
 
 # -- OpenFGA: ListObjects (pre-filter) never trusted when it may be incomplete -------------------
