@@ -3,41 +3,53 @@
 Ownership is exclusive and enforced here, where it cannot race: a folder id and a
 document id belong to at most one source of their tenant (primary keys), and an
 ingestion claims every name it will write in one transaction before anything else is
-written (:meth:`SourceCatalog.claim`). The same transaction takes a short lease on each
-document, so two requests never rewrite one document at the same time; leases expire,
-so a crashed request blocks nobody for long.
+written (:meth:`SourceCatalog.claim`). Ownership changes of one tenant take turns (the
+SQLite write lock; a per-tenant advisory lock in PostgreSQL), and the same transaction
+takes a short lease on each document, so two requests never rewrite one document at the
+same time; leases expire, so a crashed request blocks nobody for long.
 
 A document row is *complete* once its fingerprint is set: only then did its chunks and
 tuples land. A row without one is a claim (a new document, or an update that failed
 half-way) and a rerun of the same ingestion repairs it.
+
+Two backends run the same statements: SQLite in the data directory (the embedded
+default; several processes on one machine may share the file) and PostgreSQL
+(``SCOPEGATE_CATALOG_DSN``), shared by every replica of a scaled-out deployment.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Sequence
+import zlib
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol
+
+import psycopg
+from psycopg.rows import TupleRow
 
 from gateway.errors import Conflict, SourceUnavailable
 
-T = TypeVar("T")
-
-SCHEMA_VERSION = 2
+Row = tuple[Any, ...]
 LEASE_S = 120.0
 
-_V1 = """
+# Versioned schema: each entry is applied once, in order, inside one transaction.
+_MIGRATIONS: tuple[tuple[int, str], ...] = (
+    (
+        1,
+        """
 CREATE TABLE IF NOT EXISTS sources (
   tenant TEXT NOT NULL,
   id TEXT NOT NULL,
   kind TEXT NOT NULL,
   config TEXT NOT NULL,
-  created_at REAL NOT NULL,
+  created_at DOUBLE PRECISION NOT NULL,
   PRIMARY KEY (tenant, id)
 );
 CREATE TABLE IF NOT EXISTS documents (
@@ -45,25 +57,27 @@ CREATE TABLE IF NOT EXISTS documents (
   source TEXT NOT NULL,
   id TEXT NOT NULL,
   chunks INTEGER NOT NULL,
-  updated_at REAL NOT NULL,
+  updated_at DOUBLE PRECISION NOT NULL,
   PRIMARY KEY (tenant, id)
-);
-"""
-
-_V2 = """
+)
+""",
+    ),
+    (
+        2,
+        """
 ALTER TABLE sources ADD COLUMN state TEXT NOT NULL DEFAULT 'active';
 ALTER TABLE documents ADD COLUMN fingerprint TEXT;
 ALTER TABLE documents ADD COLUMN folder TEXT;
 ALTER TABLE documents ADD COLUMN acl TEXT;
 ALTER TABLE documents ADD COLUMN lease_owner TEXT;
-ALTER TABLE documents ADD COLUMN lease_until REAL NOT NULL DEFAULT 0;
+ALTER TABLE documents ADD COLUMN lease_until DOUBLE PRECISION NOT NULL DEFAULT 0;
 UPDATE documents SET fingerprint = 'v1' WHERE chunks > 0;
 CREATE INDEX IF NOT EXISTS documents_source ON documents (tenant, source);
 CREATE TABLE IF NOT EXISTS folders (
   tenant TEXT NOT NULL,
   id TEXT NOT NULL,
   source TEXT,
-  created_at REAL NOT NULL,
+  created_at DOUBLE PRECISION NOT NULL,
   PRIMARY KEY (tenant, id)
 );
 CREATE TABLE IF NOT EXISTS folder_links (
@@ -75,9 +89,16 @@ CREATE TABLE IF NOT EXISTS folder_links (
 CREATE INDEX IF NOT EXISTS folders_source ON folders (tenant, source);
 CREATE TABLE IF NOT EXISTS tenants (
   id TEXT PRIMARY KEY,
-  created_at REAL NOT NULL
-);
-"""
+  created_at DOUBLE PRECISION NOT NULL
+)
+""",
+    ),
+)
+SCHEMA_VERSION = _MIGRATIONS[-1][0]
+
+
+def _statements(script: str) -> list[str]:
+    return [part.strip() for part in script.split(";") if part.strip()]
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,63 +133,19 @@ class Claim:
 
 
 class SourceCatalog:
-    """Tenants, sources, folder and document ownership (SQLite, shared by processes)."""
+    """Tenants, sources, folder and document ownership, on a :class:`CatalogDatabase`."""
 
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA busy_timeout=5000")
-        self._lock = asyncio.Lock()
-        self._migrate()
+    def __init__(self, db: CatalogDatabase) -> None:
+        self.db = db
 
-    def _migrate(self) -> None:
-        """Bring the schema to :data:`SCHEMA_VERSION`, one version per transaction."""
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
-            for target, script in ((1, _V1), (2, _V2)):
-                if version < target:
-                    for statement in filter(str.strip, script.split(";")):
-                        self._db.execute(statement)
-            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-
-    async def _call(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        async with self._lock:
-            try:
-                return await asyncio.to_thread(work, self._db)
-            except sqlite3.IntegrityError as exc:
-                raise Conflict("already exists") from exc
-            except sqlite3.Error as exc:
-                raise SourceUnavailable("source catalog unavailable", detail=str(exc)) from exc
-
-    async def _run(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        return await self._call(lambda db: db.execute(sql, params).fetchall())
-
-    async def _transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        """``work`` inside BEGIN IMMEDIATE: the write lock is held from the first read."""
-
-        def run(db: sqlite3.Connection) -> T:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                result = work(db)
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
-            return result
-
-        return await self._call(run)
+    async def _rows(self, sql: str, params: Sequence[object] = ()) -> list[Row]:
+        return await self.db.execute(sql, params)
 
     # -- tenants -----------------------------------------------------------------------
 
     async def add_tenant(self, tenant: str) -> None:
         """Record a new tenant; Conflict if it exists."""
-        await self._run("INSERT INTO tenants VALUES (?, ?)", (tenant, time.time()))
+        await self._rows("INSERT INTO tenants VALUES (?, ?)", (tenant, time.time()))
 
     # -- sources -----------------------------------------------------------------------
 
@@ -176,7 +153,7 @@ class SourceCatalog:
         self, tenant: str, source_id: str, kind: str, config: dict[str, Any]
     ) -> SourceInfo:
         now = time.time()
-        await self._run(
+        await self._rows(
             "INSERT INTO sources (tenant, id, kind, config, created_at) VALUES (?, ?, ?, ?, ?)",
             (tenant, source_id, kind, json.dumps(config, sort_keys=True), now),
         )
@@ -184,7 +161,7 @@ class SourceCatalog:
 
     async def get_source(self, tenant: str, source_id: str) -> SourceInfo | None:
         """The source, also while it is being removed (``state`` says so)."""
-        rows = await self._run(
+        rows = await self._rows(
             "SELECT tenant, id, kind, config, created_at, state FROM sources "
             "WHERE tenant=? AND id=?",
             (tenant, source_id),
@@ -193,7 +170,7 @@ class SourceCatalog:
 
     async def list_sources(self, tenant: str) -> list[SourceInfo]:
         """Active sources only: a source being removed serves nothing."""
-        rows = await self._run(
+        rows = await self._rows(
             "SELECT tenant, id, kind, config, created_at, state FROM sources "
             "WHERE tenant=? AND state='active' ORDER BY id",
             (tenant,),
@@ -201,41 +178,38 @@ class SourceCatalog:
         return [_source(r) for r in rows]
 
     async def mark_removing(self, tenant: str, source_id: str) -> None:
-        await self._run(
-            "UPDATE sources SET state='removing' WHERE tenant=? AND id=?", (tenant, source_id)
-        )
+        async with self.db.transaction(tenant) as tx:
+            await tx.execute(
+                "UPDATE sources SET state='removing' WHERE tenant=? AND id=?", (tenant, source_id)
+            )
 
     async def source_contents(self, tenant: str, source_id: str) -> tuple[list[str], list[str]]:
         """Ids of the documents and folders the source owns."""
-
-        def read(db: sqlite3.Connection) -> tuple[list[str], list[str]]:
-            docs = db.execute(
+        async with self.db.transaction() as tx:
+            docs = await tx.execute(
                 "SELECT id FROM documents WHERE tenant=? AND source=? ORDER BY id",
                 (tenant, source_id),
-            ).fetchall()
-            folders = db.execute(
+            )
+            folders = await tx.execute(
                 "SELECT id FROM folders WHERE tenant=? AND source=? ORDER BY id",
                 (tenant, source_id),
-            ).fetchall()
-            return [str(r[0]) for r in docs], [str(r[0]) for r in folders]
-
-        return await self._call(read)
+            )
+        return [str(r[0]) for r in docs], [str(r[0]) for r in folders]
 
     async def forget_source(self, tenant: str, source_id: str) -> None:
         """Drop the source and every ownership claim it held (its names become free)."""
-
-        def forget(db: sqlite3.Connection) -> None:
-            db.execute("DELETE FROM documents WHERE tenant=? AND source=?", (tenant, source_id))
-            db.execute(
+        async with self.db.transaction(tenant) as tx:
+            await tx.execute(
+                "DELETE FROM documents WHERE tenant=? AND source=?", (tenant, source_id)
+            )
+            await tx.execute(
                 "DELETE FROM folder_links WHERE tenant=? AND (parent IN (SELECT id FROM folders "
                 "WHERE tenant=? AND source=?) OR child IN (SELECT id FROM folders "
                 "WHERE tenant=? AND source=?))",
                 (tenant, tenant, source_id, tenant, source_id),
             )
-            db.execute("DELETE FROM folders WHERE tenant=? AND source=?", (tenant, source_id))
-            db.execute("DELETE FROM sources WHERE tenant=? AND id=?", (tenant, source_id))
-
-        await self._transaction(forget)
+            await tx.execute("DELETE FROM folders WHERE tenant=? AND source=?", (tenant, source_id))
+            await tx.execute("DELETE FROM sources WHERE tenant=? AND id=?", (tenant, source_id))
 
     # -- ownership ---------------------------------------------------------------------
 
@@ -254,37 +228,34 @@ class SourceCatalog:
         the source is not active, or (with ``lease``) another request holds a document.
         """
         token = uuid.uuid4().hex
-
-        def claim(db: sqlite3.Connection) -> Claim:
-            now = time.time()
-            _require_active(db, tenant, source)
+        now = time.time()
+        entries: dict[str, DocumentEntry] = {}
+        async with self.db.transaction(tenant) as tx:
+            await _require_active(tx, tenant, source)
             for folder in dict.fromkeys(folders):
-                _own_folders(db, tenant, folder, source)
-            entries: dict[str, DocumentEntry] = {}
+                await _own_folders(tx, tenant, folder, source)
             for doc in dict.fromkeys(documents):
-                db.execute(
+                await tx.execute(
                     "INSERT INTO documents (tenant, source, id, chunks, updated_at) "
                     "VALUES (?, ?, ?, 0, ?) ON CONFLICT DO NOTHING",
                     (tenant, source, doc, now),
                 )
-                row = db.execute(
+                (row,) = await tx.execute(
                     "SELECT source, chunks, fingerprint, folder, lease_owner, lease_until "
                     "FROM documents WHERE tenant=? AND id=?",
                     (tenant, doc),
-                ).fetchone()
+                )
                 if row[0] != source:
                     raise Conflict(f"document {doc} belongs to another source")
                 if lease and row[4] is not None and row[5] > now:
                     raise Conflict(f"document {doc} is being updated by another request")
                 entries[doc] = DocumentEntry(doc, source, int(row[1]), row[2], row[3])
                 if lease:
-                    db.execute(
+                    await tx.execute(
                         "UPDATE documents SET lease_owner=?, lease_until=? WHERE tenant=? AND id=?",
                         (token, now + LEASE_S, tenant, doc),
                     )
-            return Claim(tenant, source, token, entries)
-
-        return await self._transaction(claim)
+        return Claim(tenant, source, token, entries)
 
     async def link(self, tenant: str, parent: str, child: str) -> None:
         """Record an admin ``parent`` link (``type:id`` both); Conflict across sources.
@@ -296,67 +267,42 @@ class SourceCatalog:
         """
         parent_type, _, parent_id = parent.partition(":")
         child_type, _, child_id = child.partition(":")
-
-        def link(db: sqlite3.Connection) -> None:
+        async with self.db.transaction(tenant) as tx:
             if parent_type == "source":
                 owner: str | None = parent_id
-                _require_active(db, tenant, parent_id)
+                await _require_active(tx, tenant, parent_id)
             else:
-                _ensure_folder(db, tenant, parent_id)
-                owner = _tree_owner(db, tenant, parent_id)
+                await _ensure_folder(tx, tenant, parent_id)
+                owner = await _tree_owner(tx, tenant, parent_id)
             if child_type == "folder":
-                _ensure_folder(db, tenant, child_id)
-                if parent_type == "folder":
-                    others = {owner, _tree_owner(db, tenant, child_id)} - {None}
-                    if len(others) > 1:
-                        raise Conflict(f"folder {child_id} belongs to another source")
-                    db.execute(
-                        "INSERT INTO folder_links VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
-                        (tenant, parent_id, child_id),
-                    )
-                    owner = others.pop() if others else None
-                if owner is not None:
-                    _own_folders(db, tenant, child_id, owner)
-                return
-            row = db.execute(
-                "SELECT source FROM documents WHERE tenant=? AND id=?", (tenant, child_id)
-            ).fetchone()
-            if row is not None and owner is not None and row[0] != owner:
-                raise Conflict(f"document {child_id} belongs to another source")
-            if row is not None and owner is None:
-                _own_folders(db, tenant, parent_id, str(row[0]))
-            elif row is None and owner is not None:
-                db.execute(
-                    "INSERT INTO documents (tenant, source, id, chunks, updated_at) "
-                    "VALUES (?, ?, ?, 0, ?)",
-                    (tenant, owner, child_id, time.time()),
-                )
-
-        await self._transaction(link)
+                await _link_folder(tx, tenant, parent_type, parent_id, child_id, owner)
+            else:
+                await _link_document(tx, tenant, parent_type, parent_id, child_id, owner)
 
     async def unlink(self, tenant: str, parent: str, child: str) -> None:
-        await self._run(
-            "DELETE FROM folder_links WHERE tenant=? AND parent=? AND child=?",
-            (tenant, parent.partition(":")[2], child.partition(":")[2]),
-        )
+        async with self.db.transaction(tenant) as tx:
+            await tx.execute(
+                "DELETE FROM folder_links WHERE tenant=? AND parent=? AND child=?",
+                (tenant, parent.partition(":")[2], child.partition(":")[2]),
+            )
 
     async def release(self, claim: Claim) -> None:
-        await self._run(
+        await self._rows(
             "UPDATE documents SET lease_owner=NULL, lease_until=0 WHERE tenant=? AND lease_owner=?",
             (claim.tenant, claim.lease),
         )
 
     async def folder_source(self, tenant: str, folder: str) -> str | None:
-        rows = await self._run(
+        rows = await self._rows(
             "SELECT source FROM folders WHERE tenant=? AND id=?", (tenant, folder)
         )
-        return str(rows[0][0]) if rows else None
+        return str(rows[0][0]) if rows and rows[0][0] is not None else None
 
     # -- documents ---------------------------------------------------------------------
 
     async def start_update(self, tenant: str, document_id: str) -> None:
         """Mark a document incomplete: a failure from here on is repaired by a rerun."""
-        await self._run(
+        await self._rows(
             "UPDATE documents SET fingerprint=NULL WHERE tenant=? AND id=?", (tenant, document_id)
         )
 
@@ -370,7 +316,7 @@ class SourceCatalog:
         folder: str | None,
         acl: dict[str, Any],
     ) -> None:
-        await self._run(
+        await self._rows(
             "UPDATE documents SET chunks=?, fingerprint=?, folder=?, acl=?, updated_at=? "
             "WHERE tenant=? AND id=?",
             (
@@ -385,7 +331,7 @@ class SourceCatalog:
         )
 
     async def document(self, tenant: str, document_id: str) -> DocumentEntry | None:
-        rows = await self._run(
+        rows = await self._rows(
             "SELECT id, source, chunks, fingerprint, folder FROM documents WHERE tenant=? AND id=?",
             (tenant, document_id),
         )
@@ -399,41 +345,39 @@ class SourceCatalog:
         return entry.source if entry is not None else None
 
     async def forget_document(self, tenant: str, document_id: str) -> None:
-        await self._run("DELETE FROM documents WHERE tenant=? AND id=?", (tenant, document_id))
+        await self._rows("DELETE FROM documents WHERE tenant=? AND id=?", (tenant, document_id))
 
     async def document_count(self, tenant: str, source: str | None = None) -> int:
         """Complete documents (of one source, or of the tenant)."""
         if source is None:
-            rows = await self._run(
+            rows = await self._rows(
                 "SELECT COUNT(*) FROM documents WHERE tenant=? AND fingerprint IS NOT NULL",
                 (tenant,),
             )
         else:
-            rows = await self._run(
+            rows = await self._rows(
                 "SELECT COUNT(*) FROM documents WHERE tenant=? AND source=? "
                 "AND fingerprint IS NOT NULL",
                 (tenant, source),
             )
         return int(rows[0][0])
 
-    def close(self) -> None:
-        self._db.close()
+    async def close(self) -> None:
+        await self.db.close()
 
 
-def _source(row: tuple[Any, ...]) -> SourceInfo:
+def _source(row: Row) -> SourceInfo:
     return SourceInfo(row[0], row[1], row[2], json.loads(row[3]), float(row[4]), row[5])
 
 
-def _require_active(db: sqlite3.Connection, tenant: str, source: str) -> None:
-    state = db.execute(
-        "SELECT state FROM sources WHERE tenant=? AND id=?", (tenant, source)
-    ).fetchone()
-    if state is None or state[0] != "active":
+async def _require_active(tx: Tx, tenant: str, source: str) -> None:
+    state = await tx.execute("SELECT state FROM sources WHERE tenant=? AND id=?", (tenant, source))
+    if not state or state[0][0] != "active":
         raise Conflict(f"source {source} is not active")
 
 
-def _ensure_folder(db: sqlite3.Connection, tenant: str, folder: str) -> None:
-    db.execute(
+async def _ensure_folder(tx: Tx, tenant: str, folder: str) -> None:
+    await tx.execute(
         "INSERT INTO folders VALUES (?, ?, NULL, ?) ON CONFLICT DO NOTHING",
         (tenant, folder, time.time()),
     )
@@ -441,7 +385,7 @@ def _ensure_folder(db: sqlite3.Connection, tenant: str, folder: str) -> None:
 
 _TREE = """
 WITH RECURSIVE tree(id) AS (
-  SELECT ?
+  SELECT CAST(? AS TEXT)
   UNION
   SELECT CASE WHEN l.parent = tree.id THEN l.child ELSE l.parent END
   FROM folder_links l JOIN tree ON l.parent = tree.id OR l.child = tree.id
@@ -451,23 +395,259 @@ SELECT f.id, f.source FROM tree JOIN folders f ON f.tenant = ? AND f.id = tree.i
 """
 
 
-def _tree(db: sqlite3.Connection, tenant: str, folder: str) -> list[tuple[str, str | None]]:
+async def _tree(tx: Tx, tenant: str, folder: str) -> list[tuple[str, str | None]]:
     """The folders linked to ``folder`` (itself included), with their owners."""
-    return [(str(r[0]), r[1]) for r in db.execute(_TREE, (folder, tenant, tenant)).fetchall()]
+    return [(str(r[0]), r[1]) for r in await tx.execute(_TREE, (folder, tenant, tenant))]
 
 
-def _tree_owner(db: sqlite3.Connection, tenant: str, folder: str) -> str | None:
-    owners = {owner for _, owner in _tree(db, tenant, folder)} - {None}
+async def _tree_owner(tx: Tx, tenant: str, folder: str) -> str | None:
+    owners = {owner for _, owner in await _tree(tx, tenant, folder)} - {None}
     return owners.pop() if len(owners) == 1 else None
 
 
-def _own_folders(db: sqlite3.Connection, tenant: str, folder: str, source: str) -> None:
+async def _own_folders(tx: Tx, tenant: str, folder: str, source: str) -> None:
     """Claim ``folder`` and every folder linked to it for ``source``, or raise Conflict."""
-    _ensure_folder(db, tenant, folder)
-    tree = _tree(db, tenant, folder)
+    await _ensure_folder(tx, tenant, folder)
+    tree = await _tree(tx, tenant, folder)
     if any(owner not in (None, source) for _, owner in tree):
         raise Conflict(f"folder {folder} belongs to another source")
-    db.executemany(
-        "UPDATE folders SET source=? WHERE tenant=? AND id=?",
-        [(source, tenant, f) for f, owner in tree if owner is None],
-    )
+    for name, owner in tree:
+        if owner is None:
+            await tx.execute(
+                "UPDATE folders SET source=? WHERE tenant=? AND id=?", (source, tenant, name)
+            )
+
+
+async def _link_folder(
+    tx: Tx, tenant: str, parent_type: str, parent_id: str, child: str, owner: str | None
+) -> None:
+    await _ensure_folder(tx, tenant, child)
+    if parent_type == "folder":
+        owners = {owner, await _tree_owner(tx, tenant, child)} - {None}
+        if len(owners) > 1:
+            raise Conflict(f"folder {child} belongs to another source")
+        await tx.execute(
+            "INSERT INTO folder_links VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+            (tenant, parent_id, child),
+        )
+        owner = owners.pop() if owners else None
+    if owner is not None:
+        await _own_folders(tx, tenant, child, owner)
+
+
+async def _link_document(
+    tx: Tx, tenant: str, parent_type: str, parent_id: str, child: str, owner: str | None
+) -> None:
+    rows = await tx.execute("SELECT source FROM documents WHERE tenant=? AND id=?", (tenant, child))
+    current = str(rows[0][0]) if rows else None
+    if current is not None and owner is not None and current != owner:
+        raise Conflict(f"document {child} belongs to another source")
+    if current is not None and owner is None and parent_type == "folder":
+        await _own_folders(tx, tenant, parent_id, current)
+    elif current is None and owner is not None:
+        await tx.execute(
+            "INSERT INTO documents (tenant, source, id, chunks, updated_at) VALUES (?, ?, ?, 0, ?)",
+            (tenant, owner, child, time.time()),
+        )
+
+
+class Tx(Protocol):
+    """One transaction (or one statement) on the catalog's database."""
+
+    async def execute(self, sql: str, params: Sequence[object] = ()) -> list[Row]: ...
+
+
+class CatalogDatabase(Protocol):
+    """Where the catalog lives. Every failure raises SourceUnavailable (or Conflict)."""
+
+    def transaction(self, tenant: str | None = None) -> contextlib.AbstractAsyncContextManager[Tx]:
+        """A transaction; with ``tenant``, ownership changes of that tenant wait their turn."""
+        ...
+
+    async def execute(self, sql: str, params: Sequence[object] = ()) -> list[Row]:
+        """One statement on its own (autocommit)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class SqliteCatalogDatabase:
+    """The embedded catalog: one SQLite file; BEGIN IMMEDIATE serialises writers."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._lock = asyncio.Lock()
+        self._migrate()
+
+    def _migrate(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
+            for target, script in _MIGRATIONS:
+                if version < target:
+                    for statement in _statements(script):
+                        self._db.execute(statement)
+            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+    @contextlib.asynccontextmanager
+    async def transaction(self, tenant: str | None = None) -> AsyncIterator[Tx]:
+        async with self._lock:
+            with _sqlite_errors():
+                await self._in_thread(lambda: self._db.execute("BEGIN IMMEDIATE"))
+                try:
+                    yield self
+                except BaseException:
+                    await self._in_thread(lambda: self._db.execute("ROLLBACK"))
+                    raise
+                await self._in_thread(lambda: self._db.execute("COMMIT"))
+
+    async def execute(self, sql: str, params: Sequence[object] = ()) -> list[Row]:
+        with _sqlite_errors():
+            rows: list[Row] = await self._in_thread(
+                lambda: self._db.execute(sql, tuple(params)).fetchall()
+            )
+            return rows
+
+    async def _in_thread(self, work: Callable[[], Any]) -> Any:
+        return await asyncio.to_thread(work)
+
+    async def close(self) -> None:
+        self._db.close()
+
+
+@contextlib.contextmanager
+def _sqlite_errors() -> Any:
+    try:
+        yield
+    except sqlite3.IntegrityError as exc:
+        raise Conflict("already exists") from exc
+    except sqlite3.Error as exc:
+        raise SourceUnavailable("source catalog unavailable", detail=str(exc)) from exc
+
+
+PgConnection = psycopg.AsyncConnection[TupleRow]
+_PG_MIGRATION_LOCK = 0x5C09E_CA7A1  # advisory lock id: replicas migrate one at a time
+
+
+class PostgresCatalogDatabase:
+    """The shared catalog of scaled-out deployments (one database for every replica).
+
+    Statements run in autocommit unless inside :meth:`transaction`; a transaction for a
+    tenant first takes a transaction-level advisory lock on it, so two replicas never
+    change one tenant's ownership at the same time. Migrations run under their own
+    advisory lock, so replicas may start together.
+    """
+
+    def __init__(self, dsn: str, *, pool_size: int = 4, connect_timeout_s: int = 5) -> None:
+        self._dsn = dsn
+        self._connect_timeout_s = connect_timeout_s
+        self._slots = asyncio.Semaphore(pool_size)
+        self._idle: list[PgConnection] = []
+        self._migrated = False
+        self._closed = False
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[PgConnection]:
+        async with self._slots:
+            conn = await self._take()
+            try:
+                yield conn
+            finally:
+                clean = not conn.closed and conn.info.transaction_status == 0  # IDLE
+                if clean and not self._closed:
+                    self._idle.append(conn)
+                else:
+                    await conn.close()
+
+    async def _take(self) -> PgConnection:
+        if self._closed:
+            raise SourceUnavailable("source catalog is closed")
+        if self._idle:
+            return self._idle.pop()
+        conn = await PgConnection.connect(
+            self._dsn, autocommit=True, connect_timeout=self._connect_timeout_s
+        )
+        try:
+            if not self._migrated:
+                await _pg_migrate(conn)
+                self._migrated = True
+        except BaseException:
+            await conn.close()
+            raise
+        return conn
+
+    @contextlib.asynccontextmanager
+    async def transaction(self, tenant: str | None = None) -> AsyncIterator[Tx]:
+        with _pg_errors():
+            async with self._connection() as conn, conn.transaction():
+                tx = _PgTx(conn)
+                if tenant is not None:
+                    await tx.execute("SELECT pg_advisory_xact_lock(?)", (_tenant_lock(tenant),))
+                yield tx
+
+    async def execute(self, sql: str, params: Sequence[object] = ()) -> list[Row]:
+        with _pg_errors():
+            async with self._connection() as conn:
+                return await _PgTx(conn).execute(sql, params)
+
+    async def close(self) -> None:
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await conn.close()
+
+
+class _PgTx:
+    def __init__(self, conn: PgConnection) -> None:
+        self._conn = conn
+
+    async def execute(self, sql: str, params: Sequence[object] = ()) -> list[Row]:
+        cursor = await self._conn.execute(sql.replace("?", "%s"), tuple(params))
+        return list(await cursor.fetchall()) if cursor.description else []
+
+
+def _tenant_lock(tenant: str) -> int:
+    """A stable 32-bit advisory lock key per tenant (collisions only serialise more)."""
+    return zlib.crc32(f"scopegate-catalog:{tenant}".encode())
+
+
+async def _pg_migrate(conn: PgConnection) -> None:
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_MIGRATION_LOCK,))
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS catalog_schema (version INTEGER PRIMARY KEY)"
+        )
+        cursor = await conn.execute("SELECT COALESCE(MAX(version), 0) FROM catalog_schema")
+        row = await cursor.fetchone()
+        current = int(row[0]) if row else 0
+        for version, script in _MIGRATIONS:
+            if version > current:
+                for statement in _statements(script):
+                    await conn.execute(statement)
+                await conn.execute("INSERT INTO catalog_schema VALUES (%s)", (version,))
+
+
+@contextlib.contextmanager
+def _pg_errors() -> Any:
+    try:
+        yield
+    except psycopg.errors.UniqueViolation as exc:
+        raise Conflict("already exists") from exc
+    except (psycopg.Error, OSError) as exc:
+        raise SourceUnavailable("source catalog unavailable", detail=str(exc)) from exc
+
+
+def open_catalog(dsn: str | None, data_dir: Path) -> SourceCatalog:
+    """The PostgreSQL catalog for a ``postgresql://`` DSN, else SQLite in ``data_dir``."""
+    if dsn is None:
+        return SourceCatalog(SqliteCatalogDatabase(data_dir / "catalog.db"))
+    if not dsn.startswith(("postgresql://", "postgres://")):
+        raise ValueError("SCOPEGATE_CATALOG_DSN must be a postgresql:// URL")
+    return SourceCatalog(PostgresCatalogDatabase(dsn))

@@ -20,7 +20,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from gateway.errors import ScopegateError
+from pydantic import ValidationError
+
+from gateway.errors import ConfigurationError, ScopegateError
 from gateway.identity import issue_token, load_or_create_signing_key, parse_ttl
 from gateway.settings import DEFAULT_DATA_DIR, load_settings
 
@@ -269,6 +271,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The operator's own console: the upstream detail helps, and reaches no agent.
         detail = f" ({exc.detail})" if exc.detail else ""
         print(f"scopegate: {exc.code}: {exc.message}{detail}", file=sys.stderr)
+        return 2
+    except (ConfigurationError, ValidationError) as exc:
+        # Settings and start-up refusals: the message says what to set.
+        print(f"scopegate: configuration: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -1,102 +1,48 @@
-"""Every error scopegate raises, and the HTTP status and code each maps to.
+"""Every error scopegate raises: the tree of :mod:`scopegate_client.errors`.
 
-Exception tree::
-
-    ScopegateError
-    ├── InvalidToken                  401 invalid_token
-    ├── Forbidden                     403 forbidden
-    ├── NotFound                      404 not_found
-    ├── InvalidRequest                422 invalid_request
-    │   └── InvalidIdentifier
-    ├── PayloadTooLarge               413 payload_too_large
-    ├── RateLimited                   429 rate_limited
-    ├── Conflict                      409 conflict
-    └── Unavailable                   503
-        ├── AuthorizationUnavailable      authorization_unavailable
-        ├── SourceUnavailable             source_unavailable
-        └── AuditUnavailable              audit_unavailable
-
-A denial is a result, never an exception: these errors mean the gateway could not
-decide, and every one of them makes the request return no content.
-
-``message`` is what callers see (the HTTP error body); ``detail`` is what an upstream
-said (OpenFGA's per-item errors, a driver's text), which may name objects or hosts: it
-goes to the audit record and logs, never into a response.
+The exception classes are part of the wire contract, so they live in the client
+distribution (which the server depends on) and are the same objects here: an error
+the gateway raises and the one a client raises for its code are one class. See
+:mod:`scopegate_client.errors` for the tree, the HTTP status and code of each error,
+and what ``message`` and ``detail`` may carry.
 """
 
 from __future__ import annotations
 
+from scopegate_client.errors import (
+    AuditUnavailable,
+    AuthorizationUnavailable,
+    Conflict,
+    Forbidden,
+    InvalidIdentifier,
+    InvalidRequest,
+    InvalidToken,
+    NotFound,
+    PayloadTooLarge,
+    RateLimited,
+    ScopegateError,
+    SourceUnavailable,
+    Unavailable,
+)
 
-class ScopegateError(Exception):
-    status: int = 500
-    code: str = "internal_error"
-    # Set on errors received from a gateway over HTTP: the id of the failed request.
-    request_id: str | None = None
-
-    def __init__(self, message: str, detail: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.detail = detail
-
-
-class InvalidToken(ScopegateError):
-    status = 401
-    code = "invalid_token"
-
-
-class Forbidden(ScopegateError):
-    status = 403
-    code = "forbidden"
-
-
-class NotFound(ScopegateError):
-    status = 404
-    code = "not_found"
-
-
-class InvalidRequest(ScopegateError):
-    status = 422
-    code = "invalid_request"
-
-
-class InvalidIdentifier(InvalidRequest):
-    pass
+__all__ = [
+    "AuditUnavailable",
+    "AuthorizationUnavailable",
+    "ConfigurationError",
+    "Conflict",
+    "Forbidden",
+    "InvalidIdentifier",
+    "InvalidRequest",
+    "InvalidToken",
+    "NotFound",
+    "PayloadTooLarge",
+    "RateLimited",
+    "ScopegateError",
+    "SourceUnavailable",
+    "Unavailable",
+]
 
 
-class PayloadTooLarge(ScopegateError):
-    status = 413
-    code = "payload_too_large"
-
-
-class RateLimited(ScopegateError):
-    status = 429
-    code = "rate_limited"
-
-    def __init__(
-        self, message: str, detail: str | None = None, *, retry_after_s: int | None = None
-    ) -> None:
-        super().__init__(message, detail)
-        # Whole seconds after which a retry may pass: the ``Retry-After`` header.
-        self.retry_after_s = retry_after_s
-
-
-class Conflict(ScopegateError):
-    status = 409
-    code = "conflict"
-
-
-class Unavailable(ScopegateError):
-    status = 503
-    code = "unavailable"
-
-
-class AuthorizationUnavailable(Unavailable):
-    code = "authorization_unavailable"
-
-
-class SourceUnavailable(Unavailable):
-    code = "source_unavailable"
-
-
-class AuditUnavailable(Unavailable):
-    code = "audit_unavailable"
+class ConfigurationError(Exception):
+    """The gateway cannot start as configured (server side only; the message says what
+    to set). Raised at start-up, never while serving a request."""

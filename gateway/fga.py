@@ -49,7 +49,7 @@ from openfga_sdk.models.write_authorization_model_request import (
 
 from gateway.cache import Change, DecisionCache
 from gateway.decision import CheckItem, CheckOutcome
-from gateway.errors import AuthorizationUnavailable, InvalidRequest
+from gateway.errors import AuthorizationUnavailable, ConfigurationError, InvalidRequest
 
 MAX_CHECKS_PER_BATCH = 50
 MAX_WRITES_PER_REQUEST = 100
@@ -264,6 +264,8 @@ class FgaClient:
                 self.client.set_store_id(store_id)
                 self._config.store_id = store_id
             wanted = load_model()
+            if self._config.authorization_model_id:
+                return self.store_id, await self._pinned_model(wanted)
             latest = await self._latest_model()
             if latest is not None and model_signature(latest[1]) == model_signature(wanted):
                 model_id = latest[0]
@@ -278,6 +280,27 @@ class FgaClient:
                 ).authorization_model_id
             self.client.set_authorization_model_id(model_id)
         return self.store_id, model_id
+
+    async def _pinned_model(self, wanted: Mapping[str, Any]) -> str:
+        """Use the pinned model as it is: never replaced, and refused if it is not ours."""
+        model_id = str(self._config.authorization_model_id)
+        try:
+            response = await self.client.read_authorization_model()
+        except ApiException as exc:
+            if exc.status in (400, 404):
+                raise ConfigurationError(
+                    f"SCOPEGATE_OPENFGA_MODEL_ID {model_id} is not a model of store "
+                    f"{self.store_id}: write fga_models/scopegate/model.fga and pin its id"
+                ) from exc
+            raise
+        model = response.authorization_model
+        data = self.client._api_client.sanitize_for_serialization(model) if model else {}
+        if model_signature(data) != model_signature(wanted):
+            raise ConfigurationError(
+                f"the pinned model {model_id} is not the model this gateway decides with "
+                "(fga_models/scopegate/model.fga): write that model and pin its id"
+            )
+        return model_id
 
     async def _latest_model(self) -> tuple[str, dict[str, Any]] | None:
         try:

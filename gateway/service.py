@@ -25,7 +25,7 @@ from langchain_core.embeddings import Embeddings
 from connectors.base import VectorStore
 from gateway.audit import AuditRecord, AuditStore, CandidateVerdict, open_audit_store, redact_query
 from gateway.cache import ChangeWatcher, DecisionCache
-from gateway.catalog import SourceCatalog, SourceInfo
+from gateway.catalog import SourceCatalog, SourceInfo, open_catalog
 from gateway.decision import CheckItem, CheckName
 from gateway.errors import (
     AuthorizationUnavailable,
@@ -90,6 +90,8 @@ class StoreRegistry:
     """One store instance per distinct source configuration."""
 
     data_dir: Path
+    chroma_url: str | None = None
+    chroma_headers: Mapping[str, str] = field(default_factory=dict)
     _stores: dict[str, VectorStore] = field(default_factory=dict)
 
     def for_source(self, info: SourceInfo) -> VectorStore:
@@ -105,9 +107,9 @@ class StoreRegistry:
             return InMemoryStore()
         from connectors.chroma import ChromaStore
 
-        url = config.get("url")
+        url = config.get("url") or self.chroma_url
         if url:
-            return ChromaStore(url=str(url))
+            return ChromaStore(url=str(url), headers=dict(self.chroma_headers) or None)
         return ChromaStore(path=self.data_dir / "chroma")
 
     async def healthy(self) -> bool:
@@ -138,7 +140,7 @@ class Gateway:
         self.verifier = verifier
         self.managed = managed
         self.signing_key = signing_key
-        self.stores = StoreRegistry(settings.data_dir)
+        self.stores = StoreRegistry(settings.data_dir, settings.chroma_url, settings.chroma_headers)
         self.ingestor = Ingestor(fga, catalog, embeddings)
         self.watcher: ChangeWatcher | None = None
         self.retention: asyncio.Task[None] | None = None
@@ -179,8 +181,10 @@ class Gateway:
             if managed is not None:
                 managed.stop()
             raise
-        key = load_or_create_signing_key(data_dir)
-        public_keys = {key.kid: key.public_pem}
+        # The data directory's key signs development tokens only: production trusts
+        # configured issuers and nothing else (Settings.check_production insists on one).
+        key = None if settings.environment == "production" else load_or_create_signing_key(data_dir)
+        public_keys = {key.kid: key.public_pem} if key is not None else {}
         public_keys.update({kid: pem.encode() for kid, pem in settings.trusted_issuers_pem.items()})
         verifier = TokenVerifier(
             public_keys,
@@ -195,7 +199,7 @@ class Gateway:
 
             embeddings = default_embeddings()
         audit = open_audit_store(settings.audit_dsn, data_dir)
-        catalog = SourceCatalog(data_dir / "catalog.db")
+        catalog = open_catalog(settings.catalog_dsn, data_dir)
         gateway = cls(
             settings, fga, audit, catalog, embeddings, verifier, managed=managed, signing_key=key
         )
@@ -232,7 +236,8 @@ class Gateway:
             await self.fga.close()
         with contextlib.suppress(Exception):
             await self.audit.close()
-        self.catalog.close()
+        with contextlib.suppress(Exception):
+            await self.catalog.close()
         if self.managed is not None:
             await asyncio.to_thread(self.managed.stop)
 

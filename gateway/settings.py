@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gateway.errors import ConfigurationError
+
 DEFAULT_DATA_DIR = Path(".scopegate")
 
 
@@ -38,8 +40,11 @@ class Settings(BaseSettings):
     trusted_issuers_pem: dict[str, str] = {}
     jwks_url: str | None = None
 
-    # Vector store.
+    # Vector store: a Chroma server for sources registered without their own "url"
+    # (unset: embedded Chroma in data_dir), and the headers sent to it (a token, as
+    # {"Authorization": "Bearer ..."} or {"X-Chroma-Token": "..."}).
     chroma_url: str | None = None
+    chroma_headers: dict[str, str] = {}
 
     # Retrieval.
     overfetch: int = Field(default=4, ge=1, le=50)
@@ -53,6 +58,10 @@ class Settings(BaseSettings):
     decision_cache_bucket_s: float = Field(default=10.0, gt=0)
     decision_cache_max_staleness_s: float = Field(default=2.0, gt=0)
     decision_cache_poll_s: float = Field(default=0.5, gt=0)
+
+    # Catalog of sources, folders and documents: SQLite in data_dir unless a PostgreSQL
+    # DSN is given (shared by every replica of a scaled-out deployment).
+    catalog_dsn: str | None = None
 
     # Audit.
     audit_dsn: str | None = None
@@ -85,14 +94,56 @@ class Settings(BaseSettings):
         return self
 
     def check_production(self) -> None:
-        """Refuse development placeholders outside development."""
-        if self.environment == "production":
-            if self.audit_redact_queries and self.audit_redaction_key.startswith("development"):
-                raise ValueError("SCOPEGATE_AUDIT_REDACTION_KEY must be set in production")
-            if not self.trusted_issuers_pem and not self.jwks_url:
-                raise ValueError(
-                    "production needs SCOPEGATE_TRUSTED_ISSUERS_PEM or SCOPEGATE_JWKS_URL"
-                )
+        """Refuse development placeholders and embedded parts outside development.
+
+        Every refusal names the setting that fixes it; all of them are reported at once.
+        """
+        if self.environment != "production":
+            return
+        problems = production_problems(self)
+        if problems:
+            raise ConfigurationError(
+                "SCOPEGATE_ENVIRONMENT=production refuses this configuration:\n- "
+                + "\n- ".join(problems)
+            )
+
+
+def production_problems(settings: Settings) -> list[str]:
+    """What a production deployment must set, as one sentence each."""
+    problems = []
+    if settings.openfga_url is None:
+        problems.append(
+            "the managed OpenFGA (SQLite in the data directory) is for development: set "
+            "SCOPEGATE_OPENFGA_URL to the OpenFGA cluster (and pin SCOPEGATE_OPENFGA_STORE_ID "
+            "and SCOPEGATE_OPENFGA_MODEL_ID)"
+        )
+    if not _is_postgres(settings.audit_dsn):
+        problems.append(
+            "the SQLite audit log lives in one replica's data directory: set "
+            "SCOPEGATE_AUDIT_DSN=postgresql://..."
+        )
+    if not _is_postgres(settings.catalog_dsn):
+        problems.append(
+            "the SQLite catalog lives in one replica's data directory: set "
+            "SCOPEGATE_CATALOG_DSN=postgresql://..."
+        )
+    if settings.chroma_url is None:
+        problems.append(
+            "embedded Chroma lives in one replica's data directory: set SCOPEGATE_CHROMA_URL "
+            "to the Chroma server (and SCOPEGATE_CHROMA_HEADERS for its token)"
+        )
+    if not settings.trusted_issuers_pem and not settings.jwks_url:
+        problems.append(
+            "tokens would be trusted only from the data directory's development signing key: "
+            "set SCOPEGATE_TRUSTED_ISSUERS_PEM or SCOPEGATE_JWKS_URL"
+        )
+    if settings.audit_redact_queries and settings.audit_redaction_key.startswith("development"):
+        problems.append("query redaction needs its own key: set SCOPEGATE_AUDIT_REDACTION_KEY")
+    return problems
+
+
+def _is_postgres(dsn: str | None) -> bool:
+    return dsn is not None and dsn.startswith(("postgresql://", "postgres://"))
 
 
 def load_settings(**overrides: object) -> Settings:

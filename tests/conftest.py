@@ -75,3 +75,22 @@ async def http(gateway: Gateway) -> AsyncIterator[httpx.AsyncClient]:
     transport = httpx.ASGITransport(app=create_app(gateway=gateway))
     async with httpx.AsyncClient(transport=transport, base_url="http://scopegate") as client:
         yield client
+
+
+@pytest.fixture(scope="session")
+def pg_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One throwaway PostgreSQL server for the session (tests/pg.py)."""
+    from tests.pg import running_postgres
+
+    with running_postgres(tmp_path_factory.mktemp("postgres")) as dsn:
+        yield dsn
+
+
+def pg_schema_dsn(server_dsn: str, prefix: str) -> str:
+    """A DSN whose search_path is a fresh schema: one isolated database per test."""
+    import psycopg
+
+    schema = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server_dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    return f"{server_dsn}?options=-csearch_path%3D{schema}"

@@ -48,7 +48,6 @@ from gateway.audit import (
     storage_errors,
 )
 from gateway.errors import AuditUnavailable, InvalidRequest
-from tests.pg import running_postgres
 
 REPO = Path(__file__).resolve().parent.parent
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
@@ -133,12 +132,6 @@ def postgres_backend(server_dsn: str) -> Backend:
             return cur.fetchall() if cur.description else []
 
     return Backend("postgres", lambda **o: PostgresAuditStore(dsn, **o), raw)
-
-
-@pytest.fixture(scope="session")
-def pg_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with running_postgres(tmp_path_factory.mktemp("postgres")) as dsn:
-        yield dsn
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

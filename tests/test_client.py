@@ -15,10 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
-
-from gateway import errors
-from gateway.background import BackgroundGateway
-from gateway.client import (
+from scopegate_client.client import (
     AsyncScopegateClient,
     RetryPolicy,
     ScopegateClient,
@@ -27,6 +24,9 @@ from gateway.client import (
     _segment,
     error_from_response,
 )
+
+from gateway import errors
+from gateway.background import BackgroundGateway
 from gateway.fga_server import ManagedOpenFGA
 from gateway.identity import issue_token
 from gateway.settings import load_settings

@@ -100,6 +100,7 @@ CORE = (
     "add_source",
     "race",
     "same",
+    "new_task",
 )
 # ... and a few of these.
 EXTRA = (
@@ -109,15 +110,14 @@ EXTRA = (
     "nest",
     "move",
     "suspend",
-    "new_task",
     "revoke_task",
     "revoke_grant",
     "add_grant",
     "leave_group",
     "delete_document",
 )
-PROBES = 6  # retrievals aimed at what a mutation changes
-HAMMER = 10  # at most this many answers while one mutation runs
+PROBES = 4  # retrievals aimed at what a mutation changes
+HAMMER = 8  # at most this many answers while one mutation runs
 # What every run must exercise, per world (rounded down, at least 1): the run fails if
 # the generator stops producing it.
 REQUIRED = {
@@ -142,6 +142,7 @@ REQUIRED = {
     "add_source:reused_name": 0.06,
     "concurrent_answers": 10.0,
 }
+ENFORCED_FROM = 8  # worlds; fewer (a quick local run) only prints what was exercised
 NONEMPTY_SHARE = 0.3  # of the exact comparisons, at least this share expects chunks
 FAULTS = {
     # Refused before OpenFGA sees it, connection reset, or applied and the answer lost.
@@ -849,6 +850,10 @@ def run_seeded(openfga: ManagedOpenFGA, worlds_to_run: int, capsys: pytest.Captu
         exercised=TALLY.exercised - before.exercised,
     )
     missing = this_run.shortfalls(ran)
+    if ran < ENFORCED_FROM:  # a quick run of a few worlds cannot be held to the rates
+        with capsys.disabled():
+            print(f"\n{ran} worlds (checked from {ENFORCED_FROM}), short of: {missing}")
+        return
     assert not missing, (
         f"the generator stopped exercising what the oracle is for ({replay}):\n  "
         + "\n  ".join(missing)
@@ -857,7 +862,7 @@ def run_seeded(openfga: ManagedOpenFGA, worlds_to_run: int, capsys: pytest.Captu
 
 
 def test_retrieval_equals_oracle(openfga: ManagedOpenFGA, capsys: pytest.CaptureFixture) -> None:
-    run_seeded(openfga, int(os.environ.get("SCOPEGATE_ORACLE_WORLDS", "16")), capsys)
+    run_seeded(openfga, int(os.environ.get("SCOPEGATE_ORACLE_WORLDS", "12")), capsys)
 
 
 @pytest.mark.soak

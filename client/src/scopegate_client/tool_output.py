@@ -1,0 +1,46 @@
+"""What every retrieval tool shows a model: numbered passages, and the errors it can fix.
+
+Mistakes a model can correct by calling again (an unknown source, an out of range
+``k``) are answered as text; token, permission and availability errors are not the
+model's to handle and raise for the application, whatever the agent framework.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from scopegate_client.errors import InvalidRequest, NotFound, ScopegateError
+
+NO_CONTEXT = "No permitted context was found for this query."
+#: Errors answered to the model as text (it can fix its own arguments).
+MODEL_FIXABLE = (InvalidRequest, NotFound)
+
+
+class Passage(Protocol):
+    """What a passage shows: a :class:`~scopegate_client.models.Chunk` is one."""
+
+    @property
+    def source(self) -> object: ...
+    @property
+    def document_id(self) -> object: ...
+    @property
+    def chunk_id(self) -> object: ...
+    @property
+    def text(self) -> str: ...
+
+
+def format_passages(passages: Sequence[Passage]) -> str:
+    """Numbered blocks naming each passage's source, document and chunk; an explicit
+    line when there is none, so a model never mistakes an empty answer for a failure."""
+    if not passages:
+        return NO_CONTEXT
+    return "\n\n".join(
+        f"[{n}] source={p.source} document={p.document_id} chunk={p.chunk_id}\n{p.text}"
+        for n, p in enumerate(passages, 1)
+    )
+
+
+def error_for_model(exc: ScopegateError) -> str:
+    """The text a model gets for an error: its code and message, never more."""
+    return f"{exc.code}: {exc.message}"
