@@ -7,10 +7,11 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP) .tools/bin/openfga
 
-$(STAMP): pyproject.toml
+# The client distribution (client/) is a dependency of the server: both from this checkout.
+$(STAMP): pyproject.toml client/pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[dev]'
+	$(VENV)/bin/pip install -q -e ./client -e '.[dev]'
 	touch $(STAMP)
 
 .tools/bin/openfga: scripts/install-openfga
@@ -34,11 +35,11 @@ test: setup system-deps
 check: setup lint types
 
 lint:
-	$(VENV)/bin/ruff check gateway connectors tests bench scripts
-	$(VENV)/bin/ruff format --check gateway connectors
+	$(VENV)/bin/ruff check gateway connectors client tests bench scripts
+	$(VENV)/bin/ruff format --check gateway connectors client
 
 types:
-	$(VENV)/bin/mypy gateway connectors
+	$(VENV)/bin/mypy gateway connectors client/src
 
 model: setup
 	$(VENV)/bin/fga model transform --file fga_models/scopegate/model.fga > fga_models/scopegate/model.json

@@ -13,14 +13,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.deps import AgentCaller, GatewayDep, PrincipalCaller
+from gateway import tracing
+from gateway.deps import AgentCaller, GatewayDep, PrincipalCaller, agent_context
 from gateway.errors import (
     Forbidden,
     InvalidRequest,
@@ -28,6 +29,7 @@ from gateway.errors import (
     RateLimited,
     ScopegateError,
 )
+from gateway.identity import DelegationContext
 from gateway.ids import ID_PATTERN, REF_PATTERN
 from gateway.metrics import Metrics
 from gateway.ratelimit import Rate, RetrievalLimiter
@@ -35,6 +37,15 @@ from gateway.service import Gateway
 from gateway.settings import Settings
 
 MAX_JSON_DEPTH = 32
+
+
+async def verified_agent(request: Request) -> DelegationContext:
+    """The caller's delegation context, verified inside a ``scopegate.verify`` span."""
+    with tracing.span("scopegate.verify"):
+        return await agent_context(request)
+
+
+VerifiedAgent = Annotated[DelegationContext, Depends(verified_agent)]
 Id = Annotated[str, Field(min_length=1, max_length=128, json_schema_extra={"pattern": ID_PATTERN})]
 Ref = Annotated[
     str, Field(min_length=3, max_length=300, json_schema_extra={"pattern": REF_PATTERN})
@@ -301,7 +312,7 @@ def create_app(
 
     @app.post("/v1/retrieve")
     async def retrieve(
-        body: RetrieveBody, ctx: AgentCaller, g: GatewayDep, request: Request
+        body: RetrieveBody, ctx: VerifiedAgent, g: GatewayDep, request: Request
     ) -> dict[str, Any]:
         """Exact top-k chunks the delegating user, agent, task and tenant all permit."""
         try:
@@ -419,8 +430,13 @@ def create_app(
         body = {"ready": ready, **parts, "store_id": g.fga.store_id, "model_id": g.fga.model_id}
         return JSONResponse(body, status_code=200 if ready else 503)
 
+    from gateway.authzen import register_authzen_routes
     from gateway.review import register_review_routes
 
     register_review_routes(app)
+    register_authzen_routes(app, limiter)
     app.add_middleware(BodyGuard, max_bytes=configured.max_body_bytes)
+    # Outermost: the server span covers the whole request, body checks included.
+    tracing.configure_from_env()
+    app.add_middleware(tracing.TraceContextMiddleware)
     return app

@@ -210,16 +210,28 @@ async def _narrate(c: DemoClient, documents: int) -> None:
     after = await _retrieve(c, "acme", "bob", "finance-analyst", t_bob_fin, query)
     _say(f"  before revoke: {len(before['chunks'])} chunks; after revoke: {len(after['chunks'])}")
 
-    _title("6. Removing a user from the tenant takes effect on the next retrieval")
+    _title("6. Deprovisioning a user takes effect on the next retrieval")
     before = await _retrieve(c, "acme", "alice", "summarizer", t_alice, QUERIES[1])
-    await c.call(
-        "POST",
-        "/v1/relationships",
-        c.token("acme", "carol"),
-        {"deletes": [{"user": "user:alice", "relation": "member", "object": "tenant:acme"}]},
-    )
+    removed = await c.call("DELETE", "/v1/principals/user:alice", c.token("acme", "carol"))
     after = await _retrieve(c, "acme", "alice", "summarizer", t_alice, QUERIES[1])
+    _say(
+        f"  removed {removed['relations_removed']} relations of alice, revoked "
+        f"{removed['tasks_revoked']} task(s)"
+    )
     _say(f"  before: {len(before['chunks'])} chunks; after deprovisioning: {len(after['chunks'])}")
+
+    _title("6b. A second source cannot take over a folder of the first")
+    wiki_folder = next(d["folder"] for d in acme.documents if d.get("folder"))
+    await c.call("POST", "/v1/sources", c.token("acme", "carol"), {"id": "notes", "kind": "chroma"})
+    clash = await c.http.post(
+        "/v1/sources/notes/documents",
+        json={"documents": [{"id": "note-1", "text": "team notes", "folder": wiki_folder}]},
+        headers={"authorization": f"Bearer {c.token('acme', 'carol')}"},
+    )
+    _say(
+        f"  ingesting into 'notes' with folder {wiki_folder!r}: {clash.status_code} "
+        f"{clash.json()['error']['code']} (nothing written)"
+    )
 
     _title("7. Replay: would the earlier decision still be allowed today?")
     replay = await c.call("POST", f"/v1/audit/decisions/{before['request_id']}/replay", reviewer)

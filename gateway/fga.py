@@ -47,6 +47,7 @@ from openfga_sdk.models.write_authorization_model_request import (
     WriteAuthorizationModelRequest,
 )
 
+from gateway import tracing
 from gateway.cache import Change, DecisionCache
 from gateway.decision import CheckItem, CheckOutcome
 from gateway.errors import AuthorizationUnavailable, ConfigurationError, InvalidRequest
@@ -447,9 +448,16 @@ class FgaClient:
             timeout = remaining(deadline, self.timeout_s)
             self.stats.batch_check_calls += 1
             self.stats.checks_sent += len(chunk)
-            with fga_errors("BatchCheck"):
+            attributes = {"scopegate.checks": len(chunk)}
+            with (
+                tracing.span("openfga.BatchCheck", attributes, kind=tracing.CLIENT),
+                fga_errors("BatchCheck"),
+            ):
                 response = await asyncio.wait_for(
-                    self.client._api.batch_check(body, _request_timeout=timeout), timeout=timeout
+                    self.client._api.batch_check(
+                        body, _request_timeout=timeout, _headers=tracing.headers() or None
+                    ),
+                    timeout=timeout,
                 )
                 answered = dict(response.result or {})
         return {question: _outcome(answered.get(cid)) for cid, question in by_id.items()}
@@ -485,12 +493,17 @@ class FgaClient:
             context=dict(context) if context is not None else now_context(),
         )
         timeout = remaining(deadline, self.listobjects_deadline_s + self.timeout_s)
-        options = {"consistency": consistency or self.consistency, "_request_timeout": timeout}
+        options: dict[str, Any] = {
+            "consistency": consistency or self.consistency,
+            "_request_timeout": timeout,
+        }
         started = time.monotonic()
         self.stats.list_objects_calls += 1
-        with fga_errors("ListObjects"):
+        with tracing.span("openfga.ListObjects", kind=tracing.CLIENT), fga_errors("ListObjects"):
+            if tracing.enabled():
+                options["headers"] = tracing.headers()
             response = await asyncio.wait_for(
-                self.client.list_objects(request, options),  # type: ignore[arg-type]
+                self.client.list_objects(request, options),
                 timeout=timeout,
             )
             objects = [str(o) for o in (response.objects or [])]
@@ -538,7 +551,10 @@ class FgaClient:
         complete = False
         self.stats.list_objects_calls += 1
         started = time.monotonic()
-        with fga_errors("StreamedListObjects"):
+        with (
+            tracing.span("openfga.StreamedListObjects", kind=tracing.CLIENT),
+            fga_errors("StreamedListObjects"),
+        ):
             try:
                 async with asyncio.timeout(budget):
                     complete = await self._read_stream(body, f"{object_type}:", limit, found)
@@ -554,7 +570,7 @@ class FgaClient:
         """Read ``{"result": {"object": ...}}`` lines; False once more than ``limit``."""
         session: aiohttp.ClientSession = self.client._api_client.rest_client.pool_manager
         url = f"{self.api_url}/stores/{self.store_id}/streamed-list-objects"
-        headers = {"Content-Type": "application/json"}
+        headers = {"Content-Type": "application/json", **tracing.headers()}
         if self._api_token:
             headers["Authorization"] = f"Bearer {self._api_token}"
         payload = json.dumps({k: v for k, v in body.items() if v is not None})

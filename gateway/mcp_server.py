@@ -1,21 +1,10 @@
-"""``scopegate mcp``: scopegate retrieval as MCP tools (official ``mcp`` SDK, 2.x API).
+"""``scopegate mcp``: the MCP tools of :mod:`scopegate_client.mcp_server`, also in-process.
 
-Tools:
-
-- ``retrieve(query, k=5, sources=None)``: the permitted chunks, as numbered text
-  for the model and as structured content (``request_id``, ``chunks``);
-- ``list_sources()``: the source ids that ``sources`` may name.
-
-Identity never comes from tool arguments. Over streamable HTTP the delegation
-token is the ``Authorization: Bearer`` header of each MCP request (so a client may
-rotate it mid-session); over stdio it is ``SCOPEGATE_TOKEN`` in the server
-process's environment. A call without a valid token fails with a JSON-RPC error
-(``invalid_token``) and no content. Mistakes the model can fix (an unknown
-source, a bad ``k``) and gateway outages come back as ``isError`` results that
-carry only the error message.
-
-The tools talk to a gateway over HTTP (``--url``, or the ``serve`` running on
-``--data-dir``) through :mod:`gateway.client`, or in-process on ``--data-dir``.
+The tools, their token rules and both transports live with the client (``scopegate-mcp``
+serves them for a gateway reached over HTTP). The server adds where they get their
+answers: a gateway over HTTP (``--url``, or the ``serve`` running on ``--data-dir``),
+or a gateway started in this process on ``--data-dir``, whose own verifier checks
+each call's delegation token.
 """
 
 from __future__ import annotations
@@ -23,74 +12,25 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import sys
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Annotated, Any, Protocol
+from typing import Any
 
 import anyio
-from mcp.server.mcpserver import Context, MCPServer
-from mcp.server.mcpserver.exceptions import ToolError
-from mcp.shared.exceptions import MCPError
-from mcp_types import INVALID_REQUEST, CallToolResult, TextContent, ToolAnnotations
-from pydantic import BaseModel, Field
+from scopegate_client.client import AsyncScopegateClient
+from scopegate_client.mcp_server import (
+    TOKEN_ENV,
+    Backend,
+    HttpBackend,
+    build_server,
+    warn_without_token,
+)
+from scopegate_client.mcp_server import serve as serve_tools
+from scopegate_client.models import Retrieval
 
-from gateway.client import AsyncScopegateClient, Chunk, Retrieval
-from gateway.errors import Forbidden, InvalidToken, ScopegateError
 from gateway.settings import DEFAULT_DATA_DIR, load_settings
 
-TOKEN_ENV = "SCOPEGATE_TOKEN"
-INSTRUCTIONS = (
-    "scopegate returns only the document passages that the delegating user, this agent "
-    "and its task are all permitted to read. Call `retrieve` with a natural-language query; "
-    "cite passages by their source and document id."
-)
-
-TokenFinder = Callable[[Context], str | None]
-"""Where a tool call's delegation token comes from (never from its arguments)."""
-
-
-# -- tokens -------------------------------------------------------------------------
-
-
-def bearer_from_request(ctx: Context) -> str | None:
-    """The ``Authorization: Bearer`` token of the HTTP request carrying this call."""
-    headers: Mapping[str, str] | None = ctx.headers
-    value = headers.get("authorization") if headers is not None else None
-    scheme, _, token = (value or "").partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
-
-
-def token_from_environment(environ: Mapping[str, str]) -> TokenFinder:
-    """The token the stdio server was started with (read once, at start)."""
-    token = environ.get(TOKEN_ENV, "").strip() or None
-    return lambda ctx: token
-
-
-# -- backends -----------------------------------------------------------------------
-
-
-class Backend(Protocol):
-    async def retrieve(
-        self, token: str, query: str, k: int, sources: list[str] | None
-    ) -> Retrieval: ...
-
-    async def sources(self, token: str) -> list[str]: ...
-
-
-class HttpBackend:
-    """A running gateway, over HTTP, one connection pool for every caller."""
-
-    def __init__(self, client: AsyncScopegateClient) -> None:
-        self._client = client
-
-    async def retrieve(
-        self, token: str, query: str, k: int, sources: list[str] | None
-    ) -> Retrieval:
-        return await self._client.with_token(token).retrieve(query, k, sources)
-
-    async def sources(self, token: str) -> list[str]:
-        return await self._client.with_token(token).retrievable_sources()
+__all__ = ["TOKEN_ENV", "Backend", "HttpBackend", "LocalBackend", "build_server", "run_mcp"]
 
 
 class LocalBackend:
@@ -110,107 +50,6 @@ class LocalBackend:
         ctx = await self._gateway.verifier.averify_delegation(token)
         found: list[str] = await self._gateway.retrievable_sources(ctx)
         return found
-
-
-# -- tool results -------------------------------------------------------------------
-
-
-class ChunkOut(BaseModel):
-    chunk_id: str
-    document_id: str
-    source: str
-    text: str
-    score: float
-    tokens: int
-    metadata: dict[str, Any] = Field(default_factory=dict)
-
-
-class RetrieveOutput(BaseModel):
-    request_id: str = Field(description="The audit record of this retrieval.")
-    chunks: list[ChunkOut]
-
-
-class SourcesOutput(BaseModel):
-    sources: list[str]
-
-
-def format_chunks(chunks: list[Chunk]) -> str:
-    """Numbered passages for the model; an explicit line when there is none."""
-    if not chunks:
-        return "No permitted context was found for this query."
-    return "\n\n".join(
-        f"[{n}] source={c.source} document={c.document_id} chunk={c.chunk_id}\n{c.text}"
-        for n, c in enumerate(chunks, 1)
-    )
-
-
-def _require(token: str | None, transport_hint: str) -> str:
-    if token is None:
-        raise _rejected(InvalidToken(f"no delegation token: {transport_hint}"))
-    return token
-
-
-def _rejected(exc: ScopegateError) -> MCPError:
-    return MCPError(INVALID_REQUEST, f"{exc.code}: {exc.message}", {"code": exc.code})
-
-
-def _failed(exc: ScopegateError) -> Exception:
-    """Identity errors fail the call itself; anything else is an error result."""
-    if isinstance(exc, InvalidToken | Forbidden):
-        return _rejected(exc)
-    return ToolError(f"{exc.code}: {exc.message}")
-
-
-# -- the server ---------------------------------------------------------------------
-
-
-def build_server(backend: Backend, tokens: TokenFinder, *, token_hint: str) -> MCPServer:
-    """The MCP server; ``token_hint`` tells a caller without a token where to put it."""
-    server: MCPServer = MCPServer(
-        "scopegate", instructions=INSTRUCTIONS, version="1", log_level="WARNING"
-    )
-    read_only = ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False)
-
-    @server.tool(
-        name="retrieve",
-        description="Retrieve the passages most relevant to `query` that this task may read.",
-        annotations=read_only,
-    )
-    async def retrieve(
-        query: Annotated[str, Field(min_length=1, max_length=8000)],
-        ctx: Context,
-        k: Annotated[int, Field(ge=1, le=100)] = 5,
-        sources: Annotated[list[str] | None, Field(max_length=50)] = None,
-    ) -> Annotated[CallToolResult, RetrieveOutput]:
-        token = _require(tokens(ctx), token_hint)
-        try:
-            found = await backend.retrieve(token, query, k, sources)
-        except ScopegateError as exc:
-            raise _failed(exc) from exc
-        output = RetrieveOutput(
-            request_id=found.request_id, chunks=[ChunkOut(**c.to_dict()) for c in found.chunks]
-        )
-        return CallToolResult(
-            content=[TextContent(type="text", text=format_chunks(found.chunks))],
-            structured_content=output.model_dump(mode="json"),
-        )
-
-    @server.tool(
-        name="list_sources",
-        description="List the source ids that `retrieve` may be restricted to.",
-        annotations=read_only,
-    )
-    async def list_sources(ctx: Context) -> SourcesOutput:
-        token = _require(tokens(ctx), token_hint)
-        try:
-            return SourcesOutput(sources=await backend.sources(token))
-        except ScopegateError as exc:
-            raise _failed(exc) from exc
-
-    return server
-
-
-# -- running ------------------------------------------------------------------------
 
 
 def _data_dir(args: argparse.Namespace) -> Path:
@@ -241,38 +80,17 @@ async def open_backend(url: str | None, data_dir: Path) -> AsyncIterator[Backend
 
 async def serve(args: argparse.Namespace) -> None:
     """Open the backend, then serve MCP on stdio or streamable HTTP until stopped."""
-    http = args.transport == "http"
-    tokens = bearer_from_request if http else token_from_environment(os.environ)
-    hint = (
-        "send 'Authorization: Bearer <delegation token>' with the MCP request"
-        if http
-        else f"start the MCP server with {TOKEN_ENV} set to a delegation token"
-    )
     async with open_backend(getattr(args, "url", None), _data_dir(args)) as backend:
-        server = build_server(backend, tokens, token_hint=hint)
-        if not http:
-            await server.run_stdio_async()
-            return
-        await _serve_http(server, getattr(args, "host", "127.0.0.1"), int(args.port))
-
-
-async def _serve_http(server: MCPServer, host: str, port: int) -> None:
-    import uvicorn
-
-    # Stateless: every request stands alone (and carries its own token), so replicas
-    # behind a load balancer need no session affinity.
-    app = server.streamable_http_app(stateless_http=True, json_response=True, host=host)
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)
-    print(f"scopegate: MCP (streamable HTTP) on http://{host}:{port}/mcp", file=sys.stderr)
-    await uvicorn.Server(config).serve()
+        await serve_tools(
+            backend,
+            transport=args.transport,
+            host=getattr(args, "host", "127.0.0.1"),
+            port=int(args.port),
+        )
 
 
 def run_mcp(args: argparse.Namespace) -> int:
     """Entry point of ``scopegate mcp`` (``args.url``, ``data_dir``, ``transport``, ``port``)."""
-    if args.transport != "http" and not os.environ.get(TOKEN_ENV):
-        print(
-            f"scopegate: {TOKEN_ENV} is not set: every tool call will be rejected",
-            file=sys.stderr,
-        )
+    warn_without_token(args.transport, os.environ)
     anyio.run(serve, args)
     return 0

@@ -59,6 +59,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from connectors.base import Candidate, VectorStore
+from gateway import tracing
 from gateway.decision import (
     REQUEST_CHECKS,
     CheckItem,
@@ -268,19 +269,25 @@ class RequestChecks:
         fresh = [d for d in dict.fromkeys(document_ids) if d not in self.verdicts]
         if fresh:
             items = plan_checks(self.ctx, fresh, include_request=not self.rounds)
+            attributes = {
+                "scopegate.checks": len(items),
+                "scopegate.documents": len(fresh),
+                "scopegate.check.round": self.rounds + 1,
+            }
             try:
-                answered = await _timed(
-                    outcome,
-                    "check",
-                    len(items),
-                    self.fga.batch_check(
-                        items,
-                        model_id=self.model_id,
-                        consistency=self.options.consistency,
-                        deadline=self.options.deadline,
-                    ),
-                    None,
-                )
+                with tracing.span("scopegate.check", attributes):
+                    answered = await _timed(
+                        outcome,
+                        "check",
+                        len(items),
+                        self.fga.batch_check(
+                            items,
+                            model_id=self.model_id,
+                            consistency=self.options.consistency,
+                            deadline=self.options.deadline,
+                        ),
+                        None,
+                    )
             except BaseException:
                 outcome.verdicts.update(decide(self.ctx, fresh, self.outcomes))
                 raise
@@ -355,13 +362,15 @@ async def _search_all(
     n: int,
     deadline: float | None,
 ) -> list[tuple[SourceHandle, list[Candidate]]]:
-    results = await _timed_search(
-        outcome,
-        "search",
-        n,
-        asyncio.gather(*(s.store.search(s.tenant, s.id, vector, n) for s in sources)),
-        deadline,
-    )
+    attributes = {"scopegate.window": n, "scopegate.sources": len(sources)}
+    with tracing.span("scopegate.search", attributes):
+        results = await _timed_search(
+            outcome,
+            "search",
+            n,
+            asyncio.gather(*(s.store.search(s.tenant, s.id, vector, n) for s in sources)),
+            deadline,
+        )
     return list(zip(sources, results, strict=True))
 
 
@@ -673,15 +682,17 @@ class PreFilter:
         n = max(k + 1, math.ceil(1.25 * k / max(precision, 0.05)))
         while True:
             ids = sorted(allowed - excluded)
-            found = await _timed_search(
-                outcome,
-                "exact",
-                len(ids),
-                asyncio.gather(
-                    *(s.store.search_documents(s.tenant, s.id, vector, n, ids) for s in sources)
-                ),
-                deadline,
-            )
+            attributes = {"scopegate.window": n, "scopegate.documents": len(ids)}
+            with tracing.span("scopegate.search", {**attributes, "scopegate.exact": True}):
+                found = await _timed_search(
+                    outcome,
+                    "exact",
+                    len(ids),
+                    asyncio.gather(
+                        *(s.store.search_documents(s.tenant, s.id, vector, n, ids) for s in sources)
+                    ),
+                    deadline,
+                )
             exact = [SourceHandle(s.tenant, s.id, s.store, s.documents, True) for s in sources]
             window = trusted_prefix(list(zip(exact, found, strict=True)), n, 1.0)
             documents = _examine(outcome, ctx, window)

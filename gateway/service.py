@@ -23,10 +23,11 @@ from typing import Any
 from langchain_core.embeddings import Embeddings
 
 from connectors.base import VectorStore
+from gateway import tracing
 from gateway.audit import AuditRecord, AuditStore, CandidateVerdict, open_audit_store, redact_query
 from gateway.cache import ChangeWatcher, DecisionCache
 from gateway.catalog import SourceCatalog, SourceInfo, open_catalog
-from gateway.decision import CheckItem, CheckName
+from gateway.decision import CheckItem, CheckName, DocumentVerdict
 from gateway.errors import (
     AuthorizationUnavailable,
     Conflict,
@@ -60,6 +61,7 @@ from gateway.retrieval import (
     Adaptive,
     PostFilter,
     PreFilter,
+    RequestChecks,
     RequestOptions,
     RetrievalOutcome,
     RetrievalStrategy,
@@ -614,6 +616,7 @@ class Gateway:
             handles.append(SourceHandle(tenant, name, store, count, exact=info.kind == "memory"))
         return handles
 
+    @tracing.traced("scopegate.retrieve")
     async def retrieve(
         self,
         ctx: DelegationContext,
@@ -646,7 +649,8 @@ class Gateway:
         try:
             handles = await self._source_handles(ctx.tenant, sources)
             source_names = [h.id for h in handles]
-            vector = await asyncio.to_thread(self.embeddings.embed_query, query)
+            with tracing.span("scopegate.embed"):
+                vector = await asyncio.to_thread(self.embeddings.embed_query, query)
             options = RequestOptions(started + self.settings.request_timeout_s, consistency)
             # Each phase runs out at ``options.deadline`` and says whose fault it was;
             # this outer bound, a little later, is only the backstop.
@@ -657,7 +661,8 @@ class Gateway:
                 strategy_run,
                 timeout=self.settings.request_timeout_s + DEADLINE_BACKSTOP_S,
             )
-            packed = pack(outcome.chunks, max_tokens)
+            with tracing.span("scopegate.pack", {"scopegate.chunks": len(outcome.chunks)}):
+                packed = pack(outcome.chunks, max_tokens)
         except TimeoutError as exc:
             err = AuthorizationUnavailable("retrieval deadline exceeded")
             await self._audit_retrieval(
@@ -763,7 +768,130 @@ class Gateway:
                 "error_detail": error.detail if error is not None else None,
             },
         )
-        await self.audit.append(record)
+        tracing.annotate(
+            {
+                "scopegate.request_id": request_id,
+                "scopegate.strategy": strategy,
+                "scopegate.k": k,
+                "scopegate.candidates": len(candidates),
+                "scopegate.returned": len(packed),
+                "scopegate.batch_rounds": outcome.batch_rounds if outcome else 0,
+                "scopegate.outcome": result,
+            }
+        )
+        with tracing.span("scopegate.audit"):
+            await self.audit.append(record)
+
+    @tracing.traced("scopegate.evaluate")
+    async def evaluate_access(
+        self,
+        ctx: DelegationContext,
+        documents: Sequence[str | None],
+        *,
+        stop_on: bool | None = None,
+        request_id: str | None = None,
+        consistency: str | None = None,
+        details: Mapping[str, Any] | None = None,
+    ) -> list[DocumentVerdict | None]:
+        """The decision of DESIGN section 2 for named documents, without retrieving.
+
+        The library form of the AuthZEN Access Evaluation API (DESIGN section 9, see
+        :mod:`gateway.authzen`). ``documents`` are validated bare ids in the caller's
+        order; ``None`` stands for an evaluation the caller answered false without
+        OpenFGA (an unsupported action, for instance). Every distinct document is
+        decided with the request-level checks in one BatchCheck round, exactly as a
+        retrieval decides its candidates. ``stop_on`` ends the answer at the first
+        decision equal to it (False: deny on first deny, True: permit on first permit).
+
+        Returns the verdicts of the answered evaluations, in order (None where the
+        caller had decided). The audit record is written first, of the same kind as a
+        retrieval's (strategy ``authzen``, per-document verdicts with their failed
+        checks; ``returned`` marks documents whose permit was answered), so reviewers
+        show and replay it like any retrieval; ``details`` go to its ``extra``. Any
+        OpenFGA failure or unanswered check is recorded and raised: no decision is
+        true then.
+        """
+        request_id = request_id or uuid.uuid4().hex
+        started = time.monotonic()
+        outcome = RetrievalOutcome("authzen")
+        options = RequestOptions(started + self.settings.request_timeout_s, consistency)
+        answered: list[DocumentVerdict | None] = []
+        error: ScopegateError | None = None
+        try:
+            wanted = [d for d in documents if d is not None]
+            if wanted:
+                await RequestChecks(self.fga, ctx, options).verify(wanted, outcome)
+            for document in documents:
+                verdict = None if document is None else outcome.verdicts[document]
+                answered.append(verdict)
+                if stop_on is not None and (verdict is not None and verdict.allowed) == stop_on:
+                    break
+        except ScopegateError as exc:
+            error = exc
+        except Exception as exc:
+            error = ScopegateError("internal error", detail=f"{type(exc).__name__}: {exc}"[:500])
+        permitted = {v.document_id for v in answered if v is not None and v.allowed}
+        if error is not None:
+            answered, permitted, result = [], set(), "error"
+        elif len(permitted) == len(answered):
+            result = "allowed"
+        else:
+            result = "partial" if permitted else "denied"
+        record = AuditRecord(
+            request_id=request_id,
+            time=datetime.now(UTC).isoformat(),
+            tenant=ctx.tenant,
+            user=ctx.user,
+            agent=ctx.agent,
+            task=ctx.task,
+            token_id=ctx.token_id,
+            kind="retrieve",
+            query="",
+            query_hash=None,
+            sources=(),
+            strategy="authzen",
+            store_id=self.fga.store_id,
+            model_id=self.fga.model_id,
+            consistency=consistency or self.fga.consistency,
+            k=len(documents),
+            candidates=tuple(
+                CandidateVerdict(
+                    document_id=v.document_id,
+                    source="",
+                    chunk_ids=(),
+                    verdict=v.verdict,
+                    failed_checks=v.failed_checks,
+                    errored_checks=v.errored_checks,
+                    returned=v.document_id in permitted,
+                )
+                for v in outcome.verdicts.values()
+            ),
+            returned_chunk_ids=(),
+            outcome=result,
+            error_code=error.code if error is not None else None,
+            latency_ms=round((time.monotonic() - started) * 1000, 3),
+            extra={
+                **(details or {}),
+                "answered": len(answered),
+                "batch_rounds": outcome.batch_rounds,
+                "error": error.message if error is not None else None,
+                "error_detail": error.detail if error is not None else None,
+            },
+        )
+        tracing.annotate(
+            {
+                "scopegate.request_id": request_id,
+                "scopegate.evaluations": len(documents),
+                "scopegate.candidates": len(outcome.verdicts),
+                "scopegate.batch_rounds": outcome.batch_rounds,
+                "scopegate.outcome": result,
+            }
+        )
+        with tracing.span("scopegate.audit"):
+            await self.audit.append(record)
+        if error is not None:
+            raise error
+        return answered
 
     @contextlib.asynccontextmanager
     async def _admin_mutation(

@@ -14,7 +14,7 @@ Requests are read whole (head and body, ``Content-Length`` or chunked) and forwa
 byte for byte; responses are read whole and passed back byte for byte unless a fault
 applies to that request. Every fault change closes the open connections, so no
 keep-alive connection carries the old behaviour. What passed through is recorded in
-:attr:`FaultProxy.seen`.
+:attr:`FaultProxy.seen`, each request with its headers (names lower-cased).
 
 Faults (each may be limited to request paths containing ``path``):
 
@@ -138,6 +138,7 @@ class Seen:
     body: bytes
     status: int | None = None
     fault: str = "none"
+    headers: dict[str, str] = field(default_factory=dict)
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -287,7 +288,7 @@ class FaultProxy:
         method, path = [*request.first_line.split(" "), "", ""][:2]
         with self._lock:
             fault = self.fault
-        seen = Seen(method, path, request.body)
+        seen = Seen(method, path, request.body, headers=dict(request.headers))
         with self._lock:
             self.seen.append(seen)
         if not fault.applies(path) or self._lets_through(fault):

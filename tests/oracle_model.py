@@ -183,7 +183,8 @@ class TenantState:
     memberships: set[tuple[str, str]] = field(default_factory=set)  # (member, group)
     members: set[str] = field(default_factory=set)  # active: "user:u", "agent:a"
     tasks: list[Task] = field(default_factory=list)
-    deprovisioned: set[str] = field(default_factory=set)  # through DELETE /v1/principals
+    # Removed through DELETE /v1/principals -> the documents they could read then.
+    deprovisioned: dict[str, set[str]] = field(default_factory=dict)
     removed_sources: set[str] = field(default_factory=set)
     freed_folders: set[str] = field(default_factory=set)
 
@@ -262,13 +263,13 @@ class TenantState:
         self.freed_folders |= folders
 
     def deprovision(self, ref: str) -> None:
+        self.deprovisioned[ref] = self.reach(ref)
         self.members.discard(ref)
         self.memberships = {m for m in self.memberships if m[0] != ref}
         self.grants = {g for g in self.grants if g[0] != ref}
         for task in self.tasks:
             if ref in (f"user:{task.user}", f"agent:{task.agent}"):
                 task.revoked = True
-        self.deprovisioned.add(ref)
 
     # -- the decision ------------------------------------------------------------------
 
@@ -311,6 +312,12 @@ class TenantState:
         return any(
             r == relation and o in lineage and self.holds(who, s, groups) for s, r, o in self.grants
         )
+
+    def reach(self, ref: str) -> set[str]:
+        """The documents a user (as viewer) or an agent (as agent_viewer) may read, any task."""
+        relation = "viewer" if ref.startswith("user:") else "agent_viewer"
+        groups = self.group_members()
+        return {d for d, doc in self.docs.items() if self.can(ref, relation, doc, groups)}
 
     def permitted(self, user: str, agent: str, task: Task | None) -> set[str]:
         """The documents user+agent+task may read now (empty for any request-level failure)."""
@@ -688,30 +695,37 @@ def plan_reingest_move(state: TenantState, rng: random.Random) -> Step | None:
 
 
 def plan_faulted_ingest(state: TenantState, rng: random.Random) -> Step | None:
-    """A valid re-ingestion whose OpenFGA writes fail part way (then rerun without fault)."""
-    if not state.sources:
+    """A valid re-ingestion whose OpenFGA writes fail part way (then rerun without fault);
+    preferably one that takes a reader away, where a half-done update would show."""
+    steps = []
+    for doc in sorted(state.docs.values(), key=lambda d: d.id):
+        for change in (_narrowed, _narrowed, _widened):
+            acl = change(state, rng, doc)
+            if acl is not None:
+                steps.append(_faulted(state, rng, doc, _reingest(state, rng, doc, acl, 0.9)))
+    if not steps and state.sources and _fresh_ids(state):
+        doc = Doc(_fresh_ids(state)[0], rng.choice(state.sources), None, (), Acl())
+        steps.append(_faulted(state, rng, None, doc))
+    step = _prefer(steps, "faulted:lost_reader", rng, 0.8)
+    if step is None:
         return None
-    source = rng.choice(state.sources)
-    own = [d for _, d in sorted(state.docs.items()) if d.source == source]
-    old = rng.sample(own, min(len(own), rng.randint(1, 2)))
-    new = []
-    for doc in old:
-        acl = (_narrowed if rng.random() < 0.6 else _widened)(state, rng, doc)
-        new.append(_reingest(state, rng, doc, acl or random_acl(state, rng), 0.9))
-    fresh = _fresh_ids(state)
-    if fresh and (not new or rng.random() < 0.3):
-        folder = rng.choice([None, *_own_folders(state, source)])
-        new.append(Doc(rng.choice(fresh), source, folder, _seeds(rng), random_acl(state, rng)))
-    if not new:
-        return None
-    how = rng.choice(("refused", "reset", "answer_lost"))
-    let_through = rng.choice((0, 0, 0, 1, 1, 2))
-    step = _reingest_step(
-        state, "faulted", old, new, f"{source} ingest {[d.id for d in new]}, write {how}"
-    )
-    step.fault = (how, let_through)
+    step.fault = (rng.choice(("refused", "reset", "answer_lost")), rng.choice((0, 0, 0, 1, 1, 2)))
+    step.what += f", OpenFGA write {step.fault[0]} after {step.fault[1]}"
     step.counts = [c.replace("faulted", "faulted_ingest") for c in step.counts]
     return step
+
+
+def _faulted(state: TenantState, rng: random.Random, old: Doc | None, new: Doc) -> Step:
+    """``new`` (re-ingesting ``old``), sometimes with a new document in the same batch."""
+    docs = [new] if old is not None else []
+    fresh = [d for d in _fresh_ids(state) if d != new.id]
+    if fresh and (not docs or rng.random() < 0.3):
+        folder = rng.choice([None, *_own_folders(state, new.source)])
+        docs.append(Doc(rng.choice(fresh), new.source, folder, _seeds(rng), random_acl(state, rng)))
+    olds = [old] if old is not None else []
+    return _reingest_step(
+        state, "faulted", olds, docs, f"{new.source} ingest {[d.id for d in docs]}"
+    )
 
 
 def plan_deprovision(state: TenantState, rng: random.Random) -> Step | None:
@@ -747,7 +761,8 @@ def _reads_something(state: TenantState, ref: str) -> bool:
 def plan_readd(state: TenantState, rng: random.Random) -> Step | None:
     """Re-add a removed principal as a member: nothing else of theirs comes back.
 
-    Half the time it gets a new task too, which reads only what members may read now.
+    Mostly with a new task over the sources where they read before (with the partner
+    that reads most there): it must read only what members and new grants allow.
     """
     gone = [r for r in _refs(state) if r not in state.members]
     if not gone:
@@ -760,18 +775,29 @@ def plan_readd(state: TenantState, rng: random.Random) -> Step | None:
     calls = [_relationships([(ref, "member", f"tenant:{state.name}")])]
     step = Step("readd", f"re-add {ref} as a member", calls, after, counts)
     step.watch = _tasks_of(state, ref)
-    kind, _, name = ref.partition(":")
-    users = [u for u in state.users if f"user:{u}" in after.members]
-    agents = [a for a in state.agents if f"agent:{a}" in after.members]
-    if rng.random() < 0.5 and users and agents and state.sources:
-        user = name if kind == "user" else rng.choice(users)
-        agent = name if kind == "agent" else rng.choice(agents)
-        task = Task(user, agent, (f"source:{rng.choice(state.sources)}",), "none")
-        after.tasks.append(task)
-        calls.append(Call("POST", "/v1/tasks", task.body(datetime.now(UTC)), 201))
-        step.new_task = True
-        step.what += f", new task {task.scope}"
+    former = {state.docs[d].source for d in state.deprovisioned.get(ref, ()) if d in state.docs}
+    if rng.random() < 0.8 and state.sources:
+        task = _task_for(after, ref, sorted(former) or [rng.choice(state.sources)], rng)
+        if task is not None:
+            after.tasks.append(task)
+            calls.append(Call("POST", "/v1/tasks", task.body(datetime.now(UTC)), 201))
+            step.new_task = True
+            step.what += f", new task {task.user}/{task.agent} on {task.scope}"
+            step.counts += ["readd:new_task_where_it_read"] * bool(former)
     return step
+
+
+def _task_for(state: TenantState, ref: str, sources: list[str], rng: random.Random) -> Task | None:
+    """A task of ``ref`` over ``sources`` with the member partner that reads most there."""
+    kind, _, name = ref.partition(":")
+    partners = [p for p in _refs(state) if p in state.members and not p.startswith(f"{kind}:")]
+    if not partners:
+        return None
+    in_scope = {d for d, doc in state.docs.items() if doc.source in sources}
+    partner = max(rng.sample(partners, len(partners)), key=lambda p: len(state.reach(p) & in_scope))
+    other = partner.partition(":")[2]
+    user, agent = (name, other) if kind == "user" else (other, name)
+    return Task(user, agent, tuple(f"source:{s}" for s in sources[:2]), "none")
 
 
 def plan_suspend(state: TenantState, rng: random.Random) -> Step | None:

@@ -1,8 +1,8 @@
 """ScopegateRetriever and scopegate_tool against a real gateway (HTTP and in-process).
 
-LangChain's standard retriever and tool suites run against both modes; a chain
-built on the retriever is spied on to show that a denied document's text never
-reaches the prompt.
+LangChain's standard retriever and tool suites run against both modes, and against the
+client distribution's retriever (HTTP only) that the server's extends; a chain built on
+the retriever is spied on to show that a denied document's text never reaches the prompt.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from langchain_core.runnables import RunnableLambda, RunnablePassthrough
 from langchain_core.tools import BaseTool
 from langchain_tests.integration_tests import RetrieversIntegrationTests, ToolsIntegrationTests
 from langchain_tests.unit_tests import ToolsUnitTests
+from scopegate_client import langchain as client_side
 
 from gateway import errors
 from gateway.fga_server import ManagedOpenFGA
@@ -57,6 +58,26 @@ class TestHttpRetrieverStandard(RetrieversIntegrationTests):
     @property
     def retriever_constructor(self) -> type[BaseRetriever]:
         return ScopegateRetriever
+
+    @property
+    def retriever_constructor_params(self) -> dict[str, Any]:
+        return self.params
+
+    @property
+    def retriever_query_example(self) -> str:
+        return QUERY
+
+
+class TestClientRetrieverStandard(RetrieversIntegrationTests):
+    """``scopegate_client.langchain``: what an agent installs without the server."""
+
+    @pytest.fixture(autouse=True)
+    def _served(self, acme: Served) -> None:
+        self.params = {"url": acme.url, "token": lambda: acme.agent_token("alice")}
+
+    @property
+    def retriever_constructor(self) -> type[BaseRetriever]:
+        return client_side.ScopegateRetriever
 
     @property
     def retriever_constructor_params(self) -> dict[str, Any]:
@@ -146,6 +167,17 @@ def test_invalid_token_fails_in_both_modes(acme: Served) -> None:
             retriever.invoke(QUERY)
     with pytest.raises(ValueError, match="exactly one"):
         ScopegateRetriever(token="t")
+    with pytest.raises(ValueError, match="url is required"):
+        client_side.ScopegateRetriever(token="t")  # no in-process mode on the agent side
+
+
+async def test_client_retriever_documents_and_async(acme: Served) -> None:
+    retriever = client_side.ScopegateRetriever(url=acme.url, token=acme.agent_token("bob"), k=10)
+    docs = await retriever.ainvoke(QUERY)
+    assert {d.metadata["document_id"] for d in docs} == BOB_DOCS
+    assert all(set(IDENTITY_KEYS) <= set(d.metadata) for d in docs)
+    assert [d.id for d in await asyncio.to_thread(retriever.invoke, QUERY)] == [d.id for d in docs]
+    retriever.close()
 
 
 async def test_plain_gateway_runs_on_its_own_loop(

@@ -625,6 +625,10 @@ class WorldRun:
             self.adopt(t, step)
             for p, response in answers:
                 self.check_safe(t, [before, step.after], p, response, f"during {step.what}")
+        # Tasks the step created are asked too (a re-added member's new task above all).
+        fresh = range(len(before.tasks), len(self.states[t].tasks))
+        queries = [p.query for p in probes] or [" ".join(rng.sample(VOCAB, 3))]
+        probes += [Probe(i, q) for i in fresh for q in queries[:2]]
         await self.check_exact(t, probes, f"after {step.what}")
 
     async def race(self, t: int, step: Step) -> None:

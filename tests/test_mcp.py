@@ -1,7 +1,8 @@
 """``scopegate mcp`` driven by the official MCP SDK client, against a real gateway.
 
-- stdio: the SDK launches ``scopegate mcp --url ...`` (HTTP backend); the token is
-  ``SCOPEGATE_TOKEN`` in the server's environment;
+- stdio: the SDK launches ``scopegate mcp --url ...`` (HTTP backend), or the client
+  distribution's ``scopegate-mcp --url ...``; the token is ``SCOPEGATE_TOKEN`` in the
+  server's environment;
 - streamable HTTP: ``scopegate mcp --transport http --data-dir ...`` (in-process
   backend); the token is each MCP request's ``Authorization: Bearer`` header.
 """
@@ -27,6 +28,9 @@ from gateway.fga_server import ManagedOpenFGA
 from tests.served import ALICE_DOCS, BOB_DOCS, DENIED_TEXT, Served, build_acme, serve_gateway
 
 SCOPEGATE = Path(sys.executable).with_name("scopegate")
+# The same tools from the client distribution alone (HTTP backend only).
+SCOPEGATE_MCP = Path(sys.executable).with_name("scopegate-mcp")
+STDIO_COMMANDS = {"scopegate mcp": [SCOPEGATE, "mcp"], "scopegate-mcp": [SCOPEGATE_MCP]}
 QUERY = "revenue forecast and the salary bands"
 
 
@@ -41,11 +45,17 @@ def acme(
         bg.close()
 
 
-def _stdio(url: str, token: str | None) -> Client:
-    assert SCOPEGATE.exists(), f"console script missing: {SCOPEGATE} (pip install -e .)"
+@pytest.fixture(params=sorted(STDIO_COMMANDS))
+def command(request: pytest.FixtureRequest) -> list[Path | str]:
+    return STDIO_COMMANDS[request.param]
+
+
+def _stdio(command: list[Path | str], url: str, token: str | None) -> Client:
+    program, *args = command
+    assert Path(program).exists(), f"console script missing: {program} (make setup)"
     env = {"SCOPEGATE_TOKEN": token} if token is not None else {}
     return Client(
-        StdioServerParameters(command=str(SCOPEGATE), args=["mcp", "--url", url], env=env)
+        StdioServerParameters(command=str(program), args=[*map(str, args), "--url", url], env=env)
     )
 
 
@@ -61,8 +71,10 @@ def _text(result: Any) -> str:
 # -- stdio ----------------------------------------------------------------------------------
 
 
-async def test_stdio_returns_only_permitted_chunks(acme: Served) -> None:
-    async with _stdio(acme.url, acme.agent_token("alice")) as client:
+async def test_stdio_returns_only_permitted_chunks(
+    acme: Served, command: list[Path | str]
+) -> None:
+    async with _stdio(command, acme.url, acme.agent_token("alice")) as client:
         tools = {t.name: t for t in (await client.list_tools()).tools}
         assert set(tools) == {"retrieve", "list_sources"}
         # Identity is not an argument a model could set.
@@ -84,8 +96,10 @@ async def test_stdio_returns_only_permitted_chunks(acme: Served) -> None:
         assert sources.structured_content == {"sources": ["docs"]}
 
 
-async def test_stdio_without_a_token_rejects_every_call(acme: Served) -> None:
-    async with _stdio(acme.url, None) as client:
+async def test_stdio_without_a_token_rejects_every_call(
+    acme: Served, command: list[Path | str]
+) -> None:
+    async with _stdio(command, acme.url, None) as client:
         for name, args in (("retrieve", {"query": QUERY}), ("list_sources", {})):
             with pytest.raises(MCPError, match="invalid_token") as rejected:
                 await client.call_tool(name, args)

@@ -30,7 +30,9 @@ def kernel_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return kernels
 
 
-@pytest.mark.parametrize("name", ["quickstart.ipynb", "langchain_agent.ipynb"])
+@pytest.mark.parametrize(
+    "name", ["quickstart.ipynb", "langchain_agent.ipynb", "langgraph_agent.ipynb"]
+)
 def test_notebook_runs(name: str, kernel_dir: Path, tmp_path: Path) -> None:
     source = nbformat.read(NOTEBOOKS / name, as_version=4)
     assert all(

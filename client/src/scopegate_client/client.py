@@ -744,7 +744,9 @@ class ClientsPerLoop:
     Clients are opened on first use.
     """
 
-    def __init__(self, url: str, token: TokenSource, *, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, url: str, token: TokenSource | None = None, *, timeout_s: float = 30.0
+    ) -> None:
         self.url = url
         self._token = token
         self._timeout_s = timeout_s

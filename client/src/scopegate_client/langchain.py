@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from langchain_core.callbacks import (
     AsyncCallbackManagerForRetrieverRun,
@@ -29,45 +29,27 @@ from langchain_core.tools import BaseTool, StructuredTool, ToolException
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from scopegate_client.client import ClientsPerLoop, TokenSource
-from scopegate_client.tool_output import MODEL_FIXABLE, error_for_model, format_passages
+from scopegate_client.tool_output import (
+    IDENTITY_KEYS,
+    MODEL_FIXABLE,
+    ChunkLike,
+    chunk_metadata,
+    error_for_model,
+    format_passages,
+)
 
-# Keys the gateway sets on every document; they win over ingested metadata of the same name.
-IDENTITY_KEYS = ("chunk_id", "document_id", "source", "score", "tokens", "request_id")
+__all__ = [
+    "DEFAULT_TOOL_DESCRIPTION",
+    "IDENTITY_KEYS",
+    "ScopegateRetriever",
+    "ScopegateToolInput",
+    "format_documents",
+    "scopegate_tool",
+    "to_documents",
+]
+
 # Keyword arguments LangChain itself may leave in ``invoke(..., **kwargs)``.
 _IGNORED_KWARGS = frozenset({"verbose"})
-
-
-class ChunkLike(Protocol):
-    """A permitted chunk: the client's :class:`~scopegate_client.models.Chunk` or the
-    gateway's own, in-process."""
-
-    @property
-    def chunk_id(self) -> str: ...
-    @property
-    def document_id(self) -> str: ...
-    @property
-    def source(self) -> str: ...
-    @property
-    def text(self) -> str: ...
-    @property
-    def score(self) -> float: ...
-    @property
-    def tokens(self) -> int: ...
-    @property
-    def metadata(self) -> dict[str, Any]: ...
-
-
-def chunk_metadata(request_id: str, chunk: ChunkLike) -> dict[str, Any]:
-    """Ingested metadata, then the gateway's identity keys (which win on a clash)."""
-    return {
-        **chunk.metadata,
-        "chunk_id": chunk.chunk_id,
-        "document_id": chunk.document_id,
-        "source": chunk.source,
-        "score": chunk.score,
-        "tokens": chunk.tokens,
-        "request_id": request_id,
-    }
 
 
 def to_documents(request_id: str, chunks: Sequence[ChunkLike]) -> list[Document]:

@@ -220,12 +220,6 @@ def warn_without_token(transport: str, environ: Mapping[str, str]) -> None:
         )
 
 
-def add_transport_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--transport", choices=["stdio", "http"], default="stdio")
-    parser.add_argument("--host", default="127.0.0.1", help="HTTP transport bind address")
-    parser.add_argument("--port", type=int, default=8090)
-
-
 async def _serve_over_http(args: argparse.Namespace) -> None:
     async with AsyncScopegateClient(args.url) as client:
         await serve(HttpBackend(client), transport=args.transport, host=args.host, port=args.port)
@@ -237,7 +231,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="scopegate-mcp", description="serve scopegate's MCP tools for a running gateway"
     )
     parser.add_argument("--url", required=True, help="base URL of the gateway")
-    add_transport_arguments(parser)
+    parser.add_argument("--transport", choices=["stdio", "http"], default="stdio")
+    parser.add_argument("--host", default="127.0.0.1", help="HTTP transport bind address")
+    parser.add_argument("--port", type=int, default=8090)
     args = parser.parse_args(argv)
     warn_without_token(args.transport, os.environ)
     try:

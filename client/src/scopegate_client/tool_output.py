@@ -1,4 +1,4 @@
-"""What every retrieval tool shows a model: numbered passages, and the errors it can fix.
+"""What every integration shows a model: numbered passages, chunk metadata, fixable errors.
 
 Mistakes a model can correct by calling again (an unknown source, an out of range
 ``k``) are answered as text; token, permission and availability errors are not the
@@ -8,7 +8,7 @@ model's to handle and raise for the application, whatever the agent framework.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from scopegate_client.errors import InvalidRequest, NotFound, ScopegateError
 
@@ -44,3 +44,41 @@ def format_passages(passages: Sequence[Passage]) -> str:
 def error_for_model(exc: ScopegateError) -> str:
     """The text a model gets for an error: its code and message, never more."""
     return f"{exc.code}: {exc.message}"
+
+
+# Keys the gateway sets on every retrieved chunk; they win over ingested metadata of the same
+# name in the metadata of a LangChain document or a LlamaIndex node.
+IDENTITY_KEYS = ("chunk_id", "document_id", "source", "score", "tokens", "request_id")
+
+
+class ChunkLike(Protocol):
+    """A permitted chunk: the client's :class:`~scopegate_client.models.Chunk` or the
+    gateway's own, in-process."""
+
+    @property
+    def chunk_id(self) -> str: ...
+    @property
+    def document_id(self) -> str: ...
+    @property
+    def source(self) -> str: ...
+    @property
+    def text(self) -> str: ...
+    @property
+    def score(self) -> float: ...
+    @property
+    def tokens(self) -> int: ...
+    @property
+    def metadata(self) -> dict[str, Any]: ...
+
+
+def chunk_metadata(request_id: str, chunk: ChunkLike) -> dict[str, Any]:
+    """Ingested metadata, then the gateway's identity keys (which win on a clash)."""
+    return {
+        **chunk.metadata,
+        "chunk_id": chunk.chunk_id,
+        "document_id": chunk.document_id,
+        "source": chunk.source,
+        "score": chunk.score,
+        "tokens": chunk.tokens,
+        "request_id": request_id,
+    }
