@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system-deps demo serve test test-fast check lint types model bench load soak clean
+.PHONY: setup system-deps demo serve cluster test test-fast check lint types model bench load soak clean
 
 setup: $(STAMP) .tools/bin/openfga
 
@@ -27,6 +27,12 @@ demo: setup
 
 serve: setup
 	$(VENV)/bin/scopegate serve --data-dir .scopegate
+
+# The scaled-out shape on this machine (docs/deployment.md): PostgreSQL, two OpenFGA
+# processes, Chroma, three gateway replicas and HAProxy, on loopback ports, state in
+# .scopegate-cluster. `scripts/cluster status` shows each part, `scripts/cluster down` stops it.
+cluster: setup system-deps
+	scripts/cluster up
 
 test: setup system-deps
 	$(VENV)/bin/fga model test --tests 'fga_models/scopegate/*.fga.yaml'

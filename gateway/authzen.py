@@ -371,6 +371,11 @@ class AuthzenHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
+def metrics_of(request: Request) -> Metrics:
+    metrics: Metrics = request.app.state.metrics
+    return metrics
+
+
 def register_authzen_routes(app: FastAPI, limiter: RetrievalLimiter) -> None:
     """Attach the AuthZEN endpoints, their metadata document and their headers.
 
@@ -378,6 +383,13 @@ def register_authzen_routes(app: FastAPI, limiter: RetrievalLimiter) -> None:
     as one request, whatever the number of evaluations in it.
     """
     router = APIRouter(route_class=AuthzenRoute, tags=["authzen"])
+
+    def admit(request: Request, ctx: DelegationContext) -> None:
+        try:
+            limiter.admit(ctx.tenant, ctx.agent)
+        except ScopegateError as exc:
+            metrics_of(request).count_error(ctx.tenant, exc.code)
+            raise
 
     async def answer(
         request: Request,
@@ -393,7 +405,7 @@ def register_authzen_routes(app: FastAPI, limiter: RetrievalLimiter) -> None:
         if single and isinstance(asked[0], Refused) and asked[0].status is not None:
             raise refusal_error(asked[0])
         semantic = semantic or "execute_all"
-        metrics: Metrics = request.app.state.metrics
+        metrics = metrics_of(request)
         pep = pep_request_id(request.headers.get("x-request-id"))
         try:
             verdicts = await g.evaluate_access(
@@ -416,7 +428,7 @@ def register_authzen_routes(app: FastAPI, limiter: RetrievalLimiter) -> None:
     ) -> Decision:
         """AuthZEN Access Evaluation: may the token's user, through its agent and task,
         read this document? The same decision as a retrieval, audited the same way."""
-        limiter.admit(ctx.tenant, ctx.agent)
+        admit(request, ctx)
         return (await answer(request, g, ctx, [body]))[0]
 
     @router.post(EVALUATIONS_PATH, response_model_exclude_none=True)
@@ -425,7 +437,7 @@ def register_authzen_routes(app: FastAPI, limiter: RetrievalLimiter) -> None:
     ) -> Decision | Decisions:
         """AuthZEN Access Evaluations: many evaluations in one call, with default values
         and ``options.evaluations_semantic``; decided in one OpenFGA round."""
-        limiter.admit(ctx.tenant, ctx.agent)
+        admit(request, ctx)
         if body.subject is not None and not is_token_subject(ctx, body.subject):
             raise refusal_error(NOT_THE_SUBJECT)
         members = completed(body)

@@ -26,7 +26,7 @@ import sqlite3
 import time
 import uuid
 import zlib
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -93,6 +93,63 @@ CREATE TABLE IF NOT EXISTS tenants (
 )
 """,
     ),
+    (
+        3,
+        """
+CREATE TABLE IF NOT EXISTS scim_users (
+  tenant TEXT NOT NULL,
+  id TEXT NOT NULL,
+  user_id TEXT NOT NULL,
+  user_name TEXT NOT NULL,
+  user_name_key TEXT NOT NULL,
+  external_id TEXT,
+  active INTEGER NOT NULL,
+  attributes TEXT NOT NULL,
+  created_at DOUBLE PRECISION NOT NULL,
+  updated_at DOUBLE PRECISION NOT NULL,
+  PRIMARY KEY (tenant, id),
+  UNIQUE (tenant, user_name_key),
+  UNIQUE (tenant, user_id)
+);
+CREATE INDEX IF NOT EXISTS scim_users_external ON scim_users (tenant, external_id);
+CREATE TABLE IF NOT EXISTS scim_groups (
+  tenant TEXT NOT NULL,
+  id TEXT NOT NULL,
+  group_id TEXT NOT NULL,
+  display_name TEXT NOT NULL,
+  display_key TEXT NOT NULL,
+  external_id TEXT,
+  attributes TEXT NOT NULL,
+  created_at DOUBLE PRECISION NOT NULL,
+  updated_at DOUBLE PRECISION NOT NULL,
+  PRIMARY KEY (tenant, id),
+  UNIQUE (tenant, group_id)
+);
+CREATE INDEX IF NOT EXISTS scim_groups_display ON scim_groups (tenant, display_key);
+CREATE INDEX IF NOT EXISTS scim_groups_external ON scim_groups (tenant, external_id);
+CREATE TABLE IF NOT EXISTS scim_members (
+  tenant TEXT NOT NULL,
+  group_ref TEXT NOT NULL,
+  member TEXT NOT NULL,
+  PRIMARY KEY (tenant, group_ref, member)
+);
+CREATE INDEX IF NOT EXISTS scim_members_member ON scim_members (tenant, member);
+CREATE TABLE IF NOT EXISTS scim_secrets (
+  id TEXT PRIMARY KEY,
+  tenant TEXT NOT NULL,
+  digest TEXT NOT NULL,
+  created_at DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX IF NOT EXISTS scim_secrets_tenant ON scim_secrets (tenant);
+CREATE TABLE IF NOT EXISTS directories (
+  tenant TEXT PRIMARY KEY,
+  source TEXT NOT NULL DEFAULT 'none',
+  max_silence_s DOUBLE PRECISION,
+  declared_at DOUBLE PRECISION,
+  heard_at DOUBLE PRECISION
+)
+""",
+    ),
 )
 SCHEMA_VERSION = _MIGRATIONS[-1][0]
 
@@ -130,6 +187,64 @@ class Claim:
     source: str
     lease: str
     documents: dict[str, DocumentEntry]
+
+
+@dataclass(frozen=True, slots=True)
+class ScimUserRecord:
+    """A User the tenant's directory provisioned: ``id`` is the SCIM resource id."""
+
+    tenant: str
+    id: str
+    user_id: str
+    user_name: str
+    external_id: str | None
+    active: bool
+    attributes: dict[str, Any]
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class ScimGroupRecord:
+    """A Group the tenant's directory provisioned (members are kept apart)."""
+
+    tenant: str
+    id: str
+    group_id: str
+    display_name: str
+    external_id: str | None
+    attributes: dict[str, Any]
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class DirectoryState:
+    """Whether a tenant's directory is its source of truth, and when it last spoke."""
+
+    tenant: str
+    source: str  # "scim" or "none"
+    max_silence_s: float | None
+    declared_at: float | None
+    heard_at: float | None
+
+    def stale(self, now: float) -> bool:
+        """Silent past the bound; the clock starts at the declaration if never heard."""
+        if self.source != "scim" or self.max_silence_s is None:
+            return False
+        last = max(self.heard_at or 0.0, self.declared_at or 0.0)
+        return now - last > self.max_silence_s
+
+
+_USER_COLUMNS = (
+    "tenant, id, user_id, user_name, external_id, active, attributes, created_at, updated_at"
+)
+_GROUP_COLUMNS = (
+    "tenant, id, group_id, display_name, external_id, attributes, created_at, updated_at"
+)
+#: Filters a SCIM query may use, as columns (the values are bound, never spliced).
+_USER_FILTERS = frozenset({"id", "user_name_key", "external_id", "user_id"})
+_GROUP_FILTERS = frozenset({"id", "display_key", "external_id", "group_id"})
 
 
 class SourceCatalog:
@@ -362,8 +477,233 @@ class SourceCatalog:
             )
         return int(rows[0][0])
 
+    # -- directory (SCIM) ------------------------------------------------------------
+
+    async def tenant_exists(self, tenant: str) -> bool:
+        return bool(await self._rows("SELECT 1 FROM tenants WHERE id=?", (tenant,)))
+
+    async def add_scim_secret(
+        self, tenant: str, secret_id: str, digest: str, *, keep_previous: bool = False
+    ) -> int:
+        """Store a SCIM secret's digest; unless ``keep_previous``, the tenant's others go.
+
+        Returns how many previous secrets were revoked.
+        """
+        async with self.db.transaction(tenant) as tx:
+            revoked = 0
+            if not keep_previous:
+                rows = await tx.execute("SELECT id FROM scim_secrets WHERE tenant=?", (tenant,))
+                revoked = len(rows)
+                await tx.execute("DELETE FROM scim_secrets WHERE tenant=?", (tenant,))
+            await tx.execute(
+                "INSERT INTO scim_secrets VALUES (?, ?, ?, ?)",
+                (secret_id, tenant, digest, time.time()),
+            )
+        return revoked
+
+    async def scim_secret(self, secret_id: str) -> tuple[str, str] | None:
+        """``(tenant, digest)`` of a SCIM secret by its public id."""
+        rows = await self._rows("SELECT tenant, digest FROM scim_secrets WHERE id=?", (secret_id,))
+        return (str(rows[0][0]), str(rows[0][1])) if rows else None
+
+    async def directory(self, tenant: str) -> DirectoryState | None:
+        rows = await self._rows(
+            "SELECT tenant, source, max_silence_s, declared_at, heard_at FROM directories "
+            "WHERE tenant=?",
+            (tenant,),
+        )
+        if not rows:
+            return None
+        r = rows[0]
+        return DirectoryState(str(r[0]), str(r[1]), _float(r[2]), _float(r[3]), _float(r[4]))
+
+    async def declare_directory(
+        self, tenant: str, source: str, max_silence_s: float | None
+    ) -> DirectoryState:
+        """Declare (``scim``) or withdraw (``none``) the tenant's source of truth."""
+        await self._rows(
+            "INSERT INTO directories (tenant, source, max_silence_s, declared_at) "
+            "VALUES (?, ?, ?, ?) ON CONFLICT (tenant) DO UPDATE SET source=excluded.source, "
+            "max_silence_s=excluded.max_silence_s, declared_at=excluded.declared_at",
+            (tenant, source, max_silence_s, time.time()),
+        )
+        state = await self.directory(tenant)
+        assert state is not None
+        return state
+
+    async def directory_heard(self, tenant: str, at: float | None = None) -> None:
+        """The directory spoke (a SCIM request authenticated with the tenant's secret)."""
+        await self._rows(
+            "INSERT INTO directories (tenant, heard_at) VALUES (?, ?) "
+            "ON CONFLICT (tenant) DO UPDATE SET heard_at=excluded.heard_at",
+            (tenant, time.time() if at is None else at),
+        )
+
+    async def scim_users(
+        self, tenant: str, filters: Mapping[str, str], start: int = 1, count: int = 100
+    ) -> tuple[list[ScimUserRecord], int]:
+        """Users matching every ``column: value`` filter, a page of them and the total."""
+        where, params = _where(tenant, filters, _USER_FILTERS)
+        rows = await self._rows(
+            f"SELECT {_USER_COLUMNS} FROM scim_users WHERE {where} "  # noqa: S608
+            "ORDER BY created_at, id LIMIT ? OFFSET ?",
+            (*params, count, start - 1),
+        )
+        total = await self._rows(f"SELECT COUNT(*) FROM scim_users WHERE {where}", params)  # noqa: S608
+        return [_scim_user(r) for r in rows], int(total[0][0])
+
+    async def scim_user(self, tenant: str, **filters: str) -> ScimUserRecord | None:
+        found, _ = await self.scim_users(tenant, filters, 1, 1)
+        return found[0] if found else None
+
+    async def save_scim_user(self, user: ScimUserRecord, user_name_key: str) -> None:
+        """Insert or update; Conflict when another User holds the name or the user id."""
+        await self._rows(
+            f"INSERT INTO scim_users ({_USER_COLUMNS}, user_name_key) "  # noqa: S608
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (tenant, id) DO UPDATE SET "
+            "user_id=excluded.user_id, user_name=excluded.user_name, "
+            "user_name_key=excluded.user_name_key, external_id=excluded.external_id, "
+            "active=excluded.active, attributes=excluded.attributes, "
+            "updated_at=excluded.updated_at",
+            (
+                user.tenant,
+                user.id,
+                user.user_id,
+                user.user_name,
+                user.external_id,
+                int(user.active),
+                json.dumps(user.attributes, sort_keys=True),
+                user.created_at,
+                user.updated_at,
+                user_name_key,
+            ),
+        )
+
+    async def forget_scim_user(self, tenant: str, resource_id: str) -> None:
+        async with self.db.transaction(tenant) as tx:
+            await tx.execute(
+                "DELETE FROM scim_members WHERE tenant=? AND member=?", (tenant, resource_id)
+            )
+            await tx.execute(
+                "DELETE FROM scim_users WHERE tenant=? AND id=?", (tenant, resource_id)
+            )
+
+    async def scim_groups(
+        self,
+        tenant: str,
+        filters: Mapping[str, str],
+        start: int = 1,
+        count: int = 100,
+        *,
+        member: str | None = None,
+    ) -> tuple[list[ScimGroupRecord], int]:
+        """Groups matching every filter (and holding ``member``), a page and the total."""
+        where, params = _where(tenant, filters, _GROUP_FILTERS)
+        if member is not None:
+            where += (
+                " AND EXISTS (SELECT 1 FROM scim_members m WHERE m.tenant=scim_groups.tenant "
+                "AND m.group_ref=scim_groups.id AND m.member=?)"
+            )
+            params = (*params, member)
+        rows = await self._rows(
+            f"SELECT {_GROUP_COLUMNS} FROM scim_groups WHERE {where} "  # noqa: S608
+            "ORDER BY created_at, id LIMIT ? OFFSET ?",
+            (*params, count, start - 1),
+        )
+        total = await self._rows(f"SELECT COUNT(*) FROM scim_groups WHERE {where}", params)  # noqa: S608
+        return [_scim_group(r) for r in rows], int(total[0][0])
+
+    async def scim_group(self, tenant: str, **filters: str) -> ScimGroupRecord | None:
+        found, _ = await self.scim_groups(tenant, filters, 1, 1)
+        return found[0] if found else None
+
+    async def save_scim_group(
+        self, group: ScimGroupRecord, display_key: str, members: Sequence[str]
+    ) -> None:
+        """Insert or update a Group and set its members, in one transaction."""
+        async with self.db.transaction(group.tenant) as tx:
+            await tx.execute(
+                f"INSERT INTO scim_groups ({_GROUP_COLUMNS}, display_key) "  # noqa: S608
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (tenant, id) DO UPDATE SET "
+                "group_id=excluded.group_id, display_name=excluded.display_name, "
+                "display_key=excluded.display_key, external_id=excluded.external_id, "
+                "attributes=excluded.attributes, updated_at=excluded.updated_at",
+                (
+                    group.tenant,
+                    group.id,
+                    group.group_id,
+                    group.display_name,
+                    group.external_id,
+                    json.dumps(group.attributes, sort_keys=True),
+                    group.created_at,
+                    group.updated_at,
+                    display_key,
+                ),
+            )
+            await tx.execute(
+                "DELETE FROM scim_members WHERE tenant=? AND group_ref=?", (group.tenant, group.id)
+            )
+            for member in dict.fromkeys(members):
+                await tx.execute(
+                    "INSERT INTO scim_members VALUES (?, ?, ?)", (group.tenant, group.id, member)
+                )
+
+    async def forget_scim_group(self, tenant: str, resource_id: str) -> None:
+        async with self.db.transaction(tenant) as tx:
+            await tx.execute(
+                "DELETE FROM scim_members WHERE tenant=? AND (group_ref=? OR member=?)",
+                (tenant, resource_id, resource_id),
+            )
+            await tx.execute(
+                "DELETE FROM scim_groups WHERE tenant=? AND id=?", (tenant, resource_id)
+            )
+
+    async def scim_members(self, tenant: str, group: str) -> list[str]:
+        """Resource ids of a Group's members (sorted)."""
+        rows = await self._rows(
+            "SELECT member FROM scim_members WHERE tenant=? AND group_ref=? ORDER BY member",
+            (tenant, group),
+        )
+        return [str(r[0]) for r in rows]
+
+    async def scim_memberships(self, tenant: str, member: str) -> list[ScimGroupRecord]:
+        """The Groups ``member`` (a User or Group resource id) belongs to."""
+        found, _ = await self.scim_groups(tenant, {}, 1, 1_000_000, member=member)
+        return found
+
+    async def forget_scim_memberships(self, tenant: str, member: str) -> None:
+        await self._rows("DELETE FROM scim_members WHERE tenant=? AND member=?", (tenant, member))
+
     async def close(self) -> None:
         await self.db.close()
+
+
+def _float(value: object) -> float | None:
+    return None if value is None else float(value)  # type: ignore[arg-type]
+
+
+def _where(
+    tenant: str, filters: Mapping[str, str], allowed: frozenset[str]
+) -> tuple[str, tuple[object, ...]]:
+    unknown = set(filters) - allowed
+    if unknown:
+        raise ValueError(f"unknown filter columns {sorted(unknown)}")
+    clauses = ["tenant=?", *(f"{column}=?" for column in sorted(filters))]
+    return " AND ".join(clauses), (tenant, *(filters[c] for c in sorted(filters)))
+
+
+def _scim_user(r: Row) -> ScimUserRecord:
+    return ScimUserRecord(
+        str(r[0]), str(r[1]), str(r[2]), str(r[3]), r[4], bool(r[5]), json.loads(r[6]),
+        float(r[7]), float(r[8]),
+    )  # fmt: skip
+
+
+def _scim_group(r: Row) -> ScimGroupRecord:
+    return ScimGroupRecord(
+        str(r[0]), str(r[1]), str(r[2]), str(r[3]), r[4], json.loads(r[5]), float(r[6]),
+        float(r[7]),
+    )  # fmt: skip
 
 
 def _source(row: Row) -> SourceInfo:

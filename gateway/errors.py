@@ -1,4 +1,5 @@
-"""Every error scopegate raises: the tree of :mod:`scopegate_client.errors`.
+"""Every error scopegate raises: the tree of :mod:`scopegate_client.errors`, plus the
+server's own :class:`ConfigurationError`.
 
 The exception classes are part of the wire contract, so they live in the client
 distribution (which the server depends on) and are the same objects here: an error
@@ -7,40 +8,10 @@ the gateway raises and the one a client raises for its code are one class. See
 and what ``message`` and ``detail`` may carry.
 """
 
-from __future__ import annotations
+from scopegate_client import errors
+from scopegate_client.errors import *  # noqa: F403
 
-from scopegate_client.errors import (
-    AuditUnavailable,
-    AuthorizationUnavailable,
-    Conflict,
-    Forbidden,
-    InvalidIdentifier,
-    InvalidRequest,
-    InvalidToken,
-    NotFound,
-    PayloadTooLarge,
-    RateLimited,
-    ScopegateError,
-    SourceUnavailable,
-    Unavailable,
-)
-
-__all__ = [
-    "AuditUnavailable",
-    "AuthorizationUnavailable",
-    "ConfigurationError",
-    "Conflict",
-    "Forbidden",
-    "InvalidIdentifier",
-    "InvalidRequest",
-    "InvalidToken",
-    "NotFound",
-    "PayloadTooLarge",
-    "RateLimited",
-    "ScopegateError",
-    "SourceUnavailable",
-    "Unavailable",
-]
+__all__ = ["ConfigurationError", *errors.__all__]
 
 
 class ConfigurationError(Exception):

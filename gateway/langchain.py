@@ -29,24 +29,12 @@ from typing import Any, Protocol, TypeVar
 from langchain_core.documents import Document
 from pydantic import Field, model_validator
 from scopegate_client import langchain as client_side
-from scopegate_client.langchain import (
-    DEFAULT_TOOL_DESCRIPTION,
-    IDENTITY_KEYS,
-    ScopegateToolInput,
-    format_documents,
-    scopegate_tool,
-    to_documents,
-)
-
-__all__ = [
-    "DEFAULT_TOOL_DESCRIPTION",
-    "IDENTITY_KEYS",
-    "ScopegateRetriever",
-    "ScopegateToolInput",
-    "format_documents",
-    "scopegate_tool",
-    "to_documents",
-]
+from scopegate_client.langchain import DEFAULT_TOOL_DESCRIPTION as DEFAULT_TOOL_DESCRIPTION
+from scopegate_client.langchain import IDENTITY_KEYS as IDENTITY_KEYS
+from scopegate_client.langchain import ScopegateToolInput as ScopegateToolInput
+from scopegate_client.langchain import format_documents as format_documents
+from scopegate_client.langchain import scopegate_tool as scopegate_tool
+from scopegate_client.langchain import to_documents
 
 T = TypeVar("T")
 

@@ -5,12 +5,50 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gateway.errors import ConfigurationError
 
 DEFAULT_DATA_DIR = Path(".scopegate")
+
+
+class OidcIssuer(BaseModel):
+    """An identity provider whose tokens ``POST /v1/token`` accepts (docs/identity.md).
+
+    Its user tokens (the ``subject_token``) name the user in ``user_claim``, matched to
+    a scopegate user as ``user_match`` says: ``userName`` or ``externalId`` of a User
+    the tenant's directory provisioned over SCIM, or ``id`` (the claim is the user id,
+    mapped like a SCIM ``userName``). Its agent tokens (the ``actor_token``, e.g. from a
+    client-credentials grant) name the agent in ``agent_claim``. The tenant comes from
+    ``tenant_claim``, or is ``tenant`` for every token of this issuer.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    issuer: str = Field(min_length=1)
+    jwks_url: str = Field(min_length=1)
+    audience: str = Field(min_length=1)
+    algorithms: list[str] = ["RS256"]
+    tenant_claim: str | None = "tenant"
+    tenant: str | None = None
+    user_claim: str = "sub"
+    user_match: Literal["userName", "externalId", "id"] = "userName"
+    agent_claim: str = "client_id"
+    # How long fetched keys are trusted: a key the issuer withdrew (revoked) is still
+    # accepted until then. An unknown kid refetches at most once per min_refetch_s.
+    jwks_max_age_s: float = Field(default=300.0, ge=0)
+    jwks_min_refetch_s: float = Field(default=30.0, ge=0)
+
+    @model_validator(mode="after")
+    def _checked(self) -> OidcIssuer:
+        if any(a.lower() == "none" or a.upper().startswith("HS") for a in self.algorithms):
+            raise ValueError("only asymmetric algorithms may be configured for an issuer")
+        if not self.algorithms:
+            raise ValueError("an issuer needs at least one algorithm")
+        if (self.tenant is None) == (self.tenant_claim is None):
+            raise ValueError("an issuer names its tenant by tenant_claim or tenant (one of them)")
+        return self
 
 
 class Settings(BaseSettings):
@@ -39,6 +77,16 @@ class Settings(BaseSettings):
     token_leeway_s: int = Field(default=5, ge=0, le=5)
     trusted_issuers_pem: dict[str, str] = {}
     jwks_url: str | None = None
+
+    # Token exchange (POST /v1/token, RFC 8693): the identity providers it trusts, how
+    # long the delegation tokens it issues live (never past the user's own token), how
+    # long a task it creates for a requested scope lives, and, in production, the
+    # Ed25519 private key (PEM file) that signs them: its public key must be one of
+    # trusted_issuers_pem, so that the gateway accepts what it issues.
+    oidc_issuers: list[OidcIssuer] = []
+    exchange_token_ttl_s: int = Field(default=300, ge=1, le=3600)
+    exchange_task_ttl_s: int = Field(default=8 * 3600, ge=60)
+    exchange_signing_key_file: Path | None = None
 
     # Vector store: a Chroma server for sources registered without their own "url"
     # (unset: embedded Chroma in data_dir), and the headers sent to it (a token, as
@@ -136,6 +184,11 @@ def production_problems(settings: Settings) -> list[str]:
         problems.append(
             "tokens would be trusted only from the data directory's development signing key: "
             "set SCOPEGATE_TRUSTED_ISSUERS_PEM or SCOPEGATE_JWKS_URL"
+        )
+    if settings.oidc_issuers and settings.exchange_signing_key_file is None:
+        problems.append(
+            "token exchange would sign with the data directory's development key: set "
+            "SCOPEGATE_EXCHANGE_SIGNING_KEY_FILE (its public key in SCOPEGATE_TRUSTED_ISSUERS_PEM)"
         )
     if settings.audit_redact_queries and settings.audit_redaction_key.startswith("development"):
         problems.append("query redaction needs its own key: set SCOPEGATE_AUDIT_REDACTION_KEY")

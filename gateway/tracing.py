@@ -234,7 +234,9 @@ class TraceContextMiddleware:
             method,
             context=_PROPAGATOR.extract(carrier),
             kind=SpanKind.SERVER,
-            attributes={"http.request.method": method, "url.path": str(scope.get("path", ""))},
+            # No url.path: paths carry ids (documents, principals); the route template
+            # is set below once routing has matched.
+            attributes={"http.request.method": method},
         ) as server_span:
 
             async def send_traced(message: Message) -> None:

@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -109,6 +110,20 @@ class RunningCluster:
         pid = self.pid(part)
         os.kill(pid, sig)
         return pid
+
+    def haproxy_stats(self, backend: str) -> dict[str, dict[str, str]]:
+        """HAProxy's counters of ``backend`` by server (``show stat`` on its socket)."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(5)
+            sock.connect(str(self.state_dir / "run" / "haproxy.sock"))
+            sock.sendall(b"show stat\n")
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+        header, *rows = data.decode().splitlines()
+        names = header.removeprefix("# ").split(",")
+        stats = [dict(zip(names, row.split(","), strict=False)) for row in rows if row]
+        return {row["svname"]: row for row in stats if row["pxname"] == backend}
 
     def up(self) -> None:
         """Start again whatever is not running (a killed part comes back)."""

@@ -8,9 +8,12 @@ The tenant is built through the API with the client under test.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from gateway.background import BackgroundGateway
 from gateway.client import ScopegateClient
@@ -108,3 +111,20 @@ def build_acme(bg: BackgroundGateway) -> Served:
                 f"user:{user}", f"agent:{AGENT}", ["source:docs"]
             )
     return served
+
+
+def acme_fixture(prefix: str, **overrides: Any) -> Any:
+    """A module-scoped ``acme`` fixture: a gateway served with :func:`build_acme`'s tenant
+    (``overrides`` are settings), closed after the module's tests."""
+
+    @pytest.fixture(scope="module")
+    def acme(
+        openfga: ManagedOpenFGA, embeddings: Any, tmp_path_factory: pytest.TempPathFactory
+    ) -> Iterator[Served]:
+        bg = serve_gateway(openfga, tmp_path_factory.mktemp(prefix), embeddings, **overrides)
+        try:
+            yield build_acme(bg)
+        finally:
+            bg.close()
+
+    return acme

@@ -7,6 +7,8 @@ through the summarizer agent for a task scoped to the ``docs`` source.
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -168,14 +170,8 @@ async def test_spec_https_access_evaluation_example(
 ) -> None:
     """Transport, Examples: the Access Evaluation request and response, X-Request-ID echoed."""
     _, pep, _ = await _world(gateway, http)
-    request = {
-        "subject": {"type": "user", "id": "alice"},
-        "resource": {"type": "document", "id": "rev1"},
-        "action": {"name": "read", "properties": {"method": "GET"}},
-        "context": {"time": "1985-10-26T01:22-07:00"},
-    }
     response = await pep.post(
-        EVALUATION, request, **{"x-request-id": "bfe9eb29-ab87-4ca3-be83-a1d5d8305716"}
+        EVALUATION, SPEC_REQUEST, **{"x-request-id": "bfe9eb29-ab87-4ca3-be83-a1d5d8305716"}
     )
     assert response.status_code == 200
     assert response.headers["content-type"] == "application/json"
@@ -183,6 +179,12 @@ async def test_spec_https_access_evaluation_example(
     assert response.json() == {"decision": True}
 
 
+SPEC_REQUEST: dict[str, Any] = {
+    "subject": {"type": "user", "id": "alice"},
+    "resource": {"type": "document", "id": "rev1"},
+    "action": {"name": "read", "properties": {"method": "GET"}},
+    "context": {"time": "1985-10-26T01:22-07:00"},
+}
 SEMANTIC_REQUEST: dict[str, Any] = {
     "subject": {"type": "user", "id": "alice"},
     "action": {"name": "read"},
@@ -258,6 +260,15 @@ async def test_spec_default_values_examples(gateway: Gateway, http: httpx.AsyncC
         response = await pep.post(EVALUATIONS, body)
         assert response.status_code == 200, response.text
         assert response.json() == {"evaluations": [{"decision": d} for d in expected]}
+
+
+def test_the_documented_requests_are_the_tested_ones() -> None:
+    """docs/integrations.md shows requests that the tests above send, as they are."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "integrations.md").read_text()
+    section = text.split("## AuthZEN", 1)[1].split("\n## ", 1)[0]
+    bodies = [json.loads(b) for b in re.findall(r"-d '(.*?)'", section, re.S)]
+    deny_first = {**SEMANTIC_REQUEST, "options": {"evaluations_semantic": "deny_on_first_deny"}}
+    assert bodies == [SPEC_REQUEST, deny_first]
 
 
 async def test_evaluations_without_an_array_is_one_evaluation(
@@ -398,6 +409,27 @@ async def test_unknown_members_are_ignored(gateway: Gateway, http: httpx.AsyncCl
     batch = {**SEMANTIC_REQUEST, "options": {"another_option": "value"}}
     answers = (await pep.post(EVALUATIONS, batch)).json()["evaluations"]
     assert [a["decision"] for a in answers] == [True, False, True]
+
+
+async def test_evaluations_share_the_agents_rate_limit(
+    openfga: ManagedOpenFGA, tmp_path: Path, embeddings: Any
+) -> None:
+    settings = make_settings(
+        openfga, tmp_path / "data", rate_limit_agent_per_s=0.001, rate_limit_agent_burst=2
+    )
+    g = await Gateway.start(settings, embeddings=embeddings)
+    try:
+        transport = httpx.ASGITransport(app=create_app(gateway=g))
+        async with httpx.AsyncClient(transport=transport, base_url="http://scopegate") as http:
+            _, pep, _ = await _world(g, http)
+            assert await pep.decide("rev1") is True
+            assert (await pep.post(EVALUATIONS, SEMANTIC_REQUEST)).status_code == 200
+            for path, body in [(EVALUATION, evaluation("rev1")), (EVALUATIONS, SEMANTIC_REQUEST)]:
+                response = await pep.post(path, body)
+                assert_error(response, 429, "rate_limited")
+                assert "retry-after" in response.headers
+    finally:
+        await g.close()
 
 
 # -- audit and replay ----------------------------------------------------------------------------

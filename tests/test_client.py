@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,6 @@ from scopegate_client.client import (
 
 from gateway import errors
 from gateway.background import BackgroundGateway
-from gateway.fga_server import ManagedOpenFGA
 from gateway.identity import issue_token
 from gateway.settings import load_settings
 from tests.served import (
@@ -36,25 +34,13 @@ from tests.served import (
     DENIED_TEXT,
     TENANT,
     Served,
-    build_acme,
-    serve_gateway,
+    acme_fixture,
 )
 from tests.world import doc
 
-
-@pytest.fixture(scope="module")
-def acme(
-    openfga: ManagedOpenFGA, embeddings: Any, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Served]:
-    # Post-filter: every top candidate is checked and recorded, so the audit assertions
-    # below do not depend on which ListObjects answer of a pre-filter probe came first.
-    bg = serve_gateway(
-        openfga, tmp_path_factory.mktemp("client-gw"), embeddings, strategy="postfilter"
-    )
-    try:
-        yield build_acme(bg)
-    finally:
-        bg.close()
+# Post-filter: every top candidate is checked and recorded, so the audit assertions
+# below do not depend on which ListObjects answer of a pre-filter probe came first.
+acme = acme_fixture("client-gw", strategy="postfilter")
 
 
 class CountingTokens:

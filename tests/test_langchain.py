@@ -8,7 +8,6 @@ the retriever is spied on to show that a denied document's text never reaches th
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -27,83 +26,64 @@ from langchain_tests.unit_tests import ToolsUnitTests
 from scopegate_client import langchain as client_side
 
 from gateway import errors
-from gateway.fga_server import ManagedOpenFGA
 from gateway.langchain import IDENTITY_KEYS, ScopegateRetriever, format_documents, scopegate_tool
 from gateway.service import Gateway
-from tests.served import ALICE_DOCS, BOB_DOCS, DENIED_TEXT, Served, build_acme, serve_gateway
+from tests.served import (
+    ALICE_DOCS,
+    BOB_DOCS,
+    DENIED_TEXT,
+    Served,
+    acme_fixture,
+)
 from tests.world import World, doc
 
 QUERY = "revenue forecast and the salary bands"
 
 
-@pytest.fixture(scope="module")
-def acme(
-    openfga: ManagedOpenFGA, embeddings: Any, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Served]:
-    bg = serve_gateway(openfga, tmp_path_factory.mktemp("langchain-gw"), embeddings)
-    try:
-        yield build_acme(bg)
-    finally:
-        bg.close()
+acme = acme_fixture("langchain-gw")
 
 
 # -- LangChain's standard suites ------------------------------------------------------------
 
 
-class TestHttpRetrieverStandard(RetrieversIntegrationTests):
+class _RetrieverStandard(RetrieversIntegrationTests):
+    """LangChain's suite for one kind of retriever (HTTP mode unless ``params`` says not)."""
+
+    constructor: type[BaseRetriever] = ScopegateRetriever
+
+    def params(self, acme: Served) -> dict[str, Any]:
+        return {"url": acme.url, "token": lambda: acme.agent_token("alice")}
+
     @pytest.fixture(autouse=True)
     def _served(self, acme: Served) -> None:
-        self.params = {"url": acme.url, "token": lambda: acme.agent_token("alice")}
+        self.constructor_params = self.params(acme)
 
     @property
     def retriever_constructor(self) -> type[BaseRetriever]:
-        return ScopegateRetriever
+        return self.constructor
 
     @property
     def retriever_constructor_params(self) -> dict[str, Any]:
-        return self.params
+        return self.constructor_params
 
     @property
     def retriever_query_example(self) -> str:
         return QUERY
 
 
-class TestClientRetrieverStandard(RetrieversIntegrationTests):
+class TestHttpRetrieverStandard(_RetrieverStandard):
+    pass
+
+
+class TestClientRetrieverStandard(_RetrieverStandard):
     """``scopegate_client.langchain``: what an agent installs without the server."""
 
-    @pytest.fixture(autouse=True)
-    def _served(self, acme: Served) -> None:
-        self.params = {"url": acme.url, "token": lambda: acme.agent_token("alice")}
-
-    @property
-    def retriever_constructor(self) -> type[BaseRetriever]:
-        return client_side.ScopegateRetriever
-
-    @property
-    def retriever_constructor_params(self) -> dict[str, Any]:
-        return self.params
-
-    @property
-    def retriever_query_example(self) -> str:
-        return QUERY
+    constructor = client_side.ScopegateRetriever
 
 
-class TestInProcessRetrieverStandard(RetrieversIntegrationTests):
-    @pytest.fixture(autouse=True)
-    def _served(self, acme: Served) -> None:
-        self.params = {"gateway": acme.bg, "token": acme.agent_token("alice")}
-
-    @property
-    def retriever_constructor(self) -> type[BaseRetriever]:
-        return ScopegateRetriever
-
-    @property
-    def retriever_constructor_params(self) -> dict[str, Any]:
-        return self.params
-
-    @property
-    def retriever_query_example(self) -> str:
-        return QUERY
+class TestInProcessRetrieverStandard(_RetrieverStandard):
+    def params(self, acme: Served) -> dict[str, Any]:
+        return {"gateway": acme.bg, "token": acme.agent_token("alice")}
 
 
 class _ToolUnderTest:

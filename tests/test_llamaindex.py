@@ -7,9 +7,6 @@ puts a denied document's text into the prompt, while a user allowed to read it g
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
-
 import pytest
 from llama_index.core.llms import MockLLM
 from llama_index.core.query_engine import RetrieverQueryEngine
@@ -17,21 +14,18 @@ from llama_index.core.schema import MetadataMode, NodeWithScore, TextNode
 from scopegate_client import InvalidToken
 from scopegate_client.llamaindex import HIDDEN_FROM_MODEL, ScopegateRetriever
 
-from gateway.fga_server import ManagedOpenFGA
-from tests.served import ALICE_DOCS, BOB_DOCS, DENIED_TEXT, Served, build_acme, serve_gateway
+from tests.served import (
+    ALICE_DOCS,
+    BOB_DOCS,
+    DENIED_TEXT,
+    Served,
+    acme_fixture,
+)
 
 QUESTION = "What are the salary bands and the revenue bonus?"
 
 
-@pytest.fixture(scope="module")
-def acme(
-    openfga: ManagedOpenFGA, embeddings: Any, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Served]:
-    bg = serve_gateway(openfga, tmp_path_factory.mktemp("llamaindex-gw"), embeddings)
-    try:
-        yield build_acme(bg)
-    finally:
-        bg.close()
+acme = acme_fixture("llamaindex-gw")
 
 
 def _documents(nodes: list[NodeWithScore]) -> set[str]:

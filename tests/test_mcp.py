@@ -25,7 +25,15 @@ from mcp import Client, MCPError, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 
 from gateway.fga_server import ManagedOpenFGA
-from tests.served import ALICE_DOCS, BOB_DOCS, DENIED_TEXT, Served, build_acme, serve_gateway
+from tests.served import (
+    ALICE_DOCS,
+    BOB_DOCS,
+    DENIED_TEXT,
+    Served,
+    acme_fixture,
+    build_acme,
+    serve_gateway,
+)
 
 SCOPEGATE = Path(sys.executable).with_name("scopegate")
 # The same tools from the client distribution alone (HTTP backend only).
@@ -34,15 +42,7 @@ STDIO_COMMANDS = {"scopegate mcp": [SCOPEGATE, "mcp"], "scopegate-mcp": [SCOPEGA
 QUERY = "revenue forecast and the salary bands"
 
 
-@pytest.fixture(scope="module")
-def acme(
-    openfga: ManagedOpenFGA, embeddings: Any, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Served]:
-    bg = serve_gateway(openfga, tmp_path_factory.mktemp("mcp-gw"), embeddings)
-    try:
-        yield build_acme(bg)
-    finally:
-        bg.close()
+acme = acme_fixture("mcp-gw")
 
 
 @pytest.fixture(params=sorted(STDIO_COMMANDS))

@@ -9,7 +9,6 @@ token, given to the tool or carried by the run's context.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,22 +19,19 @@ from agents.testing import ModelCall, ModelStep, ScriptedModel, assistant_messag
 from scopegate_client import InvalidToken
 from scopegate_client.openai_agents import scopegate_function_tool
 
-from gateway.fga_server import ManagedOpenFGA
-from tests.served import ALICE_DOCS, BOB_DOCS, DENIED_TEXT, Served, build_acme, serve_gateway
+from tests.served import (
+    ALICE_DOCS,
+    BOB_DOCS,
+    DENIED_TEXT,
+    Served,
+    acme_fixture,
+)
 
 QUESTION = "What are the salary bands and the revenue bonus?"
 NO_TRACING = RunConfig(tracing_disabled=True)
 
 
-@pytest.fixture(scope="module")
-def acme(
-    openfga: ManagedOpenFGA, embeddings: Any, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Served]:
-    bg = serve_gateway(openfga, tmp_path_factory.mktemp("agents-gw"), embeddings)
-    try:
-        yield build_acme(bg)
-    finally:
-        bg.close()
+acme = acme_fixture("agents-gw")
 
 
 def _tool_output(call: ModelCall) -> str:

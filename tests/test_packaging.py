@@ -26,19 +26,17 @@ import sysconfig
 import textwrap
 import uuid
 import zipfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from email.parser import Parser
 from importlib.metadata import Distribution, distribution
 from pathlib import Path
-from typing import Any
 
 import httpx
-import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from gateway.fga_server import ManagedOpenFGA
-from tests.served import ALICE_DOCS, DENIED_TEXT, Served, build_acme, serve_gateway
+from tests.served import ALICE_DOCS, DENIED_TEXT, Served, acme_fixture
 from tests.test_fga_server import _free_port, _wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -212,15 +210,7 @@ def test_wheel_serves_the_reviewer_page_from_a_fresh_virtualenv(
 # -- the client distribution alone --------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def acme(
-    openfga: ManagedOpenFGA, embeddings: Any, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Served]:
-    bg = serve_gateway(openfga, tmp_path_factory.mktemp("packaging-gw"), embeddings)
-    try:
-        yield build_acme(bg)
-    finally:
-        bg.close()
+acme = acme_fixture("packaging-gw")
 
 
 def _client_venv(tmp_path: Path, extras: Iterable[str]) -> Path:

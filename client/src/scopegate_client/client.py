@@ -50,6 +50,16 @@ from scopegate_client.models import (
     Source,
 )
 
+__all__ = [
+    "AsyncScopegateClient",
+    "ClientsPerLoop",
+    "RetryPolicy",
+    "ScopegateClient",
+    "TokenSource",
+    "error_from_response",
+    "raise_for_error",
+]
+
 TokenSource = str | Callable[[], str]
 """A bearer token, or a zero-argument callable returning the current one."""
 
@@ -67,6 +77,7 @@ _ERRORS: dict[str, type[errors.ScopegateError]] = {
         errors.AuthorizationUnavailable,
         errors.SourceUnavailable,
         errors.AuditUnavailable,
+        errors.IdentityStale,
     )
 }
 

@@ -18,7 +18,8 @@ Exception tree::
     └── Unavailable                   503
         ├── AuthorizationUnavailable      authorization_unavailable
         ├── SourceUnavailable             source_unavailable
-        └── AuditUnavailable              audit_unavailable
+        ├── AuditUnavailable              audit_unavailable
+        └── IdentityStale                 identity_stale
 
 A denial is a result, never an exception: these errors mean the gateway could not
 decide, and every one of them makes the request return no content.
@@ -29,6 +30,23 @@ goes to the audit record and logs, never into a response.
 """
 
 from __future__ import annotations
+
+__all__ = [
+    "AuditUnavailable",
+    "AuthorizationUnavailable",
+    "Conflict",
+    "Forbidden",
+    "IdentityStale",
+    "InvalidIdentifier",
+    "InvalidRequest",
+    "InvalidToken",
+    "NotFound",
+    "PayloadTooLarge",
+    "RateLimited",
+    "ScopegateError",
+    "SourceUnavailable",
+    "Unavailable",
+]
 
 
 class ScopegateError(Exception):
@@ -104,3 +122,10 @@ class SourceUnavailable(Unavailable):
 
 class AuditUnavailable(Unavailable):
     code = "audit_unavailable"
+
+
+class IdentityStale(Unavailable):
+    """The tenant's directory (SCIM) has been silent past its freshness bound: its
+    lifecycle data cannot be trusted, so the tenant fails closed until it speaks again."""
+
+    code = "identity_stale"

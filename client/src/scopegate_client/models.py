@@ -11,6 +11,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+__all__ = [
+    "CandidateRecord",
+    "Chunk",
+    "Decision",
+    "DecisionPage",
+    "DecisionSummary",
+    "IngestSummary",
+    "Replay",
+    "ReplayedDocument",
+    "Retrieval",
+    "Source",
+]
+
 
 @dataclass(frozen=True, slots=True)
 class Chunk:
