@@ -13,10 +13,21 @@ permitted are measured. For each profile, every method runs the same queries:
 - ``naive``: that query, then one OpenFGA round trip per document (fewer than k);
 - ``floor``: one unfiltered vector query plus one BatchCheck round trip, the least a
   correct retrieval can cost, measured in the same run;
+- ``anchor``: auth0-ai-langchain's ``FGARetriever`` (bench/anchor.py, in its own
+  virtualenv that this script creates from PyPI): the top k from the same Chroma
+  collection, one BatchCheck of ``user_can_read`` per document, no refill;
 - ``postfilter``, ``prefilter``, ``adaptive``: the gateway's strategies, configured
   and bounded as the gateway is by default (``gateway/settings.py``: 10 s per request,
-  2 s per OpenFGA call); a request that fails closed counts as an error and as a
-  query that returned nothing.
+  2 s per OpenFGA call, the exact decision cache); a request that fails closed counts
+  as an error and as a query that returned nothing;
+- ``adaptive-nocache``: the default strategy with every request demanding fresh
+  answers (``Cache-Control: no-cache``): what the exact cache adds.
+
+The exact decision cache is emptied before every cell, and the warm-up queries are not
+among the measured ones, so a cell measures one task's different queries (documents,
+request-level checks and the task's ListObjects answers may repeat; queries do not).
+After the profiles, the revoke -> first denial figure: warm requests, a grant deleted,
+and the very next request must already deny (stale requests are counted).
 
 Each (profile, method) cell runs ``--warmup`` queries, then up to ``--queries``
 sequential queries (latency, recall, OpenFGA round trips; stopping after
@@ -41,6 +52,7 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -60,6 +72,7 @@ from connectors.chroma import (  # noqa: E402
     HNSW_EF_SEARCH,
     HNSW_MAX_NEIGHBORS,
     ChromaStore,
+    collection_name,
 )
 from gateway.decision import plan_checks  # noqa: E402
 from gateway.errors import ScopegateError  # noqa: E402
@@ -91,8 +104,12 @@ OTHER_TENANT_SHARE = 0.05
 EPS = 1e-5
 TENANT = "acme"
 OTHER = "globex"
-METHODS = ("raw", "naive", "floor", "postfilter", "prefilter", "adaptive")
-STRATEGIES = ("postfilter", "prefilter", "adaptive")
+METHODS = ("raw", "naive", "floor", "anchor", "postfilter", "prefilter", "adaptive",
+           "adaptive-nocache")
+STRATEGIES = ("postfilter", "prefilter", "adaptive", "adaptive-nocache")
+#: The baseline's package (its own virtualenv: it pins langchain-core < 0.4 and
+#: openfga-sdk < 0.10) and the chromadb it reads the gateway's collections with.
+ANCHOR_PACKAGES = ("auth0-ai-langchain==1.0.1",)
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 DEFAULTS = Settings.model_fields
 REQUEST_TIMEOUT_S = float(DEFAULTS["request_timeout_s"].default)
@@ -340,8 +357,72 @@ async def prepare(args: argparse.Namespace, size: int, url: str, chroma: ChromaS
         timeout_s=DEFAULTS["openfga_timeout_s"].default,
         max_parallel_batches=DEFAULTS["openfga_max_parallel_batches"].default,
         consistency=DEFAULTS["openfga_consistency"].default,
+        exact_cache=DEFAULTS["decision_cache_exact"].default,
     )
     return corpus, measuring, manifest
+
+
+# -- the auth0-ai-langchain baseline ----------------------------------------------------
+
+
+def anchor_python(data: Path, log: Callable[[str], None]) -> Path | None:
+    """The baseline's virtualenv (created from PyPI on first use), or None."""
+    import chromadb
+
+    venv = data.parent / "anchor-venv"
+    python = venv / "bin" / "python"
+    wanted = [*ANCHOR_PACKAGES, f"chromadb=={chromadb.__version__}"]
+    marker = venv / "scopegate-anchor.json"
+    if marker.exists() and json.loads(marker.read_text()) == wanted:
+        return python
+    log(f"creating the baseline's virtualenv {venv} ({', '.join(wanted)}) ...")
+    try:
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *wanted], check=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        log(f"baseline unavailable: {exc}")
+        return None
+    marker.write_text(json.dumps(wanted))
+    return python
+
+
+class Anchor:
+    """bench/anchor.py in the baseline's virtualenv, one request at a time."""
+
+    def __init__(self, python: Path, chroma_dir: Path, corpus: Corpus, fga: FgaClient) -> None:
+        self.process = subprocess.Popen(
+            [str(python), str(ROOT / "bench" / "anchor.py"), "--chroma", str(chroma_dir),
+             "--collection", collection_name(TENANT, corpus.source), "--fga-url", fga.api_url,
+             "--store", fga.store_id, "--model", fga.model_id, "--tenant", TENANT],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )
+        ready = self._read()
+        if not ready.get("ready"):
+            raise RuntimeError(f"baseline did not start: {ready}")
+
+    def _read(self) -> dict[str, Any]:
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError("baseline process ended")
+        answer: dict[str, Any] = json.loads(line)
+        return answer
+
+    async def retrieve(self, user: str, vector: np.ndarray, k: int) -> dict[str, Any]:
+        assert self.process.stdin is not None
+        self.process.stdin.write(json.dumps({"user": user, "vector": vector.tolist(),
+                                             "k": k}) + "\n")
+        self.process.stdin.flush()
+        return await asyncio.to_thread(self._read)
+
+    def close(self) -> None:
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
 
 
 # -- oracle ---------------------------------------------------------------------------
@@ -401,6 +482,7 @@ class Sample:
     checks: int
     strategy: str
     error: str | None = None
+    cached: int = 0
 
 
 @dataclass
@@ -415,16 +497,25 @@ class Budget:
 
 
 class Bench:
-    def __init__(self, fga: FgaClient, chroma: ChromaStore, corpus: Corpus, k: int) -> None:
+    def __init__(self, fga: FgaClient, chroma: ChromaStore, corpus: Corpus, k: int,
+                 anchor: Anchor | None = None) -> None:
         self.fga = fga
         self.chroma = chroma
         self.corpus = corpus
         self.k = k
+        self.anchor = anchor
+        #: Set by a method that times itself (the baseline, in its own process).
+        self.reported_ms: float | None = None
+        self.anchor_checks = 0
         self.handle = SourceHandle(TENANT, corpus.source, chroma, corpus.documents, exact=False)
         # Configured as the gateway is by default (gateway/settings.py).
         post = PostFilter(fga, DEFAULTS["overfetch"].default, DEFAULTS["max_candidates"].default)
         pre = PreFilter(fga, post, DEFAULTS["listobjects_max_results"].default)
-        self.strategies = {"postfilter": post, "prefilter": pre, "adaptive": Adaptive(post, pre)}
+        self.strategies: dict[str, Any] = {
+            "postfilter": post, "prefilter": pre, "adaptive": Adaptive(post, pre),
+            # Its own statistics: what it learns must not steer the cached one.
+            "adaptive-nocache": Adaptive(post, pre),
+        }
 
     def method(self, name: str, ctx: DelegationContext) -> Run:
         """An async callable: query vector -> (chunk ids, sequential FGA rounds, label)."""
@@ -457,19 +548,32 @@ class Bench:
             denied = {i.document_id for i, a in answers.items() if a.allowed is not True}
             return [c.chunk_id for c in found if c.document_id not in denied], 1, "floor"
 
-        def strategy(s: Any) -> Run:
+        async def anchor(v: np.ndarray) -> tuple[list[str], int, str]:
+            assert self.anchor is not None
+            answer = await self.anchor.retrieve(f"user:{TENANT}/{ctx.user}", v, k)
+            if "error" in answer:
+                raise ScopegateError(f"baseline failed: {answer['error']}")
+            self.reported_ms = float(answer["ms"])
+            self.anchor_checks = int(answer["checks"])
+            return list(answer["ids"]), 1, "anchor"
+
+        def strategy(s: Any, consistency: str | None) -> Run:
             async def run(v: np.ndarray) -> tuple[list[str], int, str]:
                 # The gateway's request deadline (request_timeout_s): past it the
                 # request fails closed and returns nothing.
-                options = RequestOptions(deadline=time.monotonic() + REQUEST_TIMEOUT_S)
+                options = RequestOptions(time.monotonic() + REQUEST_TIMEOUT_S, consistency)
                 out: RetrievalOutcome = await s.retrieve(ctx, v, k, [self.handle], options)
                 rounds = out.batch_rounds + (1 if out.list_objects_calls else 0)
                 return [c.chunk_id for c in out.chunks], rounds, out.strategy
 
             return run
 
-        table: dict[str, Run] = {"raw": raw, "naive": naive, "floor": floor}
-        return table[name] if name in table else strategy(self.strategies[name])
+        table: dict[str, Run] = {"raw": raw, "naive": naive, "floor": floor, "anchor": anchor}
+        if name in table:
+            return table[name]
+        # adaptive-nocache: every request demands fresh answers (Cache-Control: no-cache).
+        fresh = "HIGHER_CONSISTENCY" if name.endswith("-nocache") else None
+        return strategy(self.strategies[name], fresh)
 
 
 async def attempt(run: Run, query: np.ndarray) -> tuple[list[str], int, str, str | None]:
@@ -483,41 +587,93 @@ async def attempt(run: Run, query: np.ndarray) -> tuple[list[str], int, str, str
 
 async def measure(bench: Bench, oracle: Oracle, profile: Profile, queries: np.ndarray,
                   warmup: int, concurrency: Sequence[int], budget: Budget,
-                  log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+                  log: Callable[[str], None],
+                  methods: Sequence[str] = METHODS) -> dict[str, dict[str, Any]]:
     ctx = DelegationContext(TENANT, profile.user, profile.agent, profile.task, "bench", 0)
     mask = np.isin(bench.corpus.leaf_of_chunk, list(profile.leaves))
     permitted = set(np.asarray(bench.corpus.chunk_ids)[mask].tolist())
-    expected = [oracle.top(q, mask, bench.k) for q in queries]
+    expected = [oracle.top(q, mask, bench.k) for q in queries[warmup:]]
     results: dict[str, dict[str, Any]] = {}
-    for name in METHODS:
+    measured = queries[warmup:]
+    for name in methods:
+        if name == "anchor" and bench.anchor is None:
+            continue
         run = bench.method(name, ctx)
+        if bench.fga.cache is not None:
+            bench.fga.cache.invalidate()  # every cell starts with an empty cache
         started = time.monotonic()
-        for q in queries[:warmup]:
+        for q in queries[:warmup]:  # never among the measured queries
             await attempt(run, q)
         samples: list[Sample] = []
-        for q, exp in zip(queries[: budget.queries], expected, strict=False):
+        for q, exp in zip(measured[: budget.queries], expected, strict=False):
             if len(samples) >= budget.floor and time.monotonic() - started > budget.seconds:
                 break
             before = bench.fga.stats.snapshot()
+            bench.reported_ms = None
             t0 = time.perf_counter()
             ids, rounds, label, error = await attempt(run, q)
             ms = (time.perf_counter() - t0) * 1000
+            if bench.reported_ms is not None:
+                ms = bench.reported_ms
             spent: FgaStats = bench.fga.stats.since(before)
             r, leaks = recall(oracle, q, permitted, bench.k, ids, exp)
-            samples.append(Sample(ms, r, leaks, rounds,
-                                  spent.batch_check_calls + spent.list_objects_calls,
-                                  spent.checks_sent, label, error))
+            checks = bench.anchor_checks if name == "anchor" else spent.checks_sent
+            calls = 1 if name == "anchor" else spent.batch_check_calls + spent.list_objects_calls
+            samples.append(Sample(ms, r, leaks, rounds, calls, checks, label, error,
+                                  spent.cache_hits + spent.list_cache_hits))
         # One client: the sequential run above, requests per second of busy time.
         qps: dict[int, float] = {1: 1000 * len(samples) / sum(s.ms for s in samples)}
         errors = {1: sum(1 for s in samples if s.error)}
         for c in concurrency:
-            if c > 1:
-                qps[c], errors[c] = await throughput(run, queries, c, budget)
+            if c > 1 and name != "anchor":  # the baseline serves one request at a time
+                qps[c], errors[c] = await throughput(run, measured, c, budget)
+            elif c > 1:
+                qps[c], errors[c] = math.nan, 0
         results[name] = summarize(samples, qps, errors)
         log(f"  {profile.name} {name}: n={len(samples)} p50={results[name]['p50']:.1f}ms "
             f"recall={results[name]['recall']:.3f} errors={errors} "
             f"({time.monotonic() - started:.0f}s)")
     return results
+
+
+async def revoke_trials(bench: Bench, queries: np.ndarray, trials: int) -> dict[str, Any]:
+    """Revoke -> first denial with the gateway's default strategy and cache.
+
+    Each trial warms the cache for a 50% request (the second identical request is
+    answered mostly from the cache), deletes the group grant on the top folder of its
+    first chunk, and retrieves again at once, up to five times: every answer that
+    still holds a chunk of that folder is a stale request. The grant is then restored.
+    """
+    p50 = profiles()[0]
+    ctx = DelegationContext(TENANT, p50.user, p50.agent, p50.task, "bench", 0)
+    run = bench.method("adaptive", ctx)
+
+    def top(chunk: str) -> int:
+        return (int(chunk.split("#")[0][1:]) % (TOP_FOLDERS * LEAVES_PER_TOP)) // LEAVES_PER_TOP
+
+    stale, firsts, hits = 0, [], []
+    for i in range(trials):
+        q = queries[i % len(queries)]
+        await attempt(run, q)
+        before = bench.fga.stats.snapshot()
+        ids = (await attempt(run, q))[0]
+        hits.append(bench.fga.stats.since(before).cache_hits)
+        folder = top(ids[0])
+        grant = Tuple(f"group:{TENANT}/half#member", "viewer", f"folder:{TENANT}/top{folder}")
+        await bench.fga.write(deletes=[grant])
+        try:
+            for n in range(5):
+                t0 = time.perf_counter()
+                after = (await attempt(run, q))[0]
+                if n == 0:
+                    firsts.append((time.perf_counter() - t0) * 1000)
+                if not any(top(c) == folder for c in after):
+                    break
+                stale += 1
+        finally:
+            await bench.fga.write(writes=[grant])
+    return {"trials": trials, "stale": stale, "p50": statistics.median(firsts),
+            "max": max(firsts), "hits": statistics.median(hits)}
 
 
 async def throughput(run: Run, queries: np.ndarray, clients: int,
@@ -565,6 +721,7 @@ def summarize(samples: list[Sample], qps: dict[int, float],
         "calls": statistics.median(s.calls for s in samples),
         "calls_max": max(s.calls for s in samples),
         "checks": statistics.median(s.checks for s in samples),
+        "cached": statistics.median(s.cached for s in samples),
         "qps": qps,
         "errors": errors,
         "failures": dict(failures),
@@ -599,16 +756,21 @@ def machine_notes(load_before: tuple[float, float, float]) -> list[str]:
         f"{DEFAULTS['openfga_max_parallel_batches'].default} BatchCheck calls in flight, 50 "
         f"checks per call, {DEFAULTS['openfga_timeout_s'].default:g} s per OpenFGA call), "
         f"{DEFAULTS['openfga_consistency'].default}, {REQUEST_TIMEOUT_S:g} s per request "
-        "(a request past it fails closed and counts as an error), no decision cache: every "
-        "check reaches OpenFGA",
+        "(a request past it fails closed and counts as an error), the exact decision cache "
+        "(one ReadChanges probe per request; emptied before every cell); "
+        "`adaptive-nocache` sends every check to OpenFGA",
+        "- `anchor`: auth0-ai-langchain " + ANCHOR_PACKAGES[0].split("==")[1] + " "
+        "`FGARetriever` in its own virtualenv (langchain-core < 0.4, openfga-sdk < 0.10), "
+        "same OpenFGA store and Chroma collection; its p50 is timed inside its process",
     ]
 
 
 def table(size: int, res: Results, k: int, concurrency: Sequence[int]) -> list[str]:
     qps_head = " | ".join(f"QPS c={c}" for c in concurrency)
     head = (f"| selectivity | method | n | recall@{k} (min) | errors | p50 ms | p95 ms "
-            f"| FGA rounds (max) | FGA calls | checks | {qps_head} | x floor | x raw | chosen |")
-    lines = [f"### {size:,} chunks", "", head, "|" + "---|" * (13 + len(concurrency))]
+            f"| FGA rounds (max) | FGA calls | checks | cached | {qps_head} | x floor | x raw "
+            "| chosen |")
+    lines = [f"### {size:,} chunks", "", head, "|" + "---|" * (14 + len(concurrency))]
     for sel, methods in res.items():
         floor, raw = methods["floor"]["p50"], methods["raw"]["p50"]
         for name, m in methods.items():
@@ -618,12 +780,13 @@ def table(size: int, res: Results, k: int, concurrency: Sequence[int]) -> list[s
             if m["leaks"]:
                 rec += f", {m['leaks']} leaked"
             errors = "/".join(str(m["errors"][c]) for c in concurrency)
-            qps = " | ".join(f"{m['qps'][c]:.1f}" for c in concurrency)
+            qps = " | ".join("n/a" if math.isnan(m["qps"][c]) else f"{m['qps'][c]:.1f}"
+                             for c in concurrency)
             lines.append(
                 f"| {sel} | {name} | {m['n']} | {rec} | {errors} | {m['p50']:.1f} | "
                 f"{m['p95']:.1f} | {m['rounds']:g} ({m['rounds_max']}) | {m['calls']:g} | "
-                f"{m['checks']:g} | {qps} | {m['p50'] / floor:.2f} | {m['p50'] / raw:.1f} | "
-                f"{chosen} |"
+                f"{m['checks']:g} | {m['cached']:g} | {qps} | {m['p50'] / floor:.2f} | "
+                f"{m['p50'] / raw:.1f} | {chosen} |"
             )
     return [*lines, ""]
 
@@ -632,12 +795,30 @@ def verdict(ok: bool) -> str:
     return "met" if ok else "NOT MET"
 
 
-def targets(all_res: dict[int, Results]) -> list[str]:
+def targets(all_res: dict[int, Results], revoke: dict[str, Any] | None = None) -> list[str]:
     """The performance targets, evaluated for the gateway's default strategy (adaptive)."""
     out = []
     for size, res in all_res.items():
         a = {sel: m["adaptive"] for sel, m in res.items()}
-        for name in STRATEGIES:
+        for sel, m in res.items():
+            if "anchor" not in m:
+                continue
+            mine, anchor = m["adaptive"], m["anchor"]
+            ok = (mine["p50"] <= anchor["p50"] and mine["recall_min"] >= 1.0
+                  and mine["leaks"] == 0)
+            out.append(f"- {size:,} {sel}: as fast as the anchor with full recall: adaptive p50 "
+                       f"{mine['p50']:.1f} ms (recall {mine['recall_min']:.3f}, {mine['leaks']} "
+                       f"leaked, {mine['checks']:g} checks) vs anchor {anchor['p50']:.1f} ms "
+                       f"(recall {anchor['recall']:.3f}, {anchor['leaks']} leaked, "
+                       f"{anchor['checks']:g} checks) = {mine['p50'] / anchor['p50']:.2f}x: "
+                       f"{verdict(ok)}")
+        for sel, m in res.items():
+            ratio = m["adaptive"]["p50"] / m["floor"]["p50"]
+            out.append(f"- {size:,} {sel}: adaptive p50 {m['adaptive']['p50']:.1f} ms = "
+                       f"{ratio:.2f}x the floor {m['floor']['p50']:.1f} ms (target <= 1.5x; "
+                       f"checks {m['adaptive']['checks']:g} vs {m['floor']['checks']:g}): "
+                       f"{verdict(ratio <= 1.5)}")
+        for name in (n for n in STRATEGIES if all(n in m for m in res.values())):
             worst = min(m[name]["recall_min"] for m in res.values())
             leaks = sum(m[name]["leaks"] for m in res.values())
             failed = sum(m[name]["errors"][1] for m in res.values())
@@ -670,6 +851,12 @@ def targets(all_res: dict[int, Results]) -> list[str]:
             raw = big[sel]["raw"]["p50"] / small[sel]["raw"]["p50"]
             out.append(f"- {sizes[0]:,} -> {sizes[-1]:,} chunks ({grow:g}x) at {sel}: adaptive "
                        f"p50 x{r:.2f} (raw query x{raw:.2f}): {verdict(r < grow)} (sub-linear)")
+    if revoke is not None:
+        out.append(f"- revoke -> first denial, default configuration (exact cache): "
+                   f"{revoke['trials']} trials, {revoke['stale']} stale requests (target 0), "
+                   f"first request after the revoke answered in median {revoke['p50']:.1f} ms "
+                   f"(max {revoke['max']:.1f} ms) with {revoke['hits']:g} cache hits before "
+                   f"the revoke: {verdict(revoke['stale'] == 0)}")
     return out
 
 
@@ -702,14 +889,15 @@ def write_report(path: Path, command: str, notes: list[str], sections: list[str]
 def one_line(all_res: dict[int, Results], k: int) -> str:
     parts = []
     for size, res in all_res.items():
-        worst = "/".join(f"{min(m[s]['recall_min'] for m in res.values()):.3f}"
-                         for s in STRATEGIES)
+        ran = [s for s in STRATEGIES if all(s in m for m in res.values())]
+        worst = "/".join(f"{min(m[s]['recall_min'] for m in res.values()):.3f}" for s in ran)
         cells = " ".join(
-            f"{sel}={m['adaptive']['p50']:.0f}ms/{m['adaptive']['p50'] / m['raw']['p50']:.0f}x"
-            f"raw/{m['adaptive']['p50'] / m['floor']['p50']:.1f}xfloor"
+            f"{sel}={m['adaptive']['p50']:.0f}ms/{m['adaptive']['p50'] / m['floor']['p50']:.1f}"
+            "xfloor" + (f"/{m['adaptive']['p50'] / m['anchor']['p50']:.2f}xanchor"
+                        if "anchor" in m else "")
             for sel, m in res.items()
         )
-        parts.append(f"{size // 1000}k: recall@{k} min {'/'.join(STRATEGIES)} {worst}, "
+        parts.append(f"{size // 1000}k: recall@{k} min {'/'.join(ran)} {worst}, "
                      f"adaptive p50 {cells}")
     return "bench: " + "; ".join(parts)
 
@@ -730,6 +918,10 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,8")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--data-dir", default=str(ROOT / "bench" / "results" / "data"))
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help="methods to measure (raw, floor and adaptive always run)")
+    parser.add_argument("--revoke-trials", type=int, default=10,
+                        help="revoke -> first denial trials (0: none)")
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     args = parser.parse_args()
     sizes = [int(s) for s in (args.sizes or ("10000" if args.quick else "10000,100000")).split(",")]
@@ -748,9 +940,14 @@ async def run(args: argparse.Namespace, sizes: list[int], concurrency: list[int]
     load_before = os.getloadavg()
     data = Path(args.data_dir)
     data.mkdir(parents=True, exist_ok=True)
+    asked = set(args.methods.split(",")) | {"raw", "floor", "adaptive"}
+    methods = [m for m in METHODS if m in asked]
 
     def log(message: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+    python = anchor_python(data, log) if "anchor" in methods else None
+    revoke: dict[str, Any] | None = None
 
     server = ManagedOpenFGA(data / "openfga")
     url = await asyncio.to_thread(server.start)
@@ -760,30 +957,38 @@ async def run(args: argparse.Namespace, sizes: list[int], concurrency: list[int]
     try:
         for size in sizes:
             corpus, fga, manifest = await prepare(args, size, url, chroma, log)
+            anchor = None
             try:
                 oracle = Oracle(corpus)
                 rng = np.random.default_rng(args.seed + 100 + size)
-                n = max(budget.queries, args.warmup)
+                n = budget.queries + args.warmup
                 queries = (corpus.centers[rng.integers(0, CLUSTERS, n)]
                            + NOISE * rng.normal(size=(n, DIM))).astype(np.float32)
-                bench = Bench(fga, chroma, corpus, args.k)
+                anchor = Anchor(python, data / "chroma", corpus, fga) if python else None
+                bench = Bench(fga, chroma, corpus, args.k, anchor)
                 await chroma.search(TENANT, corpus.source, queries[0], args.k)  # open index
                 res: Results = {}
                 for profile in profiles():
                     log(f"{size}: profile {profile.name}")
                     res[profile.name] = await measure(bench, oracle, profile, queries,
-                                                      args.warmup, concurrency, budget, log)
+                                                      args.warmup, concurrency, budget, log,
+                                                      methods)
                 all_res[size] = res
                 sections += [*table(size, res, args.k, concurrency), corpus_note(corpus, manifest),
                              ""]
+                if revoke is None and args.revoke_trials:
+                    revoke = await revoke_trials(bench, queries, args.revoke_trials)
+                    log(f"revoke -> first denial: {revoke}")
             finally:
+                if anchor is not None:
+                    anchor.close()
                 await fga.close()
     finally:
         chroma.close()
         await asyncio.to_thread(server.stop)
     summary = one_line(all_res, args.k)
     write_report(Path(args.out), command, machine_notes(load_before), sections,
-                 targets(all_res), summary, time.monotonic() - started)
+                 targets(all_res, revoke), summary, time.monotonic() - started)
     print(summary)
 
 

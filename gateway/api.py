@@ -81,7 +81,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         413: "payload_too_large",
         422: "invalid_request",
         429: "rate_limited",
-        503: "authorization_unavailable, source_unavailable or audit_unavailable",
+        503: "authorization_unavailable, source_unavailable, audit_unavailable or identity_stale",
     }.items()
 }
 
@@ -103,7 +103,14 @@ class TaskBody(_Strict):
 class SourceBody(_Strict):
     id: Id
     kind: str = Field(default="chroma", max_length=32)
-    config: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    # A fronted collection's field mapping nests one level (its prefix map two).
+    config: dict[str, str | int | float | bool | dict[str, str | dict[str, str]]] = Field(
+        default_factory=dict
+    )
+
+
+class SyncBody(_Strict):
+    dry_run: bool = False
 
 
 class AclBody(_Strict):
@@ -381,6 +388,13 @@ def create_app(
         await g.remove_source(p, source_id)
         return Response(status_code=204)
 
+    @app.post("/v1/sources/{source_id}/sync")
+    async def sync_source(
+        source_id: str, p: PrincipalCaller, g: GatewayDep, body: SyncBody | None = None
+    ) -> dict[str, Any]:
+        """Reconcile OpenFGA with the source's ACLs; ``dry_run`` returns the diff only."""
+        return await g.sync_source(p, source_id, dry_run=body is not None and body.dry_run)
+
     @app.delete("/v1/principals/{ref}")
     async def deprovision(ref: str, p: PrincipalCaller, g: GatewayDep) -> dict[str, int]:
         """Remove every relation of ``user:..`` or ``agent:..`` in the tenant; revoke its tasks."""
@@ -428,12 +442,16 @@ def create_app(
         parts = await g.readiness()
         ready = all(parts.values())
         body = {"ready": ready, **parts, "store_id": g.fga.store_id, "model_id": g.fga.model_id}
+        # Details only: a lagging change-log archive never makes the gateway unready.
+        body["changelog"] = g.changelog.status() if g.changelog is not None else None
         return JSONResponse(body, status_code=200 if ready else 503)
 
     from gateway.authzen import register_authzen_routes
+    from gateway.identity_api import register_identity_routes
     from gateway.review import register_review_routes
 
     register_review_routes(app)
+    register_identity_routes(app)
     register_authzen_routes(app, limiter)
     app.add_middleware(BodyGuard, max_bytes=configured.max_body_bytes)
     # Outermost: the server span covers the whole request, body checks included.

@@ -35,8 +35,9 @@ import sqlite3
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import MappingProxyType
@@ -324,6 +325,84 @@ class VerifyResult:
 
 
 AuditPage = tuple[list[AuditEntry], str | None]
+EntryList = list[AuditEntry]
+
+
+# -- the change-log archive ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ArchivedChange:
+    """One entry of OpenFGA's change log, as the archive keeps it.
+
+    ``seq`` numbers one store's changes 1, 2, 3, ... in the order they were archived
+    (0 for a change not archived yet); ``time_us`` is OpenFGA's own timestamp of the
+    change, in microseconds since the epoch; ``operation`` is ``write`` or ``delete``;
+    ``condition`` is the canonical JSON of a written tuple's condition, or None.
+    """
+
+    seq: int
+    time_us: int
+    operation: str
+    user: str
+    relation: str
+    object: str
+    condition: str | None = None
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        """The tuple the change is about: ``(object, relation, user)``."""
+        return (self.object, self.relation, self.user)
+
+    @property
+    def identity(self) -> Row:
+        """What tells two changes apart when OpenFGA hands the same one out again."""
+        return (self.time_us, self.operation, self.object, self.relation, self.user, self.condition)
+
+    @property
+    def time(self) -> str:
+        """OpenFGA's timestamp as records carry times (:func:`format_time`)."""
+        return format_time(_EPOCH + timedelta(microseconds=self.time_us))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe; :func:`canonical_json` of this (with the store id) is hashed."""
+        return {
+            "seq": self.seq,
+            "time_us": self.time_us,
+            "operation": self.operation,
+            "user": self.user,
+            "relation": self.relation,
+            "object": self.object,
+            "condition": self.condition,
+        }
+
+
+ChangeList = list[ArchivedChange]
+
+
+@dataclass(frozen=True, slots=True)
+class ArchiveHead:
+    """Where one store's archive stands.
+
+    ``seq`` and ``hash`` are the last archived change and the archive chain's hash
+    there (each change's ``hash`` is ``sha256(prev_hash + canonical_json({"store_id",
+    "change"}))``, from 64 zeros). ``newest_us`` is the newest OpenFGA timestamp
+    archived; ``resume_from_us`` where the next full sweep of the log starts;
+    ``began_us`` and ``updated_us`` the gateway's clock when archiving began and when
+    the last change was added.
+    """
+
+    store_id: str
+    seq: int
+    hash: str
+    resume_from_us: int | None
+    newest_us: int | None
+    began_us: int
+    updated_us: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe."""
+        return asdict(self)
 
 
 class AuditStore(Protocol):
@@ -375,6 +454,47 @@ class AuditStore(Protocol):
 
     async def healthy(self) -> bool:
         """Whether an append could be written now (never raises)."""
+        ...
+
+    async def archive_changes(
+        self, store_id: str, changes: Sequence[ArchivedChange], *, overlap_us: int
+    ) -> ArchiveHead:
+        """Add the changes not archived yet, atomically; return the archive's head.
+
+        ``changes`` are what one read of OpenFGA's change log returned (``seq`` 0); a
+        change already archived (same identity) is skipped, so reading an overlapping
+        window again is harmless, and concurrent archivers (replicas) take turns on
+        one per-store lock. The next sweep starts ``overlap_us`` before the newest
+        archived timestamp.
+        """
+        ...
+
+    async def archive_head(self, store_id: str) -> ArchiveHead | None:
+        """Where the store's archive stands; None before anything was archived."""
+        ...
+
+    async def archived_changes(
+        self,
+        store_id: str,
+        objects: Iterable[str],
+        *,
+        subjects: Iterable[str] | None = None,
+        through: Iterable[str] = (),
+    ) -> ChangeList:
+        """Every archived change on ``objects``, oldest first (by time, then seq).
+
+        With ``subjects``, only changes whose user is one of them, a userset or a
+        wildcard, or whose relation is in ``through`` (relations that lead to other
+        objects): the changes that can matter to checks asked for those subjects.
+        """
+        ...
+
+    async def verify_archive(self, store_id: str) -> VerifyResult:
+        """Recompute the store's archive chain; ``checked`` counts intact changes."""
+        ...
+
+    async def admin_entries(self, tenant: str, since: TimeBound, until: TimeBound) -> EntryList:
+        """The tenant's admin records (``kind`` admin) in ``[since, until)``, oldest first."""
         ...
 
     async def close(self) -> None:
@@ -433,6 +553,29 @@ _MIGRATIONS: tuple[tuple[_Statement, ...], ...] = (
             (GENESIS_HASH, GENESIS_HASH),
         ),
     ),
+    (  # 2: OpenFGA's change log, archived per store (gateway/changelog.py), and its head.
+        (
+            "CREATE TABLE changelog_archive ("
+            " store_id TEXT NOT NULL, seq BIGINT NOT NULL, time_us BIGINT NOT NULL,"
+            " operation TEXT NOT NULL, object TEXT NOT NULL, relation TEXT NOT NULL,"
+            " user_ref TEXT NOT NULL, user_set INTEGER NOT NULL, condition TEXT,"
+            " hash TEXT NOT NULL, archived_us BIGINT NOT NULL, PRIMARY KEY (store_id, seq))",
+            (),
+        ),
+        (
+            "CREATE INDEX changelog_archive_object"
+            " ON changelog_archive (store_id, object, time_us)",
+            (),
+        ),
+        ("CREATE INDEX changelog_archive_time ON changelog_archive (store_id, time_us)", ()),
+        (
+            "CREATE TABLE changelog_cursor (store_id TEXT PRIMARY KEY,"
+            " head_seq BIGINT NOT NULL, head_hash TEXT NOT NULL, resume_from_us BIGINT,"
+            " newest_us BIGINT, began_us BIGINT NOT NULL, updated_us BIGINT NOT NULL)",
+            (),
+        ),
+        ("CREATE INDEX audit_log_tenant_admin ON audit_log (tenant, agent_id, time_us)", ()),
+    ),
 )
 LATEST_SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -455,6 +598,176 @@ _SELECT_RANGE = f"SELECT {_WALK_COLUMNS} FROM audit_log WHERE seq > ? AND seq <=
 _FIRST_RECENT = "SELECT MIN(seq) FROM audit_log WHERE time_us >= ?"
 _DELETE_UPTO = "DELETE FROM audit_log WHERE seq <= ?"
 _ITER_BATCH = 500
+
+_CHANGE_COLUMNS = "seq, time_us, operation, user_ref, relation, object, condition"
+_CURSOR_COLUMNS = "store_id, head_seq, head_hash, resume_from_us, newest_us, began_us, updated_us"
+_SELECT_CURSOR = f"SELECT {_CURSOR_COLUMNS} FROM changelog_cursor WHERE store_id = ?"  # noqa: S608
+_ENSURE_CURSOR = (
+    f"INSERT INTO changelog_cursor ({_CURSOR_COLUMNS}) VALUES (?, 0, ?, NULL, NULL, ?, ?)"  # noqa: S608
+    " ON CONFLICT (store_id) DO NOTHING"
+)
+_UPDATE_CURSOR = (
+    "UPDATE changelog_cursor SET head_seq = ?, head_hash = ?, resume_from_us = ?,"
+    " newest_us = ?, updated_us = ? WHERE store_id = ?"
+)
+_ARCHIVED_SINCE = (
+    "SELECT time_us, operation, object, relation, user_ref, condition"
+    " FROM changelog_archive WHERE store_id = ? AND time_us >= ?"
+)
+_INSERT_CHANGE = (
+    "INSERT INTO changelog_archive (store_id, seq, time_us, operation, object, relation,"
+    " user_ref, user_set, condition, hash, archived_us) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_SELECT_ARCHIVE_CHAIN = (
+    f"SELECT {_CHANGE_COLUMNS}, hash FROM changelog_archive WHERE store_id = ?"  # noqa: S608
+    " ORDER BY seq"
+)
+_SELECT_ADMIN = (
+    f"SELECT {_ENTRY_COLUMNS} FROM audit_log WHERE tenant = ? AND agent_id IS NULL"  # noqa: S608
+    " AND time_us >= ? AND time_us < ? ORDER BY seq"
+)
+_IN_BATCH = 200
+_FAR_FUTURE_US = 2**62
+
+
+def _user_set(user: str) -> int:
+    """1 for a userset (``group:g#member``) or a wildcard (``user:*``): users that stand
+    for others, so their tuples matter to checks of any subject."""
+    return 1 if "#" in user or user.endswith(":*") else 0
+
+
+def archive_hash(prev_hash: str, store_id: str, change: ArchivedChange) -> str:
+    """The archive chain's hash of ``change`` after ``prev_hash``."""
+    return chain_hash(prev_hash, canonical_json({"store_id": store_id, "change": change.to_dict()}))
+
+
+def _head_from_row(row: Row) -> ArchiveHead:
+    return ArchiveHead(
+        store_id=row[0],
+        seq=int(row[1]),
+        hash=row[2],
+        resume_from_us=None if row[3] is None else int(row[3]),
+        newest_us=None if row[4] is None else int(row[4]),
+        began_us=int(row[5]),
+        updated_us=int(row[6]),
+    )
+
+
+def _change_from_row(row: Row) -> ArchivedChange:
+    return ArchivedChange(int(row[0]), int(row[1]), row[2], row[3], row[4], row[5], row[6])
+
+
+def _fresh_changes(incoming: Sequence[ArchivedChange], archived: Iterable[Row]) -> ChangeList:
+    """The changes of ``incoming`` beyond those archived already (counted by identity)."""
+    have = Counter(tuple(row) for row in archived)
+    fresh: list[ArchivedChange] = []
+    for change in incoming:
+        if have[change.identity] > 0:
+            have[change.identity] -= 1
+        else:
+            fresh.append(change)
+    return fresh
+
+
+def _append_changes(
+    head: ArchiveHead, fresh: Sequence[ArchivedChange], now_us: int
+) -> tuple[list[Row], str]:
+    """Insert parameters for ``fresh`` after ``head``, and the new head hash."""
+    rows: list[Row] = []
+    seq, hash_ = head.seq, head.hash
+    for change in fresh:
+        seq += 1
+        numbered = replace(change, seq=seq)
+        hash_ = archive_hash(hash_, head.store_id, numbered)
+        rows.append(
+            (
+                head.store_id,
+                seq,
+                change.time_us,
+                change.operation,
+                change.object,
+                change.relation,
+                change.user,
+                _user_set(change.user),
+                change.condition,
+                hash_,
+                now_us,
+            )
+        )
+    return rows, hash_
+
+
+def _advanced(
+    head: ArchiveHead,
+    incoming: Sequence[ArchivedChange],
+    added: int,
+    hash_: str,
+    overlap_us: int,
+    now_us: int,
+) -> Row:
+    """The cursor's new values (``_UPDATE_CURSOR`` order) once ``incoming`` was read."""
+    newest = max(c.time_us for c in incoming)
+    if head.newest_us is not None:
+        newest = max(newest, head.newest_us)
+    resume = newest - overlap_us
+    if head.resume_from_us is not None:
+        resume = max(resume, head.resume_from_us)
+    updated = now_us if added else head.updated_us
+    return (head.seq + added, hash_, resume, newest, updated, head.store_id)
+
+
+def _in_clause(column: str, count: int) -> str:
+    return f"{column} IN ({', '.join('?' * count)})"
+
+
+def _archived_query(
+    store_id: str,
+    objects: Sequence[str],
+    subjects: Sequence[str] | None,
+    through: Sequence[str],
+) -> tuple[str, list[object]]:
+    """Changes on ``objects`` (optionally only those that can matter to ``subjects``)."""
+    clauses = ["store_id = ?", _in_clause("object", len(objects))]
+    params: list[object] = [store_id, *objects]
+    if subjects is not None:
+        relevant = ["user_set = 1"]
+        if subjects:
+            relevant.append(_in_clause("user_ref", len(subjects)))
+            params += subjects
+        if through:
+            relevant.append(_in_clause("relation", len(through)))
+            params += through
+        clauses.append("(" + " OR ".join(relevant) + ")")
+    where = " AND ".join(clauses)
+    return f"SELECT {_CHANGE_COLUMNS} FROM changelog_archive WHERE {where}", params  # noqa: S608
+
+
+class _ArchiveWalk:
+    """Follows one store's archive chain from the start."""
+
+    def __init__(self, store_id: str) -> None:
+        self.store_id = store_id
+        self.seq = 0
+        self.hash = GENESIS_HASH
+
+    def step(self, row: Row) -> VerifyResult | None:
+        change = _change_from_row(row[:7])
+        if change.seq != self.seq + 1:
+            return VerifyResult(False, self.seq, self.seq + 1, f"change {self.seq + 1} is missing")
+        expected = archive_hash(self.hash, self.store_id, change)
+        if expected != row[7]:
+            return VerifyResult(False, self.seq, change.seq, "hash does not match the change")
+        self.seq, self.hash = change.seq, expected
+        return None
+
+    def finish(self, head: ArchiveHead | None) -> VerifyResult:
+        if head is None and self.seq == 0:
+            return VerifyResult(True, 0, None, None)
+        if head is not None and (head.seq, head.hash) == (self.seq, self.hash):
+            return VerifyResult(True, self.seq, None, None)
+        return VerifyResult(
+            False, self.seq, self.seq + 1, "the archive head is not its last change"
+        )
 
 
 def _pending_migrations(current: int) -> list[tuple[int, tuple[_Statement, ...]]]:
@@ -687,6 +1000,46 @@ class _SqlAuditStore(ABC):
                 return
             after = rows[-1][0]
 
+    async def archive_head(self, store_id: str) -> ArchiveHead | None:
+        """Where the store's archive stands; None before anything was archived."""
+        rows = await self._fetch(_SELECT_CURSOR, (store_id,))
+        return _head_from_row(rows[0]) if rows else None
+
+    async def archived_changes(
+        self,
+        store_id: str,
+        objects: Iterable[str],
+        *,
+        subjects: Iterable[str] | None = None,
+        through: Iterable[str] = (),
+    ) -> ChangeList:
+        """Every archived change on ``objects`` (relevant to ``subjects``), oldest first."""
+        wanted = sorted(set(objects))
+        who = None if subjects is None else sorted(set(subjects))
+        via = sorted(set(through))
+        found: list[ArchivedChange] = []
+        for i in range(0, len(wanted), _IN_BATCH):
+            query = _archived_query(store_id, wanted[i : i + _IN_BATCH], who, via)
+            found += [_change_from_row(row) for row in await self._fetch(*query)]
+        return sorted(found, key=lambda c: (c.time_us, c.seq))
+
+    async def verify_archive(self, store_id: str) -> VerifyResult:
+        """Recompute the store's archive chain from its first change."""
+        head = await self.archive_head(store_id)
+        walk = _ArchiveWalk(store_id)
+        for row in await self._fetch(_SELECT_ARCHIVE_CHAIN, (store_id,)):
+            broken = walk.step(row)
+            if broken is not None:
+                return broken
+        return walk.finish(head)
+
+    async def admin_entries(self, tenant: str, since: TimeBound, until: TimeBound) -> EntryList:
+        """The tenant's admin records in ``[since, until)``, oldest first."""
+        low = _bound_micros(since) if since is not None else 0
+        high = _bound_micros(until) if until is not None else _FAR_FUTURE_US
+        rows = await self._fetch(_SELECT_ADMIN, (tenant, low, high))
+        return [e for e in map(_entry_from_row, rows) if e.record.kind == "admin"]
+
 
 # -- SQLite --------------------------------------------------------------------------------
 
@@ -725,6 +1078,15 @@ class SqliteAuditStore(_SqlAuditStore):
         """Delete the oldest entries older than ``days``; return how many."""
         cutoff = _cutoff_micros(days, now)
         return await self._call(lambda conn: _sqlite_purge(conn, cutoff))
+
+    async def archive_changes(
+        self, store_id: str, changes: Sequence[ArchivedChange], *, overlap_us: int
+    ) -> ArchiveHead:
+        """Add the changes not archived yet in one ``BEGIN IMMEDIATE`` transaction."""
+        now_us = _micros(datetime.now(UTC))
+        return await self._call(
+            lambda conn: _sqlite_archive(conn, store_id, changes, overlap_us, now_us)
+        )
 
     async def healthy(self) -> bool:
         """Whether the database can take the write lock and write now."""
@@ -892,6 +1254,31 @@ def _sqlite_purge(conn: sqlite3.Connection, cutoff_us: int) -> int:
     return deleted
 
 
+def _sqlite_archive(
+    conn: sqlite3.Connection,
+    store_id: str,
+    changes: Sequence[ArchivedChange],
+    overlap_us: int,
+    now_us: int,
+) -> ArchiveHead:
+    if not changes:
+        row = conn.execute(_SELECT_CURSOR, (store_id,)).fetchone()
+        if row is not None:
+            return _head_from_row(tuple(row))
+    with _sqlite_transaction(conn):
+        conn.execute(_ENSURE_CURSOR, (store_id, GENESIS_HASH, now_us, now_us))
+        head = _head_from_row(_sqlite_one(conn, _SELECT_CURSOR, (store_id,)))
+        if not changes:
+            return head
+        low = min(c.time_us for c in changes)
+        fresh = _fresh_changes(changes, conn.execute(_ARCHIVED_SINCE, (store_id, low)))
+        rows, hash_ = _append_changes(head, fresh, now_us)
+        conn.executemany(_INSERT_CHANGE, rows)
+        update = _advanced(head, changes, len(fresh), hash_, overlap_us, now_us)
+        conn.execute(_UPDATE_CURSOR, update)
+    return _head_from_row((store_id, *update[:4], head.began_us, update[4]))
+
+
 def _sqlite_probe(conn: sqlite3.Connection) -> None:
     """Write (and roll back) the chain row: fails on a read-only file or a lost disk."""
     conn.execute("BEGIN IMMEDIATE")
@@ -1046,6 +1433,34 @@ class PostgresAuditStore(_SqlAuditStore):
                 deleted = await conn.execute(_pg(_DELETE_UPTO), (last,))
                 await conn.execute(_pg(_UPDATE_BASE), (last, walk.hash))
                 return deleted.rowcount
+
+    async def archive_changes(
+        self, store_id: str, changes: Sequence[ArchivedChange], *, overlap_us: int
+    ) -> ArchiveHead:
+        """Add the changes not archived yet, under the store's cursor row lock."""
+        now_us = _micros(datetime.now(UTC))
+        with storage_errors():
+            if not changes:
+                found = await self.archive_head(store_id)
+                if found is not None:
+                    return found
+            async with self._pool.connection() as conn, conn.transaction():
+                await conn.execute(_pg(_ENSURE_CURSOR), (store_id, GENESIS_HASH, now_us, now_us))
+                head = _head_from_row(
+                    await _pg_one(conn, _SELECT_CURSOR + " FOR UPDATE", (store_id,))
+                )
+                if not changes:
+                    return head
+                low = min(c.time_us for c in changes)
+                cur = await conn.execute(_pg(_ARCHIVED_SINCE), (store_id, low))
+                fresh = _fresh_changes(changes, await cur.fetchall())
+                rows, hash_ = _append_changes(head, fresh, now_us)
+                if rows:
+                    async with conn.cursor() as many:
+                        await many.executemany(_pg(_INSERT_CHANGE), rows)
+                update = _advanced(head, changes, len(fresh), hash_, overlap_us, now_us)
+                await conn.execute(_pg(_UPDATE_CURSOR), update)
+        return _head_from_row((store_id, *update[:4], head.began_us, update[4]))
 
     async def healthy(self) -> bool:
         """Whether the database answers and accepts writes (not a read-only standby)."""

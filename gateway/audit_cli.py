@@ -1,4 +1,5 @@
-"""``scopegate audit ...``: list, show, replay (with what-if) and export; verify the chain.
+"""``scopegate audit ...``: list, show, replay (with what-if, or as of the decision),
+history, and export; verify the chain.
 
 In-process commands go through the same reviewer functions as the HTTP API
 (:mod:`gateway.review`), so ``--as`` must name a reviewer (or an admin) of
@@ -28,6 +29,7 @@ from gateway.cli import dump
 from gateway.client import raise_for_error
 from gateway.errors import AuditUnavailable
 from gateway.identity import PrincipalContext
+from gateway.replay import describe_change
 from gateway.service import Gateway
 
 
@@ -53,7 +55,16 @@ async def audit_in_process(
     elif name == "audit_show":
         dump(await review.show_decision(g, p, args.request_id))
     elif name == "audit_replay":
-        dump(await review.replay(g, p, args.request_id, getattr(args, "what_if", None) or ()))
+        what_if = getattr(args, "what_if", None) or ()
+        as_of = getattr(args, "as_of", None) or "now"
+        replayed = await review.replay(g, p, args.request_id, what_if, as_of)
+        dump(replayed)
+        if as_of == "decision":
+            print(explain_as_of(replayed), file=sys.stderr)
+    elif name == "audit_history":
+        found = await review.history(g, p, args.ref)
+        dump(found)
+        print(explain_history(found), file=sys.stderr)
     elif name == "audit_export":
         output = getattr(args, "output", None)
         count = await write_lines(await review.export_lines(g, p), output)
@@ -62,6 +73,37 @@ async def audit_in_process(
         print(f"scopegate: unknown command {name.replace('_', ' ')}", file=sys.stderr)
         return 2
     return 0
+
+
+def explain_as_of(replayed: dict[str, Any]) -> str:
+    """A replay as of the decision in words: then / now per document, and what changed."""
+    as_of = replayed["as_of"]
+    exact = "matches the record" if as_of["exact"] else "DIFFERS from the record"
+    lines = [
+        f"scopegate: {replayed['request_id']} as of its decision ({as_of['decided_at']}, "
+        f"change-log position {as_of['archive_seq']}): {exact}"
+    ]
+    for d in replayed["documents"]:
+        then = d.get("then", d["was"])
+        flipped = f"; flipped: {', '.join(d['flipped_checks'])}" if d.get("flipped_checks") else ""
+        lines.append(f"  {d['document_id']}: was {d['was']}, then {then}, now {d['now']}{flipped}")
+    changes = replayed.get("changes") or []
+    lines.append(
+        f"  {len(changes)} change(s) since the decision:" if changes else "  no change since"
+    )
+    lines += [f"    {describe_change(c)}" for c in changes]
+    lines += [f"  note: {n}" for n in replayed.get("notes") or []]
+    return "\n".join(lines)
+
+
+def explain_history(found: dict[str, Any]) -> str:
+    """``audit history``: one line per change, oldest first."""
+    lines = [
+        f"scopegate: {len(found['changes'])} change(s) touched {found['object']} "
+        f"(through {', '.join(found['objects'])})"
+    ]
+    lines += [f"  {describe_change(c)}" for c in found["changes"]]
+    return "\n".join(lines)
 
 
 async def export_over_http(url: str, token: str, output: Path | None) -> int:

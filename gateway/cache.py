@@ -1,5 +1,11 @@
-"""An optional decision cache for OpenFGA checks (off by default), kept honest by
-ReadChanges.
+"""The decision cache for OpenFGA checks, kept honest by ReadChanges.
+
+Two modes. **Exact** (the gateway's default): a request reads the cache only after
+one ReadChanges probe, started after the request arrived, has shown that nothing
+changed since the cache's horizon (:class:`ChangeProbe`); a change committed before a
+request arrives is therefore never answered from the cache: 0 stale requests.
+**Bounded** (opt-in, ``SCOPEGATE_DECISION_CACHE``): a background watcher polls the
+change log and requests read without a probe, at most ``max_staleness_s`` behind.
 
 What is cached: the answer (allowed or not) of one check, keyed by the whole check —
 store, authorization model, user, relation and object (the task is the user or the
@@ -33,12 +39,22 @@ poll that starts after c, so no answer older than a change is served more than
 OpenFGA or the watcher fails (the cache then simply stops answering: fail closed).
 Polls re-read an ``overlap_s`` window so a write whose id predates one already seen
 (two writers committing out of order) is still caught.
+
+Exact mode and time. Answers are evaluated at the request's own ``current_time``
+(no bucket: an expiring task works until its expiry, as without a cache). A
+time-independent answer is reused until a change; a time-dependent *denial* too, since
+every condition is a monotone expiry and the model has no exclusion (``but not``), so
+what is denied now stays denied while the tuples stay; a time-dependent *allow* is
+never reused (it may expire the next instant). Complete ListObjects answers are
+cached the same way, as supersets: with monotone expiries the permitted set only
+shrinks while the tuples stay, and the strategies re-verify every document they return.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
 import re
@@ -98,6 +114,12 @@ def time_dependent_relations(model: Mapping[str, Any]) -> frozenset[tuple[str, s
                 dependent.add(node)
                 changed = True
     return frozenset(dependent)
+
+
+def has_exclusion(model: Mapping[str, Any]) -> bool:
+    """True if any relation of ``model`` uses ``but not`` (a difference rewrite): then a
+    denial can turn into an allow when a subtracted grant expires."""
+    return '"difference"' in json.dumps(model.get("type_definitions", []))
 
 
 def _unknown(targets: set[tuple[str, str]], edges: Mapping[tuple[str, str], Any]) -> bool:
@@ -165,6 +187,24 @@ class _Entry:
     created: float
 
 
+@dataclass(frozen=True, slots=True)
+class ListKey:
+    """A whole ListObjects question (answers are cached in exact mode only)."""
+
+    store: str
+    model: str
+    user: str
+    relation: str
+    object_type: str
+
+
+@dataclass(slots=True)
+class _ListEntry:
+    ids: frozenset[str]
+    generation: int
+    created: float
+
+
 @dataclass(slots=True)
 class CacheStats:
     hits: int = 0
@@ -172,18 +212,28 @@ class CacheStats:
     stores: int = 0
     invalidations: int = 0
     refused_stale: int = 0
+    list_hits: int = 0
+    list_stores: int = 0
 
 
 class DecisionCache:
-    """Bounded LRU of check answers; see the module docstring for the rules."""
+    """Bounded LRU of check answers; see the module docstring for the rules.
+
+    ``exact``: requests read only after a :class:`ChangeProbe` vouched for them (the
+    caller says so), answers are evaluated at the request's own time, and complete
+    ListObjects answers are kept too (at most ``max_lists``). Otherwise bounded: reads
+    need a recent watcher poll (:meth:`usable`) and time-dependent checks use buckets.
+    """
 
     def __init__(
         self,
         model: Mapping[str, Any],
         *,
+        exact: bool = False,
         bucket_s: float = 10.0,
         ttl_s: float = 300.0,
         max_entries: int = 100_000,
+        max_lists: int = 1_000,
         max_staleness_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], datetime] | None = None,
@@ -191,7 +241,12 @@ class DecisionCache:
         check_conditions(model)
         if bucket_s <= 0 or ttl_s <= 0 or max_entries < 1 or max_staleness_s <= 0:
             raise ValueError("cache bounds must be positive")
+        self.exact = exact
         self.timed = time_dependent_relations(model)
+        # A time-dependent denial is reusable only if time can never turn it into an allow.
+        self.monotone = not has_exclusion(model)
+        self.max_lists = max_lists
+        self._lists: OrderedDict[ListKey, _ListEntry] = OrderedDict()
         self.bucket_s = bucket_s
         self.ttl_s = ttl_s
         self.max_entries = max_entries
@@ -225,12 +280,15 @@ class DecisionCache:
     def invalidate(self) -> None:
         self.generation += 1
         self._entries.clear()
+        self._lists.clear()
         self.stats.invalidations += 1
 
     # -- time --------------------------------------------------------------------------
 
     def evaluation_time(self) -> datetime:
-        """The end of the current bucket: checks are evaluated there (see docstring)."""
+        """Exact: now. Bounded: the end of the current bucket (see docstring)."""
+        if self.exact:
+            return self._wall()
         now = self._wall().timestamp()
         end = math.floor(now / self.bucket_s) * self.bucket_s + self.bucket_s
         return datetime.fromtimestamp(end, UTC)
@@ -238,10 +296,20 @@ class DecisionCache:
     def key(
         self, store: str, model: str, user: str, relation: str, obj: str, at: datetime
     ) -> CacheKey:
-        object_type = obj.partition(":")[0]
-        timed = (object_type, relation) in self.timed
-        stamp = at.strftime("%Y-%m-%dT%H:%M:%S.%fZ") if timed else None
+        timed = self.time_dependent(relation, obj)
+        # Exact mode keeps time-dependent answers only when they hold for every later
+        # instant (denials), so their key carries no time.
+        stamp = at.strftime("%Y-%m-%dT%H:%M:%S.%fZ") if timed and not self.exact else None
         return CacheKey(store, model, user, relation, obj, stamp)
+
+    def time_dependent(self, relation: str, obj: str) -> bool:
+        return (obj.partition(":")[0], relation) in self.timed
+
+    def storable(self, key: CacheKey, allowed: bool) -> bool:
+        """Whether an answer may be kept (exact mode: see the module docstring)."""
+        if not self.exact or not self.time_dependent(key.relation, key.object):
+            return True
+        return not allowed and self.monotone
 
     # -- entries -----------------------------------------------------------------------
 
@@ -260,13 +328,37 @@ class DecisionCache:
 
     def put(self, key: CacheKey, allowed: bool, generation: int) -> None:
         """Store an answer computed while ``generation`` was current (else drop it)."""
-        if generation != self.generation:
+        if generation != self.generation or not self.storable(key, allowed):
             return
         self._entries[key] = _Entry(allowed, generation, self._clock())
         self._entries.move_to_end(key)
         self.stats.stores += 1
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
+
+    # -- ListObjects (exact mode) -------------------------------------------------------
+
+    def get_list(self, key: ListKey) -> frozenset[str] | None:
+        entry = self._lists.get(key)
+        if (
+            entry is None
+            or entry.generation != self.generation
+            or self._clock() - entry.created > self.ttl_s
+        ):
+            return None
+        self._lists.move_to_end(key)
+        self.stats.list_hits += 1
+        return entry.ids
+
+    def put_list(self, key: ListKey, ids: frozenset[str], generation: int) -> None:
+        """Keep a *complete* answer fetched while ``generation`` was current."""
+        if not self.exact or generation != self.generation:
+            return
+        self._lists[key] = _ListEntry(ids, generation, self._clock())
+        self._lists.move_to_end(key)
+        self.stats.list_stores += 1
+        while len(self._lists) > self.max_lists:
+            self._lists.popitem(last=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -377,3 +469,118 @@ class ChangeWatcher:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+@dataclass(slots=True)
+class ProbeStats:
+    probes: int = 0
+    failures: int = 0
+    changes_seen: int = 0
+    shared: int = 0
+
+
+class ChangeProbe:
+    """Exact freshness: a request reads the cache only after one ReadChanges read that
+    started after the request arrived found nothing it had not seen.
+
+    Probes run one at a time and are shared: a request joins the probe in flight if
+    that probe started after the request arrived, else it waits for it and joins (or
+    starts) the next one. Probe *i* reads the change log from the start of probe
+    *i-1* minus ``overlap_s``, so a change committed at time c is read by the first
+    probe that starts after c — its timestamp is at most ``overlap_s`` older than its
+    commit (OpenFGA stamps a write before its transaction commits; ``overlap_s`` also
+    absorbs that much clock difference between the gateway and OpenFGA) — and every
+    request that arrives after c reads the cache only after that probe has dropped the
+    entries. The first probe drops everything (no horizon yet). A probe that fails, or
+    finds more than ``max_pages`` pages, vouches for nothing (the request asks
+    OpenFGA) or drops everything. Answers may be stored by any request: an answer is
+    stored only if no invalidation happened while it was fetched, and a change
+    committed after it was computed is dropped by a later probe.
+    """
+
+    def __init__(
+        self,
+        feed: ChangeFeed,
+        cache: DecisionCache,
+        *,
+        overlap_s: float = 10.0,
+        page_size: int = 100,
+        max_pages: int = 20,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], datetime] | None = None,
+    ) -> None:
+        self.feed = feed
+        self.cache = cache
+        self.overlap_s = overlap_s
+        self.page_size = page_size
+        self.max_pages = max_pages
+        self._clock = clock
+        self._wall = wall or (lambda: datetime.now(UTC))
+        self._horizon: datetime | None = None
+        self._seen: set[Change] = set()
+        self._inflight: tuple[float, asyncio.Future[bool]] | None = None
+        self.stats = ProbeStats()
+
+    async def fresh(self) -> bool:
+        """True when this request may read the cache (never raises)."""
+        arrived = self._clock()
+        while True:
+            current = self._inflight
+            if current is None:
+                probe: asyncio.Future[bool] = asyncio.ensure_future(self._probe())
+                self._inflight = (self._clock(), probe)
+                probe.add_done_callback(self._finished)
+                return await asyncio.shield(probe)
+            started, running = current
+            outcome = await asyncio.shield(running)
+            if started >= arrived:
+                self.stats.shared += 1
+                return outcome
+
+    def _finished(self, future: asyncio.Future[bool]) -> None:
+        if self._inflight is not None and self._inflight[1] is future:
+            self._inflight = None
+
+    async def _probe(self) -> bool:
+        started = self._wall()
+        self.stats.probes += 1
+        try:
+            if self._horizon is None:
+                fresh = await self._read_since(started - timedelta(seconds=self.overlap_s))
+                self.cache.invalidate()
+            else:
+                fresh = await self._read_since(self._horizon - timedelta(seconds=self.overlap_s))
+                if fresh:
+                    self.cache.invalidate()
+        except _TooManyChanges:
+            self.cache.invalidate()
+            fresh = []
+            self._seen.clear()
+        except Exception as exc:  # any failure: this probe vouches for nothing
+            self.stats.failures += 1
+            logger.warning("decision cache: change probe failed: %s", exc)
+            return False
+        self._remember(fresh, started)
+        self.stats.changes_seen += len(fresh)
+        return True
+
+    async def _read_since(self, since: datetime) -> list[Change]:
+        token: str | None = None
+        fresh: list[Change] = []
+        for _ in range(self.max_pages):
+            page, token = await self.feed.read_changes(since, token, self.page_size)
+            fresh.extend(c for c in page if c not in self._seen)
+            if len(page) < self.page_size or not token:
+                return fresh
+        raise _TooManyChanges
+
+    def _remember(self, changes: Iterable[Change], started: datetime) -> None:
+        self._seen.update(changes)
+        self._horizon = started
+        # Changes older than the next probe's window can never be read again.
+        oldest = started - timedelta(seconds=2 * self.overlap_s)
+        self._seen = {c for c in self._seen if c.timestamp >= oldest}
+
+
+class _TooManyChanges(Exception):
+    """More changes since the horizon than one probe reads: drop everything."""

@@ -229,11 +229,12 @@ class DirectoryState:
     heard_at: float | None
 
     def stale(self, now: float) -> bool:
-        """Silent past the bound; the clock starts at the declaration if never heard."""
+        """Silent past the bound; a directory never heard from counts from its declaration
+        (declaring never makes a silent directory fresh: only the directory does)."""
         if self.source != "scim" or self.max_silence_s is None:
             return False
-        last = max(self.heard_at or 0.0, self.declared_at or 0.0)
-        return now - last > self.max_silence_s
+        last = self.heard_at if self.heard_at is not None else self.declared_at
+        return now - (last or 0.0) > self.max_silence_s
 
 
 _USER_COLUMNS = (
@@ -673,6 +674,68 @@ class SourceCatalog:
 
     async def forget_scim_memberships(self, tenant: str, member: str) -> None:
         await self._rows("DELETE FROM scim_members WHERE tenant=? AND member=?", (tenant, member))
+
+    # -- sync (gateway/sync.py) ---------------------------------------------------------
+
+    async def owners(self, tenant: str, kind: str, names: Sequence[str]) -> dict[str, str | None]:
+        """Owning source of each named folder or document that has a row (read only)."""
+        table = {"folder": "folders", "document": "documents"}[kind]
+        found: dict[str, str | None] = {}
+        wanted = list(dict.fromkeys(names))
+        for start in range(0, len(wanted), 500):
+            part = wanted[start : start + 500]
+            marks = ", ".join("?" for _ in part)
+            rows = await self._rows(
+                f"SELECT id, source FROM {table} WHERE tenant=? AND id IN ({marks})",  # noqa: S608
+                (tenant, *part),
+            )
+            found.update({str(r[0]): r[1] for r in rows})
+        return found
+
+    async def source_documents(
+        self, tenant: str, source: str
+    ) -> list[tuple[str, str | None, str | None, str | None]]:
+        """``(id, folder, acl json, fingerprint)`` of every document the source owns."""
+        rows = await self._rows(
+            "SELECT id, folder, acl, fingerprint FROM documents WHERE tenant=? AND source=? "
+            "ORDER BY id",
+            (tenant, source),
+        )
+        return [(str(r[0]), r[1], r[2], r[3]) for r in rows]
+
+    async def complete_documents(
+        self, tenant: str, entries: Sequence[tuple[str, int, str, str | None, dict[str, Any]]]
+    ) -> None:
+        """Record synced documents ``(id, chunks, fingerprint, folder, acl)`` at once."""
+        now = time.time()
+        async with self.db.transaction(tenant) as tx:
+            for document_id, chunks, fingerprint, folder, acl in entries:
+                await tx.execute(
+                    "UPDATE documents SET chunks=?, fingerprint=?, folder=?, acl=?, updated_at=? "
+                    "WHERE tenant=? AND id=?",
+                    (chunks, fingerprint, folder, json.dumps(acl, sort_keys=True), now, tenant,
+                     document_id),
+                )  # fmt: skip
+
+    async def forget_documents(self, tenant: str, source: str, ids: Sequence[str]) -> None:
+        """Drop the rows of documents gone from the source (their names become free)."""
+        async with self.db.transaction(tenant) as tx:
+            for document_id in ids:
+                await tx.execute(
+                    "DELETE FROM documents WHERE tenant=? AND source=? AND id=?",
+                    (tenant, source, document_id),
+                )
+
+    async def fronting(self, kind: str, location: str, collection: str) -> list[tuple[str, str]]:
+        """``(tenant, source)`` of every source that fronts this collection."""
+        rows = await self._rows("SELECT tenant, id, config FROM sources WHERE kind=?", (kind,))
+        found = []
+        for tenant, source, raw in rows:
+            config = json.loads(raw)
+            where = str(config.get("url") or config.get("path") or "")
+            if config.get("collection") == collection and where == location:
+                found.append((str(tenant), str(source)))
+        return found
 
     async def close(self) -> None:
         await self.db.close()

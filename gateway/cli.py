@@ -92,6 +92,27 @@ def build_parser() -> argparse.ArgumentParser:
     _common(create)
     create.add_argument("tenant")
     create.add_argument("--admin", required=True)
+    scim_token = tenant_sub.add_parser(
+        "scim-token", help="a new SCIM bearer secret for the tenant's directory (shown once)"
+    )
+    _common(scim_token)
+    scim_token.add_argument("tenant")
+    scim_token.add_argument(
+        "--keep-previous",
+        action="store_true",
+        help="previous secrets stay valid (while the directory is reconfigured)",
+    )
+    directory = tenant_sub.add_parser(
+        "directory", help="show or declare the tenant's directory as its source of truth"
+    )
+    _common(directory)
+    directory.add_argument("tenant")
+    directory.add_argument(
+        "--set", dest="directory", choices=["scim", "none"], help="declare (scim) or withdraw"
+    )
+    directory.add_argument(
+        "--max-silence", help="with --set scim: e.g. 24h; past it the tenant fails closed"
+    )
 
     task = sub.add_parser("task", help="delegated tasks")
     task_sub = task.add_subparsers(dest="task_command", required=True)
@@ -133,6 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
     _common(sremove)
     _as(sremove)
     sremove.add_argument("source_id")
+    ssync = sources_sub.add_parser(
+        "sync", help="reconcile the relationships with the source's own ACLs"
+    )
+    _common(ssync)
+    _as(ssync)
+    ssync.add_argument("source_id")
+    ssync.add_argument("--dry-run", action="store_true", help="show the diff, write nothing")
 
     documents = sub.add_parser("documents", help="ingested documents")
     documents_sub = documents.add_subparsers(dest="documents_command", required=True)
@@ -158,9 +186,18 @@ def build_parser() -> argparse.ArgumentParser:
     _as(ingest)
     ingest.add_argument("source_id")
     ingest.add_argument(
-        "file", type=Path, help='one {"id", "text", "folder"?, "metadata"?, "acl"} per line'
+        "file",
+        type=Path,
+        help='a JSON Lines file (one {"id", "text", "folder"?, "metadata"?, "acl"} per line), '
+        "or a directory or files (.txt .md .html .pdf)",
     )
     ingest.add_argument("--batch", type=int, default=50)
+    ingest.add_argument(
+        "--acl",
+        type=Path,
+        default=None,
+        help="ACL mapping for a directory of files (default: PATH/scopegate-acl.json)",
+    )
 
     retrieve = sub.add_parser("retrieve", help="retrieve as an agent (delegation token)")
     _common(retrieve)

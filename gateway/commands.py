@@ -24,7 +24,13 @@ from tqdm import tqdm
 from gateway.cli import dump, expires
 from gateway.client import AsyncScopegateClient
 from gateway.errors import InvalidRequest
-from gateway.identity import PrincipalContext, issue_token, load_or_create_signing_key
+from gateway.files import IngestBatch, collect, ingest_files, is_file_input
+from gateway.identity import (
+    PrincipalContext,
+    issue_token,
+    load_or_create_signing_key,
+    parse_ttl,
+)
 from gateway.service import Gateway
 from gateway.settings import load_settings
 
@@ -161,6 +167,17 @@ def _report_deprovision(ref: str, counts: dict[str, int]) -> None:
     )
 
 
+async def _ingest_files(
+    args: argparse.Namespace, ingest: IngestBatch, existing: set[str] | None
+) -> dict[str, Any]:
+    """``ingest S PATH`` for a directory or files (gateway/files.py)."""
+    collected = collect(args.file, getattr(args, "acl", None))
+    with tqdm(total=len(collected.documents), desc="ingest", unit="file") as bar:
+        return await ingest_files(
+            collected, ingest, batch_size=args.batch, existing=existing, progress=bar.update
+        )
+
+
 async def run_command(args: argparse.Namespace, data_dir: Path) -> int:
     url = args.url or running_url(data_dir)
     name = "_".join(
@@ -183,6 +200,8 @@ async def run_command(args: argparse.Namespace, data_dir: Path) -> int:
                 )
         print(f"tenant {args.tenant} created; admin: {args.admin}")
         return 0
+    if name in {"tenant_scim-token", "tenant_directory"}:
+        return await _tenant_directory(name, args, url, data_dir)
     if name in {"audit_verify", "audit_purge"} and args.url is None:
         # Reads the store directly: safe beside a running serve (SQLite WAL, or PostgreSQL).
         from gateway.audit import open_audit_store
@@ -226,6 +245,47 @@ async def run_command(args: argparse.Namespace, data_dir: Path) -> int:
         return await _in_process(name, args, g, p)
 
 
+async def _tenant_directory(
+    name: str, args: argparse.Namespace, url: str | None, data_dir: Path
+) -> int:
+    """``tenant scim-token`` and ``tenant directory``, as the platform operator."""
+    declare = getattr(args, "directory", None)
+    bound = parse_ttl(args.max_silence) if getattr(args, "max_silence", None) else None
+    if name == "tenant_directory" and bound is not None and declare != "scim":
+        raise InvalidRequest("--max-silence goes with --set scim")
+    if url is None:
+        async with local_gateway(data_dir) as g:
+            if name == "tenant_scim-token":
+                result = await g.issue_scim_secret(args.tenant, keep_previous=args.keep_previous)
+            elif declare is not None:
+                result = await g.declare_directory(args.tenant, declare, bound)
+            else:
+                result = await g.directory_status(args.tenant)
+    else:
+        path = f"/v1/tenants/{args.tenant}"
+        async with AsyncScopegateClient(url, _operator_token(data_dir)) as client:
+            if name == "tenant_scim-token":
+                body = {"keep_previous": args.keep_previous}
+                result = await client.request("POST", f"{path}/scim-token", body)
+            elif declare is not None:
+                body = {"directory": declare, "max_silence_s": bound}
+                result = await client.request("PUT", f"{path}/directory", body)
+            else:
+                result = await client.request("GET", f"{path}/directory", retry=True)
+    if name == "tenant_directory":
+        dump(result)
+        return 0
+    # The secret alone on stdout (for a pipe into the identity provider's settings);
+    # it is stored as a digest only and cannot be shown again.
+    print(result["token"])
+    print(
+        f"scopegate: SCIM secret {result['token_id']} for tenant {args.tenant} (shown once); "
+        f"{result['revoked']} previous secret(s) revoked. SCIM base URL: <gateway URL>/scim/v2",
+        file=sys.stderr,
+    )
+    return 0
+
+
 async def _over_http(name: str, args: argparse.Namespace, c: AsyncScopegateClient) -> int:
     if name == "task_create":
         body: dict[str, Any] = {"user": args.user, "agent": args.agent, "scope": args.scope}
@@ -247,6 +307,9 @@ async def _over_http(name: str, args: argparse.Namespace, c: AsyncScopegateClien
         dump([s.to_dict() for s in await c.list_sources()])
     elif name == "sources_show":
         dump((await c.get_source(args.source_id)).to_dict())
+    elif name == "sources_sync":
+        body = {"dry_run": True} if args.dry_run else {}
+        dump(await c.request("POST", f"/v1/sources/{args.source_id}/sync", body))
     elif name == "sources_remove":
         await c.remove_source(args.source_id)
         print(f"source {args.source_id} removed")
@@ -259,6 +322,13 @@ async def _over_http(name: str, args: argparse.Namespace, c: AsyncScopegateClien
         dump(await c.list_relationships(object=args.object, user=args.user))
     elif name == "principals_deprovision":
         _report_deprovision(args.ref, await c.deprovision(args.ref))
+    elif name == "ingest" and is_file_input(args.file):
+
+        async def post(batch: list[dict[str, Any]]) -> dict[str, Any]:
+            path = f"/v1/sources/{args.source_id}/documents"
+            return dict(await c.request("POST", path, {"documents": batch}))
+
+        dump(await _ingest_files(args, post, None))
     elif name == "ingest":
         docs = list(_jsonl(args.file))
         with tqdm(total=len(docs), desc="ingest", unit="doc") as bar:
@@ -297,6 +367,9 @@ async def _in_process(name: str, args: argparse.Namespace, g: Gateway, p: Princi
         info = await g.get_source(p, args.source_id)
         documents = await g.catalog.document_count(p.tenant, info.id)
         dump({"id": info.id, "kind": info.kind, "config": info.config, "documents": documents})
+    elif name == "sources_sync":
+        with tqdm(desc="sync", unit="tuple", disable=args.dry_run) as bar:
+            dump(await g.sync_source(p, args.source_id, dry_run=args.dry_run, progress=bar.update))
     elif name == "sources_remove":
         await g.remove_source(p, args.source_id)
         print(f"source {args.source_id} removed")
@@ -309,6 +382,11 @@ async def _in_process(name: str, args: argparse.Namespace, g: Gateway, p: Princi
         dump(await g.list_relationships(p, object=args.object, user=args.user))
     elif name == "principals_deprovision":
         _report_deprovision(args.ref, await g.deprovision(p, args.ref))
+    elif name == "ingest" and is_file_input(args.file):
+        await g.get_source(p, args.source_id)
+        rows = await g.catalog.source_documents(p.tenant, args.source_id)
+        existing = {r[0] for r in rows if r[3] is not None}
+        dump(await _ingest_files(args, lambda batch: g.ingest(p, args.source_id, batch), existing))
     elif name == "ingest":
         docs = list(_jsonl(args.file))
         with tqdm(total=len(docs), desc="ingest", unit="doc") as bar:

@@ -3,8 +3,10 @@
 :func:`plan_checks` lists the named checks a set of candidate documents needs;
 :func:`decide` turns their outcomes into one verdict per document. A document is
 allowed only when every request-level check and every document check is allowed.
-Anything unknown (a missing outcome, an error) makes the verdict ``error``, which
-is treated exactly like a denial when content is released.
+A document with a conjunct proven false is denied, whether or not its other conjuncts
+were asked (the retrieval skips them once one is known false). Otherwise anything
+unknown (a missing outcome, an error) makes the verdict ``error``, which is treated
+exactly like a denial when content is released.
 """
 
 from __future__ import annotations
@@ -147,16 +149,20 @@ def plan_checks(
 
 def _evaluate(
     items: Iterable[CheckItem], outcomes: Mapping[CheckItem, CheckOutcome]
-) -> tuple[list[str], list[str]]:
+) -> tuple[list[str], list[str], list[str]]:
+    """(failed, errored, not asked) conjunct names."""
     failed: list[str] = []
     errored: list[str] = []
+    unasked: list[str] = []
     for item in items:
         outcome = outcomes.get(item)
-        if outcome is None or outcome.allowed is None:
+        if outcome is None:
+            unasked.append(item.name.value)
+        elif outcome.allowed is None:
             errored.append(item.name.value)
         elif not outcome.allowed:
             failed.append(item.name.value)
-    return failed, errored
+    return failed, errored, unasked
 
 
 def decide(
@@ -164,13 +170,17 @@ def decide(
     document_ids: Iterable[str],
     outcomes: Mapping[CheckItem, CheckOutcome],
 ) -> dict[str, DocumentVerdict]:
-    """One verdict per document. Allow needs every conjunct proven true."""
-    request_failed, request_errored = _evaluate(request_checks(ctx), outcomes)
+    """One verdict per document. Allow needs every conjunct proven true; one conjunct
+    proven false denies (conjuncts not asked are then left out of the verdict)."""
+    request_failed, request_errored, request_unasked = _evaluate(request_checks(ctx), outcomes)
     verdicts: dict[str, DocumentVerdict] = {}
     for document_id in dict.fromkeys(document_ids):
-        failed, errored = _evaluate(document_checks(ctx, document_id), outcomes)
+        failed, errored, unasked = _evaluate(document_checks(ctx, document_id), outcomes)
         failed = request_failed + failed
         errored = request_errored + errored
-        verdict: Verdict = "error" if errored else ("deny" if failed else "allow")
+        unasked = request_unasked + unasked
+        verdict: Verdict = "deny" if failed else "error" if errored or unasked else "allow"
+        if verdict == "error":
+            errored = errored + unasked
         verdicts[document_id] = DocumentVerdict(document_id, verdict, tuple(failed), tuple(errored))
     return verdicts

@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
+import uuid
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -48,7 +50,7 @@ from openfga_sdk.models.write_authorization_model_request import (
 )
 
 from gateway import tracing
-from gateway.cache import Change, DecisionCache
+from gateway.cache import Change, ChangeProbe, DecisionCache, ListKey
 from gateway.decision import CheckItem, CheckOutcome
 from gateway.errors import AuthorizationUnavailable, ConfigurationError, InvalidRequest
 
@@ -60,6 +62,12 @@ _SHIPPED_MODEL = Path(__file__).resolve().parent / "fga_model" / "model.json"
 _CHECKOUT_MODEL = Path(__file__).resolve().parent.parent / "fga_models" / "scopegate" / "model.json"
 MODEL_PATH = _SHIPPED_MODEL if _SHIPPED_MODEL.exists() else _CHECKOUT_MODEL
 EXPIRY_CONDITION = "not_expired"
+# OpenFGA's default --readChanges-max-page-size: larger pages are refused.
+CHANGE_LOG_PAGE_SIZE = 100
+# Stores made (and deleted) by as-of replays; never the gateway's own store.
+SCRATCH_STORE_PREFIX = "scopegate-replay-"
+
+log = logging.getLogger("scopegate.fga")
 
 #: A check as OpenFGA sees it: (user, relation, object). Items with equal questions
 #: are sent once.
@@ -76,12 +84,35 @@ class Tuple:
     expires_at: datetime | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class LoggedTuple:
+    """A tuple as OpenFGA's change log holds it: ``condition`` is the canonical JSON of
+    ``{"name", "context"}`` of a conditioned write, or None."""
+
+    user: str
+    relation: str
+    object: str
+    condition: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LoggedChange:
+    """One entry of OpenFGA's change log: ``operation`` is ``write`` or ``delete``;
+    ``timestamp`` is when OpenFGA stored it (deletes carry no condition)."""
+
+    timestamp: datetime
+    operation: str
+    tuple: LoggedTuple
+
+
 @dataclass(slots=True)
 class FgaStats:
     """Round trips made, for benchmarks and tests (not thread-safe; one event loop).
 
     ``checks_requested`` counts items handed to :meth:`FgaClient.batch_check`;
-    ``checks_sent`` the ones that reached OpenFGA after de-duplication and the cache.
+    ``checks_sent`` the ones that reached OpenFGA after de-duplication and the cache;
+    ``list_cache_hits`` ListObjects answers taken from the exact cache (not counted in
+    ``list_objects_calls``).
     """
 
     batch_check_calls: int = 0
@@ -89,6 +120,7 @@ class FgaStats:
     checks_sent: int = 0
     cache_hits: int = 0
     list_objects_calls: int = 0
+    list_cache_hits: int = 0
 
     def snapshot(self) -> FgaStats:
         return replace(self)
@@ -196,6 +228,7 @@ class FgaClient:
         listobjects_deadline_s: float = 2.5,
         listobjects_max_results: int = 1000,
         cache: DecisionCache | None = None,
+        exact_cache: bool = False,
     ) -> None:
         credentials = None
         if api_token:
@@ -217,7 +250,12 @@ class FgaClient:
         # results): an answer that reaches either may be partial.
         self.listobjects_deadline_s = listobjects_deadline_s
         self.listobjects_max_results = listobjects_max_results
+        # The exact cache (gateway/cache.py) is read only by requests that a change
+        # probe vouched for; a bounded cache set later (service) replaces it.
+        if cache is None and exact_cache:
+            cache = DecisionCache(load_model(), exact=True)
         self.cache = cache
+        self._probe: ChangeProbe | None = None
         self._api_token = api_token
         self._parallel = asyncio.Semaphore(max_parallel_batches)
         self._client: OpenFgaClient | None = None
@@ -232,6 +270,16 @@ class FgaClient:
     @property
     def store_id(self) -> str:
         return str(self._config.store_id or "")
+
+    @property
+    def change_probe(self) -> ChangeProbe | None:
+        """The per-request freshness probe of the exact cache (None in other modes)."""
+        cache = self.cache
+        if cache is None or not cache.exact:
+            return None
+        if self._probe is None or self._probe.cache is not cache:
+            self._probe = ChangeProbe(self, cache)
+        return self._probe
 
     @property
     def model_id(self) -> str:
@@ -327,6 +375,7 @@ class FgaClient:
         consistency: str | None = None,
         contextual: Sequence[Tuple] = (),
         deadline: float | None = None,
+        fresh: bool = False,
     ) -> dict[CheckItem, CheckOutcome]:
         """Check every item; return an outcome for each (errors included).
 
@@ -336,8 +385,10 @@ class FgaClient:
         configured, answers only checks that use that clock at the client's model with
         the client's default consistency: an explicit ``consistency`` (a request that
         demands ``HIGHER_CONSISTENCY``), ``context``, ``model_id`` or ``contextual``
-        bypasses it. ``contextual`` tuples are for reviewer what-if replays only: they
-        are built by the gateway from a reviewer's request and never come from agents.
+        bypasses it. An exact cache is read only when ``fresh`` says a change probe
+        vouched for this request (answers are stored either way). ``contextual`` tuples
+        are for reviewer what-if replays only: they are built by the gateway from a
+        reviewer's request and never come from agents.
         ``deadline`` (monotonic seconds) bounds every call.
         Raises AuthorizationUnavailable when a whole BatchCheck call fails.
         """
@@ -353,7 +404,7 @@ class FgaClient:
             sent_context = now_context(at)
             generation = cache.generation
             keys = {q: cache.key(self.store_id, self.model_id, *q, at) for q in unique}
-            for question, key in keys.items():
+            for question, key in keys.items() if fresh or not cache.exact else ():
                 hit = cache.get(key)
                 if hit is not None:
                     answers[question] = CheckOutcome(hit)
@@ -368,6 +419,21 @@ class FgaClient:
                 if outcome.allowed is not None:
                     cache.put(keys[question], outcome.allowed, generation)
         return {item: answers[_question(item)] for item in wanted}
+
+    def cached(self, items: Iterable[CheckItem]) -> dict[CheckItem, CheckOutcome]:
+        """What the exact cache knows of ``items``, sending nothing: only for a request
+        that a change probe vouched for (see :class:`gateway.cache.ChangeProbe`)."""
+        cache = self._cache_for(None, None, None, ())
+        if cache is None or not cache.exact:
+            return {}
+        at = cache.evaluation_time()
+        known: dict[CheckItem, CheckOutcome] = {}
+        for item in items:
+            hit = cache.get(cache.key(self.store_id, self.model_id, *_question(item), at))
+            if hit is not None:
+                known[item] = CheckOutcome(hit)
+        self.stats.cache_hits += len(known)
+        return known
 
     def _cache_for(
         self,
@@ -386,7 +452,7 @@ class FgaClient:
             or model_id not in (None, self.model_id)
         ):
             return None
-        return cache if cache.usable() else None
+        return cache if cache.exact or cache.usable() else None
 
     async def _send(
         self,
@@ -526,6 +592,7 @@ class FgaClient:
         budget_s: float | None = None,
         consistency: str | None = None,
         deadline: float | None = None,
+        fresh: bool = False,
     ) -> ListObjectsResult:
         """Streamed ListObjects, abandoned after ``limit`` objects or ``budget_s`` seconds.
 
@@ -536,7 +603,36 @@ class FgaClient:
         inside both the server deadline and ``budget_s``. Anything else is
         ``truncated``. An error line, an HTTP error or a broken stream raises
         AuthorizationUnavailable.
+
+        With the exact cache, a complete answer is kept and, when ``fresh`` says a
+        change probe vouched for this request, answered from the cache.
         """
+        cache = self.cache if consistency is None and self.model_id else None
+        cache = cache if cache is not None and cache.exact else None
+        key = ListKey(self.store_id, self.model_id, user, relation, object_type)
+        if cache is not None and fresh:
+            cached = cache.get_list(key)
+            if cached is not None:
+                self.stats.list_cache_hits += 1
+                return ListObjectsResult(cached, len(cached) > limit)
+        generation = cache.generation if cache is not None else 0
+        result = await self._stream(
+            user, relation, object_type, limit, budget_s, consistency, deadline
+        )
+        if cache is not None and not result.truncated:
+            cache.put_list(key, result.ids, generation)
+        return result
+
+    async def _stream(
+        self,
+        user: str,
+        relation: str,
+        object_type: str,
+        limit: int,
+        budget_s: float | None,
+        consistency: str | None,
+        deadline: float | None,
+    ) -> ListObjectsResult:
         server_safe = 0.9 * self.listobjects_deadline_s
         budget = remaining(deadline, min(budget_s or server_safe, server_safe))
         body = {
@@ -618,6 +714,114 @@ class FgaClient:
             ]
             return changes, (response.continuation_token or None)
 
+    # -- the change log archive and as-of replays (gateway/changelog.py, replay.py) ---
+
+    async def read_change_log(
+        self,
+        start_time: datetime | None,
+        continuation_token: str | None,
+        page_size: int = CHANGE_LOG_PAGE_SIZE,
+    ) -> tuple[list[LoggedChange], str | None]:
+        """One page of the store's change log, all object types, in OpenFGA's order.
+
+        OpenFGA orders by the ULID it stamps on each change (its write time), answers
+        the changes after ``continuation_token`` or, without one, those stamped at or
+        after ``start_time`` (the whole log when both are None), and hands the token
+        back unchanged when there is nothing newer. Unlike :meth:`read_changes` this
+        keeps each written tuple's condition.
+        """
+        kwargs: dict[str, Any] = {"page_size": page_size}
+        if continuation_token:
+            kwargs["continuation_token"] = continuation_token
+        elif start_time is not None:
+            kwargs["start_time"] = _stamp(start_time)
+        with fga_errors("ReadChanges"):
+            response = await asyncio.wait_for(
+                self.client._api.read_changes(_request_timeout=self.timeout_s, **kwargs),
+                timeout=self.timeout_s,
+            )
+            changes = [_logged_change(c) for c in response.changes or []]
+            return changes, (response.continuation_token or None)
+
+    def detached(self) -> FgaClient:
+        """A client on the same store and model with its own connection pool.
+
+        For background work (the change-log archiver), so that it never queues behind,
+        or holds connections of, the retrieval path.
+        """
+        return FgaClient(
+            self.api_url,
+            self.store_id or None,
+            self.model_id or None,
+            timeout_s=self.timeout_s,
+            api_token=self._api_token,
+        )
+
+    async def read_model(self, model_id: str) -> dict[str, Any]:
+        """An authorization model of this store, in the JSON form of ``model.json``."""
+        with fga_errors("ReadAuthorizationModel"):
+            response = await asyncio.wait_for(
+                self.client._api.read_authorization_model(
+                    model_id, _request_timeout=self.timeout_s
+                ),
+                timeout=self.timeout_s,
+            )
+            model = response.authorization_model
+            if model is None:
+                raise AuthorizationUnavailable(f"OpenFGA has no model {model_id}")
+            data: dict[str, Any] = self.client._api_client.sanitize_for_serialization(model)
+            return data
+
+    @contextlib.asynccontextmanager
+    async def scratch_store(self, model: Mapping[str, Any]) -> AsyncIterator[FgaClient]:
+        """A new, empty store on the same server holding ``model``, deleted afterwards.
+
+        As-of replays write reconstructed tuples there and ask their checks of it;
+        nothing touches the gateway's own store. The store is deleted even when the
+        body fails (a failed deletion is logged: the store holds only tuples the
+        archive already has).
+        """
+        name = f"{SCRATCH_STORE_PREFIX}{uuid.uuid4().hex[:16]}"
+        with fga_errors("CreateStore"):
+            created = await asyncio.wait_for(
+                self.client._api.create_store(
+                    CreateStoreRequest(name=name), _request_timeout=self.timeout_s
+                ),
+                timeout=self.timeout_s,
+            )
+        scratch = FgaClient(
+            self.api_url, created.id, timeout_s=self.timeout_s, api_token=self._api_token
+        )
+        try:
+            body = WriteAuthorizationModelRequest(
+                schema_version=model["schema_version"],
+                type_definitions=model["type_definitions"],
+                conditions=model.get("conditions") or None,
+            )
+            with fga_errors("WriteAuthorizationModel"):
+                written = await scratch.client.write_authorization_model(body)
+            scratch.client.set_authorization_model_id(written.authorization_model_id)
+            scratch._config.authorization_model_id = written.authorization_model_id
+            yield scratch
+        finally:
+            try:
+                with fga_errors("DeleteStore"):
+                    await asyncio.wait_for(scratch.client.delete_store(), self.timeout_s)
+            except AuthorizationUnavailable as exc:
+                log.warning("scratch store %s not deleted: %s", name, exc.message)
+            await scratch.close()
+
+    async def write_logged(self, tuples: Sequence[LoggedTuple]) -> None:
+        """Write tuples exactly as the change log holds them (conditions included).
+
+        For scratch stores: in transactions of at most 100, duplicates refused.
+        """
+        for i in range(0, len(tuples), MAX_WRITES_PER_REQUEST):
+            part = tuples[i : i + MAX_WRITES_PER_REQUEST]
+            request = ClientWriteRequest(writes=[_logged_client_tuple(t) for t in part])
+            with fga_errors("Write"):
+                await asyncio.wait_for(self.client.write(request), self.timeout_s * 4)
+
     # -- writes ----------------------------------------------------------------------
 
     async def write(self, writes: Sequence[Tuple] = (), deletes: Sequence[Tuple] = ()) -> None:
@@ -675,6 +879,45 @@ class FgaClient:
             return True
         except AuthorizationUnavailable:
             return False
+
+
+def condition_json(name: str | None, context: Mapping[str, Any] | None) -> str | None:
+    """The canonical form of a tuple's condition, or None without one."""
+    if not name:
+        return None
+    body = {"name": name, "context": dict(context or {})}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def _stamp(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _logged_change(change: Any) -> LoggedChange:
+    key = change.tuple_key
+    condition = getattr(key, "condition", None)
+    operation = str(change.operation).upper()
+    if operation.endswith("WRITE"):
+        kind = "write"
+    elif operation.endswith("DELETE"):
+        kind = "delete"
+    else:
+        raise ValueError(f"unknown change operation {change.operation!r}")
+    logged = LoggedTuple(
+        str(key.user),
+        str(key.relation),
+        str(key.object),
+        condition_json(condition.name, condition.context) if condition is not None else None,
+    )
+    return LoggedChange(_utc(change.timestamp), kind, logged)
+
+
+def _logged_client_tuple(t: LoggedTuple) -> ClientTuple:
+    condition = None
+    if t.condition is not None:
+        body = json.loads(t.condition)
+        condition = RelationshipCondition(name=body["name"], context=body["context"] or None)
+    return ClientTuple(user=t.user, relation=t.relation, object=t.object, condition=condition)
 
 
 def _client_tuple(t: Tuple) -> ClientTuple:

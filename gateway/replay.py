@@ -22,13 +22,37 @@ of the stored chunks, not of relationships, so they are not sent to OpenFGA agai
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import json
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from gateway.audit import AuditRecord, CandidateVerdict, format_time
+from gateway.audit import (
+    ArchivedChange,
+    AuditEntry,
+    AuditRecord,
+    AuditStore,
+    CandidateVerdict,
+    format_time,
+)
+from gateway.changelog import (
+    ChangeArchiver,
+    History,
+    ModelGraph,
+    ObjRel,
+    everything,
+    fold,
+    from_micros,
+    load_history,
+    micros,
+    type_of,
+    walk,
+)
+from gateway.changelog import DecisionPoint as ChangelogPoint
 from gateway.decision import (
+    DOCUMENT_CHECKS,
+    REQUEST_CHECKS,
     CheckItem,
     CheckName,
     CheckOutcome,
@@ -37,7 +61,7 @@ from gateway.decision import (
     plan_checks,
 )
 from gateway.errors import AuthorizationUnavailable, InvalidRequest, ScopegateError
-from gateway.fga import FgaClient, Tuple, now_context
+from gateway.fga import FgaClient, Tuple, load_model, now_context
 from gateway.identity import DelegationContext
 from gateway.ids import validate_id
 from gateway.retrieval import MISSING_METADATA
@@ -175,14 +199,20 @@ async def evaluate(
     model_id: str | None = None,
     contextual: Sequence[Tuple] = (),
     probe_expiry: bool = True,
+    at: datetime | None = None,
 ) -> Evaluation:
-    """One replay evaluation: a BatchCheck round, plus one expiry probe if needed."""
+    """One replay evaluation: a BatchCheck round, plus one expiry probe if needed.
+
+    Time conditions are evaluated ``at`` that moment (default: now).
+    """
     items = plan_checks(ctx, documents)
     kwargs: dict[str, Any] = {
         "model_id": model_id,
         "contextual": contextual,
         "consistency": REPLAY_CONSISTENCY,
     }
+    if at is not None:
+        kwargs["context"] = now_context(at)
     outcomes = await fga.batch_check(items, **kwargs)
     if contextual:
         _reject_invalid_contextual(outcomes, ctx.tenant)
@@ -190,7 +220,7 @@ async def evaluate(
     timed = [i for i in items if i.name in TIME_LIMITED and _answer(outcomes.get(i)) is False]
     if not (probe_expiry and timed):
         return Evaluation(verdicts)
-    probe = await fga.batch_check(timed, context=now_context(_EPOCH), **kwargs)
+    probe = await fga.batch_check(timed, **{**kwargs, "context": now_context(_EPOCH)})
     expired = frozenset(
         (i.name.value, i.document_id) for i in timed if _answer(probe.get(i)) is True
     )
@@ -394,3 +424,434 @@ def _what_if_summary(
         "would_allow": [r["document_id"] for r in moved if r["what_if"]["verdict"] == "allow"],
         "would_block": [r["document_id"] for r in moved if r["what_if"]["verdict"] != "allow"],
     }
+
+
+# -- as of the decision ---------------------------------------------------------------------
+
+#: Checks reported per document (request-level first), as records name them.
+CONJUNCTS = tuple(c.value for c in (*REQUEST_CHECKS, *DOCUMENT_CHECKS))
+# An admin action's intent record is written before its tuples; an action may run long
+# (a large ingestion), so its intent is looked for this far before a change.
+ADMIN_LOOKBACK = timedelta(hours=6)
+# Tolerance between the gateway's clock (records) and OpenFGA's (change timestamps).
+CLOCK_SKEW_US = 2_000_000
+
+
+def decision_point(record: AuditRecord) -> tuple[ChangelogPoint, list[str]]:
+    """Where the record says OpenFGA's change log stood, and notes about it.
+
+    Records written before positions were kept (or AuthZEN evaluations, which keep
+    none) are placed by their time alone: started ``latency_ms`` before it.
+    """
+    kept = record.extra.get("changelog")
+    if isinstance(kept, Mapping):
+        point = ChangelogPoint.from_dict(kept)
+        if point.position is None:
+            return point, [
+                "the change-log archive had no position yet when this request started: "
+                "the state as of the decision is placed by the decision time alone"
+            ]
+        return point, []
+    decided = _record_time(record.time)
+    started = decided - timedelta(milliseconds=record.latency_ms)
+    note = (
+        "this record keeps no change-log position: the state as of the decision is placed "
+        "by the record's time alone"
+    )
+    return ChangelogPoint(record.store_id, None, started, decided), [note]
+
+
+def _record_time(text: str) -> datetime:
+    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class AdminAction:
+    """An admin mutation the gateway recorded: its intent record id and the tuples it
+    meant to write or delete, between its intent and closing records."""
+
+    request_id: str
+    action: str
+    user: str
+    start_us: int
+    end_us: int | None
+    ops: frozenset[tuple[str, str, str, str]]
+
+
+def admin_actions(entries: Iterable[AuditEntry]) -> list[AdminAction]:
+    """Admin actions from admin records: intents, with what their closing records add."""
+    intents: dict[str, AuditEntry] = {}
+    closing: dict[str, list[AuditEntry]] = {}
+    for entry in entries:
+        extra = entry.record.extra
+        if extra.get("phase") == "intent":
+            intents[entry.record.request_id] = entry
+        elif isinstance(extra.get("intent"), str):
+            closing.setdefault(extra["intent"], []).append(entry)
+    actions = []
+    for request_id, intent in intents.items():
+        ends = closing.get(request_id, [])
+        ops = set(_ops(intent.record.extra))
+        for end in ends:
+            ops |= set(_ops(end.record.extra))
+        end_us = max((micros(_record_time(e.record.time)) for e in ends), default=None)
+        actions.append(
+            AdminAction(
+                request_id=request_id,
+                action=str(intent.record.extra.get("action", "")),
+                user=intent.record.user,
+                start_us=micros(_record_time(intent.record.time)),
+                end_us=end_us,
+                ops=frozenset(ops),
+            )
+        )
+    return actions
+
+
+def _ops(extra: Mapping[str, Any]) -> Iterator[tuple[str, str, str, str]]:
+    for key, operation in (("writes", "write"), ("wanted", "write"), ("deletes", "delete")):
+        for item in extra.get(key) or []:
+            if isinstance(item, Sequence) and not isinstance(item, str) and len(item) == 3:
+                yield (operation, str(item[0]), str(item[1]), str(item[2]))
+
+
+def made_by(change: ArchivedChange, actions: Sequence[AdminAction]) -> AdminAction | None:
+    """The admin action that made ``change``: the latest one naming its tuple whose
+    records enclose its time (then within the clock skew), or None (not the gateway)."""
+    op = (change.operation, change.user, change.relation, change.object)
+    naming = [a for a in actions if op in a.ops]
+    for skew in (0, CLOCK_SKEW_US):
+        around = [
+            a
+            for a in naming
+            if a.start_us - skew <= change.time_us
+            and (a.end_us is None or change.time_us <= a.end_us + skew)
+        ]
+        if around:
+            return max(around, key=lambda a: a.start_us)
+    return None
+
+
+async def find_admin_actions(
+    audit: AuditStore, tenant: str, changes: Sequence[ArchivedChange]
+) -> list[AdminAction]:
+    """The tenant's admin actions that may have made ``changes``."""
+    if not changes:
+        return []
+    low = from_micros(min(c.time_us for c in changes)) - ADMIN_LOOKBACK
+    high = from_micros(max(c.time_us for c in changes) + CLOCK_SKEW_US + 1)
+    return admin_actions(await audit.admin_entries(tenant, low, high))
+
+
+def change_view(
+    change: ArchivedChange,
+    tenant: str,
+    action: AdminAction | None,
+    checks: Iterable[str] = (),
+    during: bool = False,
+) -> dict[str, Any]:
+    """A change as reviewers see it: API ids, OpenFGA's time, who made it."""
+    condition = json.loads(change.condition) if change.condition else None
+    return {
+        "seq": change.seq,
+        "time": change.time,
+        "operation": change.operation,
+        "user": public_ref(change.user, tenant),
+        "relation": change.relation,
+        "object": public_ref(change.object, tenant),
+        "condition": condition,
+        "checks": sorted(set(checks), key=_conjunct_order),
+        "admin_request_id": action.request_id if action else None,
+        "admin_action": action.action if action else None,
+        "admin_user": action.user if action else None,
+        "made_by_gateway": action is not None,
+        "during_decision": during,
+    }
+
+
+def _conjunct_order(name: str) -> int:
+    return CONJUNCTS.index(name) if name in CONJUNCTS else len(CONJUNCTS)
+
+
+def describe_change(view: Mapping[str, Any]) -> str:
+    """One line: ``2026-... deleted user:alice viewer document:d1 (admin request ab12, ...)``."""
+    verb = "wrote" if view["operation"] == "write" else "deleted"
+    who = (
+        f"admin request {view['admin_request_id']} ({view['admin_action']} by user:"
+        f"{view['admin_user']})"
+        if view["admin_request_id"]
+        else "not made through the gateway"
+    )
+    flips = f"; affects {', '.join(view['checks'])}" if view["checks"] else ""
+    return f"{view['time']} {verb} {view['user']} {view['relation']} {view['object']}: {who}{flips}"
+
+
+def _outcome(name: str, failed: Sequence[str], errored: Sequence[str]) -> str:
+    if name in errored:
+        return "error"
+    return "fail" if name in failed else "pass"
+
+
+@dataclass(frozen=True, slots=True)
+class _Reconstruction:
+    """The as-of evaluation and the walks that attribute later changes to checks."""
+
+    items: tuple[CheckItem, ...]
+    then: Evaluation
+    # Time-limited checks that held when the request started and failed once it was
+    # decided: their limit passed while the request ran, so the archive cannot tell
+    # which side of it the check fell on. (name, document id or None for the request)
+    expired_during: frozenset[tuple[str, str | None]]
+    touched: Mapping[CheckItem, frozenset[ObjRel]]
+    history: History
+    graph: ModelGraph
+    tuples: int
+    notes: tuple[str, ...]
+
+
+async def _recorded_model(fga: FgaClient, record: AuditRecord) -> tuple[dict[str, Any], list[str]]:
+    if record.model_id and record.store_id == fga.store_id:
+        try:
+            return await fga.read_model(record.model_id), []
+        except AuthorizationUnavailable as exc:
+            note = f"the recorded model {record.model_id} could not be read ({exc.message})"
+            return load_model(), [note + "; the shipped model was used"]
+    return load_model(), ["the recorded model is not in this store: the shipped model was used"]
+
+
+async def _reconstruct(
+    fga: FgaClient,
+    audit: AuditStore,
+    record: AuditRecord,
+    point: ChangelogPoint,
+    documents: Sequence[str],
+) -> _Reconstruction:
+    ctx = replay_context(record)
+    items = tuple(plan_checks(ctx, documents))
+    model, notes = await _recorded_model(fga, record)
+    graph = ModelGraph(model)
+    roots = [(i.object, i.relation) for i in items]
+    subjects = {i.user for i in items}
+    history = await load_history(
+        audit, point.store_id, graph, roots, subjects, [point.includes, everything]
+    )
+    standing = list(fold(history.changes, point.includes).values())
+    async with fga.scratch_store(model) as scratch:
+        await scratch.write_logged(standing)
+        then = await evaluate(scratch, ctx, documents, at=point.decided_at)
+        window = await _expired_during(scratch, items, then, point)
+    at_then, at_now = history.at(point.includes), history.at(everything)
+    touched = {
+        item: walk(graph, at_then, [(item.object, item.relation)]).touched
+        | walk(graph, at_now, [(item.object, item.relation)]).touched
+        for item in items
+    }
+    return _Reconstruction(
+        items, then, window, touched, history, graph, len(standing), tuple(notes)
+    )
+
+
+async def _expired_during(
+    scratch: FgaClient, items: Sequence[CheckItem], then: Evaluation, point: ChangelogPoint
+) -> frozenset[tuple[str, str | None]]:
+    """Failed time-limited checks that still held when the request started."""
+    failed = [
+        item
+        for item in items
+        if item.name in TIME_LIMITED
+        and any(
+            item.name.value in v.failed_checks
+            for d, v in then.verdicts.items()
+            if item.document_id in (None, d)
+        )
+    ]
+    if not failed:
+        return frozenset()
+    early = await scratch.batch_check(
+        failed, context=now_context(point.started_at), consistency=REPLAY_CONSISTENCY
+    )
+    return frozenset((i.name.value, i.document_id) for i in failed if _answer(early.get(i)) is True)
+
+
+def _affected(change: ArchivedChange, rebuilt: _Reconstruction) -> list[CheckItem]:
+    """The checks whose walk reads the change's tuple (for their subject)."""
+    pair = (change.object, change.relation)
+    leads_on = rebuilt.graph.leads_on(change)
+    return [
+        item
+        for item in rebuilt.items
+        if pair in rebuilt.touched[item] and (leads_on or change.user == item.user)
+    ]
+
+
+def _as_of_document(
+    record: AuditRecord,
+    candidate: CandidateVerdict,
+    current: Mapping[str, Any],
+    rebuilt: _Reconstruction | None,
+    changes: Sequence[tuple[dict[str, Any], set[str | None]]],
+) -> dict[str, Any]:
+    """``then``, the conjuncts then and now, and the changes that touched them."""
+    doc = candidate.document_id
+    view = _verdict_view(record, candidate, rebuilt.then if rebuilt is not None else None)
+    was_failed, was_errored = candidate.failed_checks, candidate.errored_checks
+    undetermined = sorted(
+        name
+        for name, scope in (rebuilt.expired_during if rebuilt is not None else ())
+        if scope in (None, doc)
+    )
+    if undetermined:
+        view = _settle(view, undetermined, was_failed)
+    conjuncts = []
+    flipped = []
+    checked = rebuilt is not None and doc in rebuilt.then.verdicts
+    for name in CONJUNCTS if checked else ():
+        then = _outcome(name, view["failed_checks"], view["errored_checks"])
+        now = _outcome(name, current["failed_checks"], current["errored_checks"])
+        was = _outcome(name, was_failed, was_errored)
+        conjuncts.append({"check": name, "was": was, "then": then, "now": now})
+        if then != now:
+            flipped.append(name)
+    mine = []
+    for change, documents in changes:
+        if None in documents or doc in documents:
+            mine.append({**change, "flips": bool(set(change["checks"]) & set(flipped))})
+    return {
+        "then": view["verdict"],
+        "then_failed_checks": view["failed_checks"],
+        "then_errored_checks": view["errored_checks"],
+        "then_explanations": view["explanations"],
+        "then_matches_was": view["verdict"] == candidate.verdict
+        and set(view["failed_checks"]) == set(was_failed)
+        and set(view["errored_checks"]) == set(was_errored),
+        "conjuncts": conjuncts,
+        "flipped_checks": flipped,
+        "undetermined_checks": undetermined,
+        "changes": mine,
+    }
+
+
+def _settle(
+    view: Mapping[str, Any], undetermined: Sequence[str], was_failed: Sequence[str]
+) -> dict[str, Any]:
+    """A time limit that passed while the request ran: either answer was possible then,
+    so such a check is taken as the record has it (and reported as undetermined)."""
+    failed = [f for f in view["failed_checks"] if f not in undetermined or f in was_failed]
+    verdict = "error" if view["errored_checks"] else ("deny" if failed else "allow")
+    reasons = list(view["explanations"])
+    count = len(view["failed_checks"])
+    kept = [e for f, e in zip(view["failed_checks"], reasons, strict=False) if f in failed]
+    kept += reasons[count:]  # the errored checks' explanations
+    return {**view, "verdict": verdict, "failed_checks": failed, "explanations": kept}
+
+
+async def replay_as_of_decision(
+    fga: FgaClient,
+    audit: AuditStore,
+    archiver: ChangeArchiver | None,
+    record: AuditRecord,
+    what_if: Sequence[Tuple] = (),
+    *,
+    now: datetime | None = None,
+) -> dict[str, Any]:
+    """The replay of :func:`replay_decision`, plus the verdicts rebuilt as of the decision.
+
+    The archive is first brought up to date; the tuples that the recorded checks can
+    read (walking the recorded model from each document, its folders, source, groups
+    and the task) are rebuilt as they stood at the record's change-log position and
+    time, written to a scratch store holding the recorded model (deleted afterwards),
+    and the same named checks are asked of it with the condition clock at the decision
+    time. Each document then carries ``then`` (which must equal ``was``), every
+    conjunct was / then / now, and ``changes``: each tuple change since that the
+    document's checks can read, with OpenFGA's time and the admin request that made it.
+    """
+    result = await replay_decision(fga, record, what_if, now=now)
+    point, notes = decision_point(record)
+    head = None
+    if archiver is not None and archiver.store_id == point.store_id:
+        head = await archiver.sync()
+    else:
+        notes.append("no archiver runs for the recorded store: the archive may be behind")
+    documents = list(dict.fromkeys(c.document_id for c in record.candidates if _checkable(c)))
+    rebuilt = await _reconstruct(fga, audit, record, point, documents) if documents else None
+    later = [c for c in rebuilt.history.changes if not point.includes(c)] if rebuilt else []
+    during = [c for c in rebuilt.history.changes if point.during(c)] if rebuilt else []
+    actions = await find_admin_actions(audit, record.tenant, later + during)
+    attributed = []
+    for change in later:
+        affected = _affected(change, rebuilt) if rebuilt else []
+        if affected:
+            checks = [i.name.value for i in affected]
+            view = change_view(change, record.tenant, made_by(change, actions), checks)
+            attributed.append((view, {i.document_id for i in affected}))
+    current = {d["document_id"]: d for d in result["documents"]}
+    for candidate, document in zip(record.candidates, result["documents"], strict=True):
+        document.update(
+            _as_of_document(record, candidate, current[candidate.document_id], rebuilt, attributed)
+        )
+    mismatches = [d["document_id"] for d in result["documents"] if not d["then_matches_was"]]
+    concurrent = [
+        change_view(c, record.tenant, made_by(c, actions), during=True)
+        for c in during
+        if rebuilt is not None and _affected(c, rebuilt)
+    ]
+    if concurrent:
+        notes.append(
+            f"{len(concurrent)} change(s) landed while this request was being decided: they "
+            "count as of the decision (the recorded decision time bounds them), though a "
+            "check may have run before one of them landed"
+        )
+    if head is not None and head.began_us > micros(point.decided_at):
+        notes.append(
+            "archiving began after this decision: the state is rebuilt from OpenFGA's log "
+            "as it stood when archiving began"
+        )
+    result["changes"] = [view for view, _ in attributed]
+    result["as_of"] = {
+        "mode": "decision",
+        **point.to_dict(),
+        "exact": not mismatches,
+        "mismatches": mismatches,
+        "tuples_reconstructed": rebuilt.tuples if rebuilt else 0,
+        "objects_walked": len(rebuilt.history.objects) if rebuilt else 0,
+        "archive_head_seq": head.seq if head is not None else None,
+        "scratch_store": "removed" if rebuilt else None,
+        "during_decision": concurrent,
+    }
+    result["notes"] = [*result["notes"], *notes, *(rebuilt.notes if rebuilt else ())]
+    return result
+
+
+async def change_history(
+    audit: AuditStore,
+    store_id: str,
+    tenant: str,
+    ref: str,
+    *,
+    graph: ModelGraph | None = None,
+) -> dict[str, Any]:
+    """Every archived change that touched ``ref``'s access over time, oldest first.
+
+    ``ref`` is an OpenFGA object (``document:acme/d1``). The object, everything it was
+    ever linked to (folders, source), every group or userset ever granted on them
+    (nested groups included) and the tuples on all of those, each change with the
+    admin request that made it.
+    """
+    model = graph or ModelGraph(load_model())
+    history = await load_history(
+        audit, store_id, model, _all_relations(model, ref), None, [], ever=True
+    )
+    actions = await find_admin_actions(audit, tenant, history.changes)
+    changes = [
+        change_view(c, tenant, made_by(c, actions))
+        for c in history.changes
+        if c.object.partition(":")[2].startswith(f"{tenant}/") or c.object == f"tenant:{tenant}"
+    ]
+    objects = sorted(public_ref(o, tenant) for o in history.objects)
+    return {"object": public_ref(ref, tenant), "objects": objects, "changes": changes}
+
+
+def _all_relations(graph: ModelGraph, ref: str) -> list[ObjRel]:
+    kind = type_of(ref)
+    return [(ref, relation) for (t, relation) in graph.rewrites if t == kind]

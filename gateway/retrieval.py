@@ -54,7 +54,7 @@ import asyncio
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -241,7 +241,12 @@ async def _timed_search(
 
 class RequestChecks:
     """Every OpenFGA check of one request: request-level checks asked once (with the
-    first documents), each document once, whatever strategy or fallback asks."""
+    first documents), each document once, whatever strategy or fallback asks.
+
+    With the exact decision cache, the request's change probe starts here (it runs
+    while the stores search) and the cache is read only once it has vouched
+    (:meth:`cache_fresh`); a request that demands ``consistency`` never probes.
+    """
 
     def __init__(
         self,
@@ -258,39 +263,39 @@ class RequestChecks:
         self.verdicts: dict[str, DocumentVerdict] = {}
         self.rounds = 0
         self.request_denied = False
+        self._request_planned = False
+        self._fresh: asyncio.Future[bool] | None = None
+        probe = fga.change_probe if self.options.consistency is None else None
+        if probe is not None:
+            self._fresh = asyncio.ensure_future(probe.fresh())
+
+    async def cache_fresh(self) -> bool:
+        """True once this request's change probe found nothing new (never raises)."""
+        if self._fresh is None:
+            return False
+        return await asyncio.shield(self._fresh)
 
     async def verify(self, document_ids: Sequence[str], outcome: RetrievalOutcome) -> None:
-        """Decide every document not decided yet, in one BatchCheck round.
+        """Decide every document not decided yet, in at most one BatchCheck round.
 
-        If the round fails, its documents are recorded in ``outcome`` with verdict
-        ``error`` (and the conjuncts that went unanswered) before the error is raised;
-        the per-item texts of OpenFGA go into the error's ``detail`` only.
+        What the exact cache already knows is not asked again, and once one conjunct
+        of a document is known false its other conjuncts are not asked at all (a
+        request-level one known false: nothing more is asked). If the round fails, its
+        documents are recorded in ``outcome`` with verdict ``error`` (and the
+        conjuncts that went unanswered) before the error is raised; the per-item
+        texts of OpenFGA go into the error's ``detail`` only.
         """
         fresh = [d for d in dict.fromkeys(document_ids) if d not in self.verdicts]
         if fresh:
-            items = plan_checks(self.ctx, fresh, include_request=not self.rounds)
-            attributes = {
-                "scopegate.checks": len(items),
-                "scopegate.documents": len(fresh),
-                "scopegate.check.round": self.rounds + 1,
-            }
+            items = plan_checks(self.ctx, fresh, include_request=not self._request_planned)
+            known = self.fga.cached(items) if await self.cache_fresh() else {}
+            send = _still_needed(items, {**self.outcomes, **known})
             try:
-                with tracing.span("scopegate.check", attributes):
-                    answered = await _timed(
-                        outcome,
-                        "check",
-                        len(items),
-                        self.fga.batch_check(
-                            items,
-                            model_id=self.model_id,
-                            consistency=self.options.consistency,
-                            deadline=self.options.deadline,
-                        ),
-                        None,
-                    )
+                answered = await self._ask(send, len(fresh), outcome) if send else {}
             except BaseException:
-                outcome.verdicts.update(decide(self.ctx, fresh, self.outcomes))
+                outcome.verdicts.update(decide(self.ctx, fresh, {**self.outcomes, **known}))
                 raise
+            answered = {**known, **answered}
             errored = [item for item, o in answered.items() if o.allowed is None]
             if errored:
                 outcome.verdicts.update(decide(self.ctx, fresh, {**self.outcomes, **answered}))
@@ -303,7 +308,7 @@ class RequestChecks:
                     ),
                 )
             self.outcomes.update(answered)
-            self.rounds += 1
+            self._request_planned = True
             self.verdicts.update(decide(self.ctx, fresh, self.outcomes))
             self.request_denied = any(
                 REQUEST_LEVEL.intersection(self.verdicts[d].failed_checks) for d in fresh
@@ -311,9 +316,45 @@ class RequestChecks:
         outcome.verdicts.update({d: self.verdicts[d] for d in document_ids})
         outcome.batch_rounds = self.rounds
 
+    async def _ask(
+        self, items: list[CheckItem], documents: int, outcome: RetrievalOutcome
+    ) -> dict[CheckItem, CheckOutcome]:
+        """One BatchCheck round trip (the exact cache was consulted already)."""
+        attributes = {
+            "scopegate.checks": len(items),
+            "scopegate.documents": documents,
+            "scopegate.check.round": self.rounds + 1,
+        }
+        with tracing.span("scopegate.check", attributes):
+            answered = await _timed(
+                outcome,
+                "check",
+                len(items),
+                self.fga.batch_check(
+                    items,
+                    model_id=self.model_id,
+                    consistency=self.options.consistency,
+                    deadline=self.options.deadline,
+                ),
+                None,
+            )
+        self.rounds += 1
+        return answered
+
     def allowed(self, document_id: str | None) -> bool:
         verdict = self.verdicts.get(document_id or "")
         return verdict is not None and verdict.allowed
+
+
+def _still_needed(
+    items: Sequence[CheckItem], known: Mapping[CheckItem, CheckOutcome]
+) -> list[CheckItem]:
+    """The items whose answer can still change a verdict: not known yet, and no other
+    conjunct of their document (or of the request) known false."""
+    denied = {i.document_id for i, o in known.items() if o.allowed is False}
+    if None in denied:  # a request-level conjunct is false: every document is denied
+        return []
+    return [i for i in items if i not in known and i.document_id not in denied]
 
 
 def _deny_malformed(outcome: RetrievalOutcome, c: Candidate) -> None:
@@ -548,13 +589,16 @@ class PreFilter:
         outcome: RetrievalOutcome | None = None,
         relations: Sequence[str] | None = None,
         budget_s: float | None = None,
+        *,
+        fresh: bool = False,
     ) -> Superset:
         """Intersection of the complete ListObjects answers for task, agent and user.
 
         They run in parallel; once one is complete the others get ``grace`` times its
         duration to finish (their intersection is tighter), then are abandoned.
         ``relations`` asks only some of them (:class:`Adaptive` asks only the one it
-        saw narrowest): any one complete answer is already a superset.
+        saw narrowest): any one complete answer is already a superset. ``fresh``: the
+        exact cache may answer (see :meth:`RequestChecks.cache_fresh`).
         """
         options = options or RequestOptions()
         limit = self.max_results if limit is None else limit
@@ -574,6 +618,7 @@ class PreFilter:
                     budget_s=budget_s or self.list_budget_s,
                     consistency=options.consistency,
                     deadline=options.deadline,
+                    fresh=fresh,
                 )
             ): relation
             for relation, user in queries.items()
@@ -639,11 +684,17 @@ class PreFilter:
         relations: Sequence[str] | None = None,
         budget_s: float | None = None,
         outcome: RetrievalOutcome | None = None,
+        reuse_lists: bool = False,
     ) -> RetrievalOutcome:
+        """``reuse_lists``: a ListObjects answer may come from the exact cache
+        (:class:`Adaptive` asks for it; the plain pre-filter lists on every request)."""
         options = options or RequestOptions()
         checks = checks or RequestChecks(self.fga, ctx, options, self.model_id)
         probe = _started(outcome, self.name)
-        superset = await self.permitted_superset(ctx, options, limit, probe, relations, budget_s)
+        fresh = reuse_lists and await checks.cache_fresh()
+        superset = await self.permitted_superset(
+            ctx, options, limit, probe, relations, budget_s, fresh=fresh
+        )
         if superset.ids is None:
             probe.list_objects_calls = superset.calls
             probe.notes.extend(superset.notes)
@@ -912,7 +963,9 @@ class Adaptive:
     costs its budget and then the post-filter); a key whose ListObjects keep failing
     is probed again every ``reprobe_every`` requests, since grants change. A known
     key's pre-filter asks only the ListObjects that was narrowest last time: one
-    OpenFGA call instead of three, and no CPU spent on the wide lists.
+    OpenFGA call instead of three, and no CPU spent on the wide lists. With the exact
+    decision cache that answer is reused while nothing changes (a per-task permitted
+    superset, refreshed by the change probe): its pre-filter then costs no ListObjects.
     """
 
     name = "adaptive"
@@ -996,6 +1049,7 @@ class Adaptive:
                 relations=plan.relations,
                 budget_s=plan.budget_s,
                 outcome=outcome,
+                reuse_lists=True,
             )
         else:
             result = await self.post.retrieve(

@@ -13,23 +13,31 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Query
 from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.audit import OUTCOMES, AuditEntry, canonical_json
+from gateway.changelog import ArchiveCollector, ChangeArchiver, ModelGraph
 from gateway.deps import GatewayDep, PrincipalCaller
 from gateway.errors import InvalidRequest, NotFound
-from gateway.fga import Tuple
+from gateway.fga import Tuple, load_model
 from gateway.identity import PrincipalContext
-from gateway.ids import REF_PATTERN
+from gateway.ids import REF_PATTERN, parse_ref
 from gateway.relationships import admin_tuple, principal
-from gateway.replay import candidate_explanations, replay_decision
+from gateway.replay import (
+    candidate_explanations,
+    change_history,
+    replay_as_of_decision,
+    replay_decision,
+)
 from gateway.service import Gateway
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
+#: Objects whose access history ``/v1/audit/history`` tells.
+HISTORY_TYPES = frozenset({"document", "folder", "source", "group", "task"})
 # OpenFGA accepts at most 100 contextual tuples per check.
 MAX_WHAT_IF_WRITES = 100
 _ASSETS = {
@@ -71,6 +79,8 @@ class WhatIf(_Strict):
 
 class ReplayBody(_Strict):
     what_if: WhatIf | None = None
+    # "decision": also rebuild the verdicts as they stood when the request was decided.
+    as_of: Literal["now", "decision"] = "now"
 
 
 # -- the library form ---------------------------------------------------------------------
@@ -168,11 +178,32 @@ async def replay(
     p: PrincipalContext,
     request_id: str,
     what_if_writes: Sequence[Mapping[str, Any]] = (),
+    as_of: str = "now",
 ) -> dict[str, Any]:
-    """Re-evaluate a recorded retrieval now and at its model; optionally what-if."""
+    """Re-evaluate a recorded retrieval now and at its model; optionally what-if.
+
+    ``as_of="decision"`` also rebuilds each verdict as of the decision from the
+    change-log archive (``then``) and lists the changes since (:mod:`gateway.replay`).
+    """
+    if as_of not in ("now", "decision"):
+        raise InvalidRequest('as_of must be "now" or "decision"')
     entry = await _entry(g, p, request_id)
     contextual = what_if_tuples(p.tenant, what_if_writes)
+    if as_of == "decision":
+        return await replay_as_of_decision(g.fga, g.audit, g.changelog, entry.record, contextual)
     return await replay_decision(g.fga, entry.record, contextual)
+
+
+async def history(g: Gateway, p: PrincipalContext, ref: str) -> dict[str, Any]:
+    """Every tuple change that touched the access to ``ref`` (``document:d1``), oldest
+    first, each with OpenFGA's time and the admin request that made it."""
+    await g.require_reviewer(p)
+    target = parse_ref(ref, p.tenant, HISTORY_TYPES).to_fga(p.tenant)
+    if g.changelog is not None:
+        await g.changelog.sync()
+    return await change_history(
+        g.audit, g.fga.store_id, p.tenant, target, graph=ModelGraph(load_model())
+    )
 
 
 async def export_lines(g: Gateway, p: PrincipalContext) -> AsyncIterator[str]:
@@ -193,8 +224,17 @@ async def _lines(g: Gateway, tenant: str) -> AsyncIterator[str]:
 # -- HTTP -----------------------------------------------------------------------------------
 
 
+def _archiver(app: FastAPI) -> ChangeArchiver | None:
+    gateway = getattr(app.state, "gateway", None)
+    return gateway.changelog if isinstance(gateway, Gateway) else None
+
+
 def register_review_routes(app: FastAPI) -> None:
-    """Attach the /v1/audit routes and the /review page."""
+    """Attach the /v1/audit routes and the /review page, and count the change-log
+    archiver's lag into the app's metrics (served on the operators' listener)."""
+    metrics = getattr(app.state, "metrics", None)
+    if metrics is not None:
+        metrics.registry.register(ArchiveCollector(lambda: _archiver(app)))
 
     @app.get("/v1/audit/decisions")
     async def list_route(
@@ -231,7 +271,14 @@ def register_review_routes(app: FastAPI) -> None:
         request_id: str, p: PrincipalCaller, g: GatewayDep, body: ReplayBody | None = None
     ) -> dict[str, Any]:
         writes = body.what_if.writes if body is not None and body.what_if is not None else []
-        return await replay(g, p, request_id, [w.model_dump() for w in writes])
+        as_of = body.as_of if body is not None else "now"
+        return await replay(g, p, request_id, [w.model_dump() for w in writes], as_of)
+
+    @app.get("/v1/audit/history")
+    async def history_route(
+        p: PrincipalCaller, g: GatewayDep, object: str = Query(min_length=3, max_length=300)
+    ) -> dict[str, Any]:
+        return await history(g, p, object)
 
     @app.get("/v1/audit/export")
     async def export_route(p: PrincipalCaller, g: GatewayDep) -> StreamingResponse:

@@ -23,8 +23,11 @@ filter values without quotes. Passwords are never stored.
 from __future__ import annotations
 
 import copy
+import hashlib
+import hmac
 import json
 import re
+import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,6 +78,32 @@ def error_body(status: int, detail: str, scim_type: str | None = None) -> dict[s
 
 def invalid(detail: str, scim_type: str = "invalidValue") -> ScimError:
     return ScimError(400, detail, scim_type)
+
+
+# -- the tenant's SCIM secret ----------------------------------------------------------------
+
+SECRET_PREFIX = "sgscim_"
+_SECRET = re.compile(r"sgscim_([0-9a-f]{16})_[A-Za-z0-9_-]{32,64}")
+
+
+def new_secret() -> tuple[str, str]:
+    """A fresh SCIM bearer secret and its public id (the id locates its digest)."""
+    secret_id = secrets.token_hex(8)
+    return secret_id, f"{SECRET_PREFIX}{secret_id}_{secrets.token_urlsafe(32)}"
+
+
+def secret_id(secret: str) -> str | None:
+    match = _SECRET.fullmatch(secret)
+    return match.group(1) if match else None
+
+
+def secret_digest(secret: str) -> str:
+    """What is stored: 256 random bits need no slow hash, only a one-way one."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def secret_matches(secret: str, digest: str) -> bool:
+    return hmac.compare_digest(secret_digest(secret), digest)
 
 
 # -- ids -----------------------------------------------------------------------------------

@@ -101,7 +101,11 @@ class Settings(BaseSettings):
     strategy: Literal["postfilter", "prefilter", "adaptive"] = "adaptive"
     listobjects_max_results: int = Field(default=1000, ge=1)
 
-    # Decision cache (off by default; see gateway/cache.py for the staleness bound).
+    # Decision cache. Exact (on by default): read only after a per-request ReadChanges
+    # probe shows nothing changed, so no request sees a change later than OpenFGA would.
+    # Bounded (off by default; see gateway/cache.py for the staleness bound): replaces
+    # the exact cache, reads without a probe.
+    decision_cache_exact: bool = True
     decision_cache: bool = False
     decision_cache_bucket_s: float = Field(default=10.0, gt=0)
     decision_cache_max_staleness_s: float = Field(default=2.0, gt=0)

@@ -26,6 +26,9 @@ Faults (each may be limited to request paths containing ``path``):
 - ``corrupt(fn)``: send ``fn(raw answer bytes)`` (a broken status line, garbled JSON).
 - ``respond(status, body)``: answer with a canned response instead of asking upstream.
 - ``rewrite(fn)``: ask upstream, then answer ``fn(status, body) -> (status, body)``.
+- ``hold(event)``: read the request, forward it only once ``event`` (a
+  ``threading.Event``) is set, then answer normally: the request reaches the server
+  after whatever the test does meanwhile.
 
 ``Fault.after(n, fault)`` lets the first ``n`` matching requests through untouched (counted
 from the last :meth:`FaultProxy.set`), so a fault can hit the second or third write of
@@ -64,6 +67,7 @@ class Fault:
     rewrite_fn: Rewrite | None = None
     # Matching requests let through untouched before the fault applies.
     skip: int = 0
+    gate: threading.Event | None = None
 
     @staticmethod
     def none() -> Fault:
@@ -105,6 +109,10 @@ class Fault:
     @staticmethod
     def rewrite(fn: Rewrite, path: Paths = None) -> Fault:
         return Fault("rewrite", path, rewrite_fn=fn)
+
+    @staticmethod
+    def hold(release: threading.Event, path: Paths = None) -> Fault:
+        return Fault("hold", path, gate=release)
 
     @staticmethod
     def after(passed: int, fault: Fault) -> Fault:
@@ -325,9 +333,13 @@ class FaultProxy:
             writer.write(_response(fault.status, fault.body))
             await writer.drain()
             return False
+        if fault.kind == "hold" and fault.gate is not None:
+            await asyncio.to_thread(fault.gate.wait, 60)
         response = await self._forward(conn, request, method)
         seen.status = _status(response.first_line)
-        if fault.kind == "latency":
+        if fault.kind == "hold":
+            writer.write(response.raw)
+        elif fault.kind == "latency":
             await asyncio.sleep(fault.seconds)
             writer.write(response.raw)
         elif fault.kind == "truncate":

@@ -709,7 +709,7 @@ def plan_faulted_ingest(state: TenantState, rng: random.Random) -> Step | None:
     step = _prefer(steps, "faulted:lost_reader", rng, 0.8)
     if step is None:
         return None
-    step.fault = (rng.choice(("refused", "reset", "answer_lost")), rng.choice((0, 0, 0, 1, 1, 2)))
+    step.fault = (rng.choice(("refused", "reset", "answer_lost")), rng.choice((0, 0, 1)))
     step.what += f", OpenFGA write {step.fault[0]} after {step.fault[1]}"
     step.counts = [c.replace("faulted", "faulted_ingest") for c in step.counts]
     return step

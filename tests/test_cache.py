@@ -1,6 +1,8 @@
-"""The optional decision cache, against the real OpenFGA: hits, staleness bound, bypass.
+"""The decision cache, against the real OpenFGA: hits, freshness, bypass.
 
-The cache is off by default. When on, an answer may be served from it only while the
+Exact mode (the default): a request reads the cache only after a ReadChanges probe
+that started after it arrived found nothing new, so a revoke is denied on the very next
+request. Bounded mode (``decision_cache=True``): an answer may be served only while the
 last complete ReadChanges poll started less than ``max_staleness_s`` ago, so a revoke
 is denied at the latest ``max_staleness_s`` after it committed; a request with
 ``Cache-Control: no-cache`` is answered by OpenFGA alone; time-dependent answers are
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import itertools
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -21,7 +24,14 @@ import httpx
 import pytest
 
 from gateway.api import create_app
-from gateway.cache import CacheRefused, DecisionCache, check_conditions, time_dependent_relations
+from gateway.cache import (
+    CacheRefused,
+    Change,
+    ChangeProbe,
+    DecisionCache,
+    check_conditions,
+    time_dependent_relations,
+)
 from gateway.fga import load_model
 from gateway.fga_server import ManagedOpenFGA
 from gateway.service import Gateway
@@ -73,8 +83,99 @@ async def _docs(w: World, **headers: str) -> list[str]:
     return [c["document_id"] for c in response.json()["chunks"]]
 
 
-async def test_cache_is_off_by_default(gateway: Gateway) -> None:
-    assert gateway.fga.cache is None and gateway.watcher is None
+async def test_the_exact_cache_is_the_default(gateway: Gateway) -> None:
+    assert gateway.fga.cache is not None and gateway.fga.cache.exact
+    assert gateway.watcher is None and gateway.fga.change_probe is not None
+
+
+async def _exact_world(g: Gateway, http: httpx.AsyncClient, **task: Any) -> World:
+    w = await World(g, http, "acme").setup(members=["alice"], agents=["bot"])
+    await w.ingest([
+        doc("d1", TEXT, viewers=["user:alice"], agents=["agent:bot"]),
+        doc("d2", "Revenue forecast appendix for the enterprise segment.",
+            viewers=["user:alice"], agents=["agent:bot"]),
+    ])
+    w.task_id = await w.task("alice", "bot", ["source:docs"], **task)  # type: ignore[attr-defined]
+    return w
+
+
+async def test_exact_cache_answers_a_repeated_retrieval_with_fewer_checks(
+    gateway: Gateway, http: httpx.AsyncClient
+) -> None:
+    w = await _exact_world(gateway, http)
+    first = await _docs(w)
+    assert sorted(first) == ["d1", "d2"]
+    before = gateway.fga.stats.snapshot()
+    assert await _docs(w) == first
+    spent = gateway.fga.stats.since(before)
+    assert spent.cache_hits > 0
+    # Only the time-dependent allows (the task is live, each document in its scope)
+    # go back to OpenFGA: 1 + 2, where the first request sent 6 + 4 x 2.
+    assert spent.checks_sent == 3
+    latest = [e async for e in gateway.audit.iter_all("acme") if e.record.kind == "retrieve"][-1]
+    assert latest.record.consistency.endswith("+cache")
+
+
+@pytest.mark.parametrize(
+    "revoke",
+    [
+        {"user": "user:alice", "relation": "viewer", "object": "document:d1"},
+        {"user": "agent:bot", "relation": "agent_viewer", "object": "document:d1"},
+        {"user": "tenant:acme", "relation": "tenant", "object": "document:d1"},
+    ],
+    ids=["user", "agent", "stamp"],
+)
+async def test_exact_cache_denies_a_revoke_on_the_very_next_request(
+    gateway: Gateway, http: httpx.AsyncClient, revoke: dict[str, str]
+) -> None:
+    w = await _exact_world(gateway, http)
+    assert "d1" in await _docs(w)
+    assert "d1" in await _docs(w)  # warm: answered from the cache
+    if revoke["relation"] == "tenant":  # the stamp is not a public relation
+        stamp = "document:acme/d1"
+        from gateway.fga import Tuple
+
+        await gateway.fga.write(deletes=[Tuple("tenant:acme", "tenant", stamp)])
+    else:
+        await w.relationships(deletes=[revoke])
+    assert await _docs(w) == ["d2"]  # no sleep: the next request already denies
+
+
+async def test_exact_cache_denies_a_revoked_task_on_the_very_next_request(
+    gateway: Gateway, http: httpx.AsyncClient
+) -> None:
+    w = await _exact_world(gateway, http)
+    assert await _docs(w)
+    assert await _docs(w)
+    response = await w.http.delete(
+        f"/v1/tasks/{w.task_id}", headers=bearer(w.admin_token)
+    )
+    assert response.status_code in (200, 204), response.text
+    assert await _docs(w) == []
+
+
+async def test_adaptive_reuses_list_objects_answers_until_a_change(
+    gateway: Gateway, http: httpx.AsyncClient
+) -> None:
+    w = await _exact_world(gateway, http)
+    token = w.agent_token("alice", "bot", w.task_id)  # type: ignore[attr-defined]
+
+    async def prefilter() -> list[str]:
+        ctx = gateway.verifier.verify_delegation(token)
+        result = await gateway.retrieve(ctx, "revenue forecast", k=3, strategy="adaptive")
+        assert "prefilter" in result.outcome.strategy  # a known task: its narrowest list
+        return sorted(c.document_id for c in result.chunks)
+
+    assert await prefilter() == ["d1", "d2"]
+    hits = gateway.fga.stats.list_cache_hits
+    assert await prefilter() == ["d1", "d2"]
+    assert gateway.fga.stats.list_cache_hits > hits
+    await w.relationships(
+        deletes=[{"user": "agent:bot", "relation": "agent_viewer", "object": "document:d1"}]
+    )
+    calls = gateway.fga.stats.list_objects_calls
+    assert await prefilter() == ["d2"]
+    assert gateway.fga.stats.list_objects_calls > calls  # the change dropped the lists
 
 
 async def test_repeated_retrieval_is_answered_from_the_cache(
@@ -215,3 +316,107 @@ def test_freshness_needs_a_recent_complete_poll() -> None:
     assert cache.usable()
     now[0] = 102.1
     assert not cache.usable()
+
+
+# -- the exact mode's rules, without OpenFGA -------------------------------------------------
+
+
+class _Feed:
+    """A change log in memory; ``gate`` holds a read until released."""
+
+    def __init__(self) -> None:
+        self.changes: list[Change] = []
+        self.reads = 0
+        self.fail = False
+        self.gate: asyncio.Event | None = None
+
+    async def read_changes(
+        self, start_time: datetime, continuation_token: str | None, page_size: int
+    ) -> tuple[list[Change], str | None]:
+        self.reads += 1
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.fail:
+            raise RuntimeError("OpenFGA is down")
+        return [c for c in self.changes if c.timestamp >= start_time], None
+
+
+def _change(at: datetime) -> Change:
+    return Change(at, "TUPLE_OPERATION_DELETE", "user:acme/a", "viewer", "document:acme/d1")
+
+
+async def test_change_probe_drops_entries_on_a_change_and_keeps_them_otherwise() -> None:
+    feed = _Feed()
+    cache = DecisionCache(load_model(), exact=True)
+    probe = ChangeProbe(feed, cache)
+    key = cache.key("s", "m", "user:acme/a", "user_can_read", "document:acme/d1",
+                    cache.evaluation_time())
+    cache.put(key, True, cache.generation)
+    assert await probe.fresh()  # the first probe has no horizon: it drops everything
+    assert cache.get(key) is None
+    cache.put(key, True, cache.generation)
+    assert await probe.fresh() and cache.get(key) is True  # nothing changed
+    feed.changes.append(_change(datetime.now(UTC)))
+    assert await probe.fresh() and cache.get(key) is None  # a change: dropped
+    cache.put(key, True, cache.generation)
+    assert await probe.fresh() and cache.get(key) is True  # the same change, seen before
+
+
+async def test_change_probe_that_fails_vouches_for_nothing() -> None:
+    feed = _Feed()
+    cache = DecisionCache(load_model(), exact=True)
+    probe = ChangeProbe(feed, cache)
+    assert await probe.fresh()
+    feed.fail = True
+    assert not await probe.fresh()
+    assert probe.stats.failures == 1
+
+
+async def test_a_request_never_joins_a_probe_that_started_before_it_arrived() -> None:
+    feed = _Feed()
+    cache = DecisionCache(load_model(), exact=True)
+    ticks = itertools.count()
+    probe = ChangeProbe(feed, cache, clock=lambda: float(next(ticks)))
+    assert await probe.fresh()
+    feed.gate = asyncio.Event()
+    early = asyncio.ensure_future(probe.fresh())
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert feed.reads == 2  # the early probe is reading
+    late = [asyncio.ensure_future(probe.fresh()) for _ in range(3)]
+    for _ in range(3):
+        await asyncio.sleep(0)
+    feed.gate.set()
+    assert await early and all(await asyncio.gather(*late))
+    # The late requests shared one probe of their own, started after they arrived.
+    assert feed.reads == 3
+
+
+def test_exact_mode_keeps_time_dependent_denials_only() -> None:
+    cache = DecisionCache(load_model(), exact=True)
+    at = cache.evaluation_time()
+    scope = cache.key("s", "m", "task:acme/t", "in_task_scope", "document:acme/d1", at)
+    assert scope.at is None
+    cache.put(scope, True, cache.generation)
+    assert cache.get(scope) is None  # an allow may expire the next instant
+    cache.put(scope, False, cache.generation)
+    assert cache.get(scope) is False  # a denial stays one while the tuples stay
+    read = cache.key("s", "m", "user:acme/a", "user_can_read", "document:acme/d1", at)
+    cache.put(read, True, cache.generation)
+    assert cache.get(read) is True
+
+
+def test_exact_mode_refuses_time_dependent_denials_under_an_exclusion() -> None:
+    model = copy.deepcopy(load_model())
+    document = next(t for t in model["type_definitions"] if t["type"] == "document")
+    document["relations"]["in_task_scope"] = {
+        "difference": {
+            "base": {"computedUserset": {"relation": "scoped_task"}},
+            "subtract": {"computedUserset": {"relation": "scoped_task"}},
+        }
+    }
+    cache = DecisionCache(model, exact=True)
+    scope = cache.key("s", "m", "task:acme/t", "in_task_scope", "document:acme/d1",
+                      cache.evaluation_time())
+    cache.put(scope, False, cache.generation)
+    assert cache.get(scope) is None

@@ -47,7 +47,34 @@ def test_allow_iff_all_true(answers: list[bool | None]) -> None:
     outcomes = {i: CheckOutcome(a) for i, a in zip(items, answers, strict=True)}
     verdict = decide(CTX, ["d1"], outcomes)["d1"]
     assert verdict.allowed == all(a is True for a in answers)
-    if None in answers:
+    if False in answers:
+        assert verdict.verdict == "deny"  # proven false: a denial, errors or not
+    elif None in answers:
         assert verdict.verdict == "error"
     failed = {i.name.value for i, a in zip(items, answers, strict=True) if a is False}
     assert set(verdict.failed_checks) == failed
+
+
+def test_a_conjunct_proven_false_denies_without_the_others() -> None:
+    items = [i for i in plan_checks(CTX, ["d1", "d2"]) if i.document_id != "d2"]
+    d2 = [i for i in plan_checks(CTX, ["d2"], include_request=False)]
+    outcomes = {i: CheckOutcome(True) for i in items}
+    outcomes[d2[1]] = CheckOutcome(False)  # user_can_read of d2; the rest never asked
+    verdicts = decide(CTX, ["d1", "d2"], outcomes)
+    assert verdicts["d1"].allowed
+    assert verdicts["d2"].verdict == "deny"
+    assert verdicts["d2"].failed_checks == ("user_can_read",)
+    assert verdicts["d2"].errored_checks == ()
+
+
+@given(st.lists(st.sampled_from([True, False, None, "unasked"]), min_size=10, max_size=10))
+def test_never_allowed_unless_every_conjunct_was_asked_and_true(answers: list[object]) -> None:
+    items = plan_checks(CTX, ["d1"])
+    outcomes = {
+        i: CheckOutcome(a)  # type: ignore[arg-type]
+        for i, a in zip(items, answers, strict=True)
+        if a != "unasked"
+    }
+    verdict = decide(CTX, ["d1"], outcomes)["d1"]
+    assert verdict.allowed == all(a is True for a in answers)
+    assert (verdict.verdict == "deny") == (False in answers)

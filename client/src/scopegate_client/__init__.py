@@ -10,11 +10,12 @@ from scopegate_client import client, errors, models
 from scopegate_client.client import *  # noqa: F403
 from scopegate_client.errors import *  # noqa: F403
 from scopegate_client.models import *  # noqa: F403
+from scopegate_client.token_exchange import TokenExchange
 from scopegate_client.tool_output import format_passages
 
 __version__ = "0.1.0"
 
-__all__ = ["format_passages"]
+__all__ = ["TokenExchange", "format_passages"]
 __all__ += client.__all__
 __all__ += errors.__all__
 __all__ += models.__all__
