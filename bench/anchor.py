@@ -14,9 +14,9 @@ with one check per document, ``user:T/u user_can_read document:T/d`` (the user's
 right: the agent, the task and the tenant stamp are not asked), called through
 ``invoke``: its async path (``ainvoke``) fails in 1.0.1 with langchain-core 0.3
 ("unhashable type: 'Document'", it keys a dict by Document), so a user calls the sync
-one, which opens a new OpenFGA client per call. Requests are JSON lines on stdin, ``{"user", "vector", "k"}``; each
-answer is one JSON line on stdout, ``{"ids", "ms", "checks"}`` (``ms``: the time of
-``invoke`` alone, measured here).
+one, which opens a new OpenFGA client per call. Requests are JSON lines on stdin,
+``{"user", "vector", "k"}``; each answer is one JSON line on stdout,
+``{"ids", "ms", "checks"}`` (``ms``: the time of ``invoke`` alone, measured here).
 """
 
 from __future__ import annotations

@@ -111,6 +111,7 @@ class SourceBody(_Strict):
 
 class SyncBody(_Strict):
     dry_run: bool = False
+    full: bool = False  # also re-read documents whose ACL did not change upstream
 
 
 class AclBody(_Strict):
@@ -393,7 +394,8 @@ def create_app(
         source_id: str, p: PrincipalCaller, g: GatewayDep, body: SyncBody | None = None
     ) -> dict[str, Any]:
         """Reconcile OpenFGA with the source's ACLs; ``dry_run`` returns the diff only."""
-        return await g.sync_source(p, source_id, dry_run=body is not None and body.dry_run)
+        options = body or SyncBody()
+        return await g.sync_source(p, source_id, dry_run=options.dry_run, full=options.full)
 
     @app.delete("/v1/principals/{ref}")
     async def deprovision(ref: str, p: PrincipalCaller, g: GatewayDep) -> dict[str, int]:

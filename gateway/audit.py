@@ -493,6 +493,10 @@ class AuditStore(Protocol):
         """Recompute the store's archive chain; ``checked`` counts intact changes."""
         ...
 
+    async def archive_hash_at(self, store_id: str, seq: int) -> str | None:
+        """The archive chain's stored hash at change ``seq`` (None if there is none)."""
+        ...
+
     async def admin_entries(self, tenant: str, since: TimeBound, until: TimeBound) -> EntryList:
         """The tenant's admin records (``kind`` admin) in ``[since, until)``, oldest first."""
         ...
@@ -622,6 +626,7 @@ _SELECT_ARCHIVE_CHAIN = (
     f"SELECT {_CHANGE_COLUMNS}, hash FROM changelog_archive WHERE store_id = ?"  # noqa: S608
     " ORDER BY seq"
 )
+_SELECT_ARCHIVE_HASH = "SELECT hash FROM changelog_archive WHERE store_id = ? AND seq = ?"
 _SELECT_ADMIN = (
     f"SELECT {_ENTRY_COLUMNS} FROM audit_log WHERE tenant = ? AND agent_id IS NULL"  # noqa: S608
     " AND time_us >= ? AND time_us < ? ORDER BY seq"
@@ -1022,6 +1027,13 @@ class _SqlAuditStore(ABC):
             query = _archived_query(store_id, wanted[i : i + _IN_BATCH], who, via)
             found += [_change_from_row(row) for row in await self._fetch(*query)]
         return sorted(found, key=lambda c: (c.time_us, c.seq))
+
+    async def archive_hash_at(self, store_id: str, seq: int) -> str | None:
+        """The archive chain's stored hash at change ``seq`` (None if there is none)."""
+        if seq == 0:
+            return GENESIS_HASH
+        rows = await self._fetch(_SELECT_ARCHIVE_HASH, (store_id, seq))
+        return str(rows[0][0]) if rows else None
 
     async def verify_archive(self, store_id: str) -> VerifyResult:
         """Recompute the store's archive chain from its first change."""

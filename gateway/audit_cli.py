@@ -26,7 +26,7 @@ import httpx
 from gateway import review
 from gateway.audit import AuditEntry, AuditStore, VerifyResult
 from gateway.cli import dump
-from gateway.client import raise_for_error
+from gateway.client import AsyncScopegateClient, raise_for_error
 from gateway.errors import AuditUnavailable
 from gateway.identity import PrincipalContext
 from gateway.replay import describe_change
@@ -104,6 +104,22 @@ def explain_history(found: dict[str, Any]) -> str:
     ]
     lines += [f"  {describe_change(c)}" for c in found["changes"]]
     return "\n".join(lines)
+
+
+async def replay_or_history_over_http(
+    name: str, args: argparse.Namespace, client: AsyncScopegateClient
+) -> None:
+    """``audit replay`` and ``audit history`` with ``--url``: the same output as in-process."""
+    if name == "audit_history":
+        found = await client.history(args.ref)
+        dump(found)
+        print(explain_history(found), file=sys.stderr)
+        return
+    as_of = getattr(args, "as_of", None) or "now"
+    replayed = (await client.replay(args.request_id, args.what_if or None, as_of=as_of)).raw
+    dump(replayed)
+    if as_of == "decision":
+        print(explain_as_of(replayed), file=sys.stderr)
 
 
 async def export_over_http(url: str, token: str, output: Path | None) -> int:

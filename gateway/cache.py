@@ -526,6 +526,10 @@ class ChangeProbe:
         arrived = self._clock()
         while True:
             current = self._inflight
+            if current is not None and current[1].done():
+                # Finished, its done-callback not run yet: awaiting it would not yield,
+                # and this loop would spin without letting the callback run.
+                self._inflight = current = None
             if current is None:
                 probe: asyncio.Future[bool] = asyncio.ensure_future(self._probe())
                 self._inflight = (self._clock(), probe)

@@ -456,6 +456,22 @@ class SourceCatalog:
         r = rows[0]
         return DocumentEntry(str(r[0]), str(r[1]), int(r[2]), r[3], r[4])
 
+    async def content_versions(
+        self, tenant: str, document_ids: Sequence[str]
+    ) -> dict[str, str | None]:
+        """document id -> catalog fingerprint (None while an update is in flight), for
+        the ids the catalog knows."""
+        found: dict[str, str | None] = {}
+        for i in range(0, len(document_ids), 500):
+            part = list(document_ids[i : i + 500])
+            marks = ", ".join("?" for _ in part)
+            rows = await self._rows(
+                f"SELECT id, fingerprint FROM documents WHERE tenant=? AND id IN ({marks})",  # noqa: S608
+                (tenant, *part),
+            )
+            found.update({str(r[0]): r[1] for r in rows})
+        return found
+
     async def document_source(self, tenant: str, document_id: str) -> str | None:
         entry = await self.document(tenant, document_id)
         return entry.source if entry is not None else None
@@ -716,6 +732,15 @@ class SourceCatalog:
                     (chunks, fingerprint, folder, json.dumps(acl, sort_keys=True), now, tenant,
                      document_id),
                 )  # fmt: skip
+
+    async def start_updates(self, tenant: str, ids: Sequence[str]) -> None:
+        """:meth:`start_update` for several documents in one transaction."""
+        async with self.db.transaction(tenant) as tx:
+            for document_id in ids:
+                await tx.execute(
+                    "UPDATE documents SET fingerprint=NULL WHERE tenant=? AND id=?",
+                    (tenant, document_id),
+                )
 
     async def forget_documents(self, tenant: str, source: str, ids: Sequence[str]) -> None:
         """Drop the rows of documents gone from the source (their names become free)."""

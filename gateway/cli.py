@@ -161,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     _as(ssync)
     ssync.add_argument("source_id")
     ssync.add_argument("--dry-run", action="store_true", help="show the diff, write nothing")
+    ssync.add_argument(
+        "--full", action="store_true", help="re-read every document, not only changed ones"
+    )
 
     documents = sub.add_parser("documents", help="ingested documents")
     documents_sub = documents.add_subparsers(dest="documents_command", required=True)
@@ -210,14 +213,15 @@ def build_parser() -> argparse.ArgumentParser:
     for name, helptext in (
         ("list", "list decisions"),
         ("show", "show one decision"),
-        ("replay", "re-evaluate a decision now"),
+        ("replay", "re-evaluate a decision now (or as of the decision)"),
+        ("history", "the relationship changes that touched an object's access"),
         ("verify", "verify the hash chain"),
         ("export", "export as JSON Lines"),
         ("purge", "delete records older than N days (keeps the chain verifiable)"),
     ):
         cmd = audit_sub.add_parser(name, help=helptext)
         _common(cmd)
-        if name in {"list", "show", "replay", "export"}:
+        if name in {"list", "show", "replay", "history", "export"}:
             _as(cmd)
         if name in {"show", "replay"}:
             cmd.add_argument("request_id")
@@ -232,6 +236,15 @@ def build_parser() -> argparse.ArgumentParser:
                 metavar="USER,RELATION,OBJECT",
                 help="evaluate as if these relationships existed (nothing is written)",
             )
+            cmd.add_argument(
+                "--as-of",
+                dest="as_of",
+                choices=["now", "decision"],
+                default="now",
+                help="decision: also rebuild the verdicts as they stood when it was decided",
+            )
+        if name == "history":
+            cmd.add_argument("ref", help="document:d1, folder:f, source:s, group:g or task:t")
         if name == "list":
             cmd.add_argument("--outcome")
             cmd.add_argument("--limit", type=int, default=20)

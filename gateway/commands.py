@@ -308,7 +308,7 @@ async def _over_http(name: str, args: argparse.Namespace, c: AsyncScopegateClien
     elif name == "sources_show":
         dump((await c.get_source(args.source_id)).to_dict())
     elif name == "sources_sync":
-        body = {"dry_run": True} if args.dry_run else {}
+        body = {"dry_run": args.dry_run, "full": args.full}
         dump(await c.request("POST", f"/v1/sources/{args.source_id}/sync", body))
     elif name == "sources_remove":
         await c.remove_source(args.source_id)
@@ -341,8 +341,10 @@ async def _over_http(name: str, args: argparse.Namespace, c: AsyncScopegateClien
         dump(await c.request("GET", "/v1/audit/decisions", params=params))
     elif name == "audit_show":
         dump(await c.request("GET", f"/v1/audit/decisions/{args.request_id}"))
-    elif name == "audit_replay":
-        dump((await c.replay(args.request_id, args.what_if)).raw)
+    elif name in {"audit_replay", "audit_history"}:
+        from gateway.audit_cli import replay_or_history_over_http
+
+        await replay_or_history_over_http(name, args, c)
     else:
         print(f"scopegate: '{name.replace('_', ' ')}' is not available over --url", file=sys.stderr)
         return 2
@@ -369,7 +371,11 @@ async def _in_process(name: str, args: argparse.Namespace, g: Gateway, p: Princi
         dump({"id": info.id, "kind": info.kind, "config": info.config, "documents": documents})
     elif name == "sources_sync":
         with tqdm(desc="sync", unit="tuple", disable=args.dry_run) as bar:
-            dump(await g.sync_source(p, args.source_id, dry_run=args.dry_run, progress=bar.update))
+            dump(
+                await g.sync_source(
+                    p, args.source_id, dry_run=args.dry_run, full=args.full, progress=bar.update
+                )
+            )
     elif name == "sources_remove":
         await g.remove_source(p, args.source_id)
         print(f"source {args.source_id} removed")
@@ -392,7 +398,7 @@ async def _in_process(name: str, args: argparse.Namespace, g: Gateway, p: Princi
         with tqdm(total=len(docs), desc="ingest", unit="doc") as bar:
             summary = await g.ingest(p, args.source_id, docs, progress=bar.update)
         dump(summary)
-    elif name in {"audit_list", "audit_show", "audit_replay", "audit_export"}:
+    elif name in {"audit_list", "audit_show", "audit_replay", "audit_history", "audit_export"}:
         from gateway.audit_cli import audit_in_process
 
         return await audit_in_process(name, args, g, p)

@@ -35,8 +35,15 @@ from gateway.fga import FgaClient, Tuple
 from gateway.ids import fga_object, validate_id
 from gateway.relationships import document_tuples
 
+#: Chunk metadata key holding the content version (the document's content fingerprint)
+#: the chunk was written with; never shown to agents (gateway.packing strips it).
+VERSION_KEY = "scopegate_version"
+#: The denial of a document whose text changed while a request was deciding on it.
+CONTENT_CHANGED = "content_changed"
+
 #: Relations ingestion owns on a document; task scopes naming it belong to their tasks.
 INGESTION_RELATIONS = frozenset({"tenant", "parent", "owner", "viewer", "agent_viewer"})
+READ_PARALLEL = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +155,15 @@ class Ingestor:
         prepared: Sequence[PreparedDocument],
         progress: Callable[[int], object] | None = None,
     ) -> IngestReport:
+        """Apply the changed documents of one request together, in phases.
+
+        Batching across documents keeps every per-document invariant: each document
+        is hidden (stamp and narrowed grants deleted, in the first transactions) before
+        its chunks are rewritten; its grants are written before its stamp (every stamp
+        of the request goes after every grant); its fingerprint is recorded last. A
+        failure between phases leaves documents hidden or narrowed, and a rerun repairs
+        them, since none of them has its fingerprint yet.
+        """
         report = IngestReport(documents=len(prepared))
         changed = [d for d in prepared if claim.documents[d.id].fingerprint != d.fingerprint]
         report.skipped = len(prepared) - len(changed)
@@ -155,61 +171,53 @@ class Ingestor:
         report.chunks = sum(claim.documents[i].chunks for i in unchanged)
         if progress is not None and report.skipped:
             progress(report.skipped)
+        if not changed:
+            return report
         recontent = [d for d in changed if _content_changed(claim, d)]
         records = await self._embed(claim.tenant, claim.source, recontent)
-        for doc in changed:
-            chunks = records.get(doc.id)
-            await self._apply_one(claim, store, doc, chunks, report)
-            report.chunks += len(chunks) if chunks is not None else claim.documents[doc.id].chunks
-            if progress is not None:
-                progress(1)
+        current = await self._current(changed)
+        plans = [_plan(doc, current[doc.id], doc.id in records) for doc in changed]
+        tenant = claim.tenant
+        await self.catalog.start_updates(tenant, [d.id for d in changed])
+        hide = list(dict.fromkeys(t for plan in plans for t in plan.hide))
+        if hide:
+            await self.fga.write(deletes=hide)
+        for doc in recontent:
+            await store.delete_document(tenant, claim.source, doc.id)
+        chunks = [c for doc in recontent for c in records[doc.id]]
+        if chunks:
+            await store.upsert(tenant, claim.source, chunks)
+        # Documents of one folder share its tuples: OpenFGA refuses a duplicate in one request.
+        grants = list(dict.fromkeys(t for plan in plans for t in plan.writes))
+        stamps = [plan.stamp for plan in plans if plan.stamp is not None]
+        # FgaClient.write keeps the order: every stamp lands after every grant.
+        narrow = list(dict.fromkeys(t for plan in plans for t in plan.narrow))
+        await self.fga.write([*grants, *stamps], narrow)
+        entries = []
+        for doc, plan in zip(changed, plans, strict=True):
+            count = len(records[doc.id]) if doc.id in records else claim.documents[doc.id].chunks
+            report.chunks += count
+            report.writes += plan.writes + ([plan.stamp] if plan.stamp is not None else [])
+            report.deletes += plan.narrowed
+            entries.append((doc.id, count, doc.fingerprint, doc.folder, doc.acl))
+        await self.catalog.complete_documents(tenant, entries)
+        if progress is not None:
+            progress(len(changed))
         return report
 
-    async def _apply_one(
-        self,
-        claim: Claim,
-        store: VectorStore,
-        doc: PreparedDocument,
-        chunks: list[ChunkRecord] | None,
-        report: IngestReport,
-    ) -> None:
-        tenant = claim.tenant
-        current = {
-            Tuple(t.user, t.relation, t.object)
-            for t in await self.fga.read(object=doc.stamp.object)
-            if t.relation in INGESTION_RELATIONS
-        }
-        target = set(doc.document_side) | {doc.stamp}
-        narrowed = sorted(current - target, key=_order)
-        await self.catalog.start_update(tenant, doc.id)
-        if chunks is None:
-            # Same text: only grants move, deletes (narrowing) before writes.
-            writes = doc.folder_side + [t for t in doc.document_side if t not in current]
-            if doc.stamp not in current:
-                writes.append(doc.stamp)
-            await self.fga.write(writes, narrowed)
-        else:
-            hide = ([doc.stamp] if doc.stamp in current else []) + narrowed
-            if hide:
-                await self.fga.write(deletes=hide)
-            await store.delete_document(tenant, claim.source, doc.id)
-            await store.upsert(tenant, claim.source, chunks)
-            writes = doc.folder_side + [t for t in doc.document_side if t not in current]
-            # The stamp goes last: FgaClient.write keeps the order, so when the writes
-            # are split into several transactions it lands in the final one.
-            await self.fga.write([*writes, doc.stamp])
-            writes.append(doc.stamp)
-        report.writes += writes
-        report.deletes += narrowed
-        count = len(chunks) if chunks is not None else claim.documents[doc.id].chunks
-        await self.catalog.complete_document(
-            tenant,
-            doc.id,
-            chunks=count,
-            fingerprint=doc.fingerprint,
-            folder=doc.folder,
-            acl=doc.acl,
-        )
+    async def _current(self, docs: Sequence[PreparedDocument]) -> dict[str, set[Tuple]]:
+        """The ingestion tuples each document has now (reads in parallel, 16 at a time)."""
+        found: dict[str, set[Tuple]] = {}
+        for start in range(0, len(docs), READ_PARALLEL):
+            part = docs[start : start + READ_PARALLEL]
+            answers = await asyncio.gather(*(self.fga.read(object=d.stamp.object) for d in part))
+            for doc, tuples in zip(part, answers, strict=True):
+                found[doc.id] = {
+                    Tuple(t.user, t.relation, t.object)
+                    for t in tuples
+                    if t.relation in INGESTION_RELATIONS
+                }
+        return found
 
     async def _embed(
         self, tenant: str, source: str, docs: Sequence[PreparedDocument]
@@ -223,10 +231,46 @@ class Ingestor:
         )
         records: dict[str, list[ChunkRecord]] = {d.id: [] for d in docs}
         for (d, (chunk_id, _index, text)), vector in zip(pieces, vectors, strict=True):
+            metadata = {**d.metadata, VERSION_KEY: d.content_fp}
             records[d.id].append(
-                ChunkRecord(chunk_id, d.id, tenant, source, text, vector, d.metadata)
+                ChunkRecord(chunk_id, d.id, tenant, source, text, vector, metadata)
             )
         return records
+
+
+@dataclass(frozen=True, slots=True)
+class _DocumentPlan:
+    """One document's share of a batched apply."""
+
+    hide: list[Tuple]  # deleted in the first transactions (content changes)
+    narrow: list[Tuple]  # deleted before the writes (ACL-only changes)
+    narrowed: list[Tuple]  # every grant this update removes (for the report)
+    writes: list[Tuple]
+    stamp: Tuple | None  # written after every grant of the request
+
+
+def _plan(doc: PreparedDocument, current: set[Tuple], recontent: bool) -> _DocumentPlan:
+    target = set(doc.document_side) | {doc.stamp}
+    narrowed = sorted(current - target, key=_order)
+    writes = doc.folder_side + [t for t in doc.document_side if t not in current]
+    if recontent:
+        hide = ([doc.stamp] if doc.stamp in current else []) + narrowed
+        return _DocumentPlan(hide, [], narrowed, writes, doc.stamp)
+    stamp = None if doc.stamp in current else doc.stamp
+    return _DocumentPlan([], narrowed, narrowed, writes, stamp)
+
+
+def content_current(fingerprint: str | None, version: object) -> bool:
+    """Whether a chunk written with content ``version`` is the document's current text.
+
+    ``fingerprint`` is the catalog's (None while an update is in flight). A chunk
+    without a version predates versions: only an update in flight rules it out.
+    """
+    if fingerprint is None:
+        return False
+    if version is None:
+        return True
+    return fingerprint.split(":")[0] == version
 
 
 def _content_changed(claim: Claim, doc: PreparedDocument) -> bool:

@@ -9,7 +9,8 @@ from typing import Any
 from connectors.base import Candidate
 from connectors.chunking import count_tokens
 
-STAMP_KEYS = frozenset({"tenant", "source", "document_id", "chunk_index"})
+# Stamps travel with every chunk for the gateway's own checks; agents never see them.
+STAMP_KEYS = frozenset({"tenant", "source", "document_id", "chunk_index", "scopegate_version"})
 
 
 @dataclass(frozen=True, slots=True)

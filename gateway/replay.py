@@ -23,6 +23,7 @@ of the stored chunks, not of relationships, so they are not sent to OpenFGA agai
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -626,6 +627,7 @@ async def _reconstruct(
     record: AuditRecord,
     point: ChangelogPoint,
     documents: Sequence[str],
+    clock: _Stopwatch,
 ) -> _Reconstruction:
     ctx = replay_context(record)
     items = tuple(plan_checks(ctx, documents))
@@ -637,10 +639,13 @@ async def _reconstruct(
         audit, point.store_id, graph, roots, subjects, [point.includes, everything]
     )
     standing = list(fold(history.changes, point.includes).values())
+    clock.lap("history")
     async with fga.scratch_store(model) as scratch:
         await scratch.write_logged(standing)
+        clock.lap("scratch_write")
         then = await evaluate(scratch, ctx, documents, at=point.decided_at)
         window = await _expired_during(scratch, items, then, point)
+        clock.lap("scratch_checks")
     at_then, at_now = history.at(point.includes), history.at(everything)
     touched = {
         item: walk(graph, at_then, [(item.object, item.relation)]).touched
@@ -695,7 +700,7 @@ def _as_of_document(
     """``then``, the conjuncts then and now, and the changes that touched them."""
     doc = candidate.document_id
     view = _verdict_view(record, candidate, rebuilt.then if rebuilt is not None else None)
-    was_failed, was_errored = candidate.failed_checks, candidate.errored_checks
+    was_failed = candidate.failed_checks
     undetermined = sorted(
         name
         for name, scope in (rebuilt.expired_during if rebuilt is not None else ())
@@ -709,7 +714,7 @@ def _as_of_document(
     for name in CONJUNCTS if checked else ():
         then = _outcome(name, view["failed_checks"], view["errored_checks"])
         now = _outcome(name, current["failed_checks"], current["errored_checks"])
-        was = _outcome(name, was_failed, was_errored)
+        was = _recorded_outcome(name, candidate)
         conjuncts.append({"check": name, "was": was, "then": then, "now": now})
         if then != now:
             flipped.append(name)
@@ -722,14 +727,38 @@ def _as_of_document(
         "then_failed_checks": view["failed_checks"],
         "then_errored_checks": view["errored_checks"],
         "then_explanations": view["explanations"],
-        "then_matches_was": view["verdict"] == candidate.verdict
-        and set(view["failed_checks"]) == set(was_failed)
-        and set(view["errored_checks"]) == set(was_errored),
+        "then_matches_was": matches_record(candidate, view) if checked else True,
         "conjuncts": conjuncts,
         "flipped_checks": flipped,
         "undetermined_checks": undetermined,
         "changes": mine,
     }
+
+
+def _recorded_outcome(name: str, candidate: CandidateVerdict) -> str:
+    """What the record says of one conjunct: a denial names the conjuncts found false,
+    and the retrieval may not have asked the others (``unknown``)."""
+    if name in candidate.errored_checks:
+        return "error"
+    if name in candidate.failed_checks:
+        return "fail"
+    return "pass" if candidate.verdict == "allow" else "unknown"
+
+
+def matches_record(candidate: CandidateVerdict, then: Mapping[str, Any]) -> bool | None:
+    """Whether the verdict rebuilt as of the decision is the recorded one.
+
+    An allow must be rebuilt as an allow (every conjunct held). A denial must be
+    rebuilt as a denial in which every conjunct the record names failed too: the
+    retrieval stops asking a document's conjuncts once one is false, so the record
+    may name fewer. A recorded ``error`` (OpenFGA did not answer) is not a property
+    of the tuples and cannot be rebuilt: None.
+    """
+    if candidate.verdict == "error":
+        return None
+    if candidate.verdict == "allow":
+        return bool(then["verdict"] == "allow")
+    return then["verdict"] == "deny" and set(candidate.failed_checks) <= set(then["failed_checks"])
 
 
 def _settle(
@@ -744,6 +773,40 @@ def _settle(
     kept = [e for f, e in zip(view["failed_checks"], reasons, strict=False) if f in failed]
     kept += reasons[count:]  # the errored checks' explanations
     return {**view, "verdict": verdict, "failed_checks": failed, "explanations": kept}
+
+
+async def _check_anchor(audit: AuditStore, point: ChangelogPoint, notes: list[str]) -> str | None:
+    """Whether the archive still holds, at the recorded position, the chain hash the
+    record keeps (the record itself is in the hash-chained log): ``ok``, ``mismatch``
+    or None without a position. A mismatch means archived history up to the position
+    was rewritten since; ``AuditStore.verify_archive`` finds where."""
+    if point.position is None:
+        return None
+    stored = await audit.archive_hash_at(point.store_id, point.position.seq)
+    if stored == point.position.hash:
+        return "ok"
+    notes.append(
+        f"the change-log archive no longer holds, at position {point.position.seq}, the "
+        "hash this record keeps: the history before the decision was altered"
+    )
+    return "mismatch"
+
+
+class _Stopwatch:
+    """Milliseconds spent in each phase of a replay (reported in ``as_of.timings_ms``)."""
+
+    def __init__(self) -> None:
+        self._last = time.perf_counter()
+        self._laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self._laps[name] = round((now - self._last) * 1000, 1)
+        self._last = now
+
+    def laps(self) -> dict[str, float]:
+        self.lap("explain")
+        return {**self._laps, "total": round(sum(self._laps.values()), 1)}
 
 
 async def replay_as_of_decision(
@@ -766,15 +829,20 @@ async def replay_as_of_decision(
     conjunct was / then / now, and ``changes``: each tuple change since that the
     document's checks can read, with OpenFGA's time and the admin request that made it.
     """
+    clock = _Stopwatch()
     result = await replay_decision(fga, record, what_if, now=now)
+    clock.lap("now")
     point, notes = decision_point(record)
     head = None
     if archiver is not None and archiver.store_id == point.store_id:
         head = await archiver.sync()
     else:
         notes.append("no archiver runs for the recorded store: the archive may be behind")
+    anchor = await _check_anchor(audit, point, notes)
+    clock.lap("archive_sync")
     documents = list(dict.fromkeys(c.document_id for c in record.candidates if _checkable(c)))
-    rebuilt = await _reconstruct(fga, audit, record, point, documents) if documents else None
+    rebuilt = await _reconstruct(fga, audit, record, point, documents, clock) if documents else None
+    clock.lap("attribute" if documents else "rebuild")  # scratch store deleted, walks
     later = [c for c in rebuilt.history.changes if not point.includes(c)] if rebuilt else []
     during = [c for c in rebuilt.history.changes if point.during(c)] if rebuilt else []
     actions = await find_admin_actions(audit, record.tenant, later + during)
@@ -790,7 +858,7 @@ async def replay_as_of_decision(
         document.update(
             _as_of_document(record, candidate, current[candidate.document_id], rebuilt, attributed)
         )
-    mismatches = [d["document_id"] for d in result["documents"] if not d["then_matches_was"]]
+    mismatches = [d["document_id"] for d in result["documents"] if d["then_matches_was"] is False]
     concurrent = [
         change_view(c, record.tenant, made_by(c, actions), during=True)
         for c in during
@@ -816,8 +884,10 @@ async def replay_as_of_decision(
         "tuples_reconstructed": rebuilt.tuples if rebuilt else 0,
         "objects_walked": len(rebuilt.history.objects) if rebuilt else 0,
         "archive_head_seq": head.seq if head is not None else None,
+        "archive_anchor": anchor,
         "scratch_store": "removed" if rebuilt else None,
         "during_decision": concurrent,
+        "timings_ms": clock.laps(),
     }
     result["notes"] = [*result["notes"], *notes, *(rebuilt.notes if rebuilt else ())]
     return result

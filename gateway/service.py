@@ -61,7 +61,14 @@ from gateway.identity import (
     load_or_create_signing_key,
 )
 from gateway.ids import PUBLIC_RELATIONS, TypedRef, fga_object, parse_ref, unscoped, validate_id
-from gateway.ingestion import Ingestor, prepare, tuples_json
+from gateway.ingestion import (
+    CONTENT_CHANGED,
+    VERSION_KEY,
+    Ingestor,
+    content_current,
+    prepare,
+    tuples_json,
+)
 from gateway.packing import PackedChunk, pack
 from gateway.relationships import (
     SUBJECT_TYPES,
@@ -83,7 +90,14 @@ from gateway.retrieval import (
     SourceHandle,
 )
 from gateway.settings import Settings
-from gateway.sync import SourceSync, managed_acls, plan, wanted_tuples
+from gateway.sync import (
+    SourceSync,
+    already_synced,
+    fronted_fingerprint,
+    managed_acls,
+    plan,
+    wanted_tuples,
+)
 from gateway.token_exchange import (
     ACCESS_TOKEN,
     ExchangeRequest,
@@ -598,6 +612,8 @@ class Gateway:
 
     async def delete_document(self, p: PrincipalContext, source_id: str, document_id: str) -> None:
         info = await self.get_source(p, source_id)
+        if is_fronted(info.config):
+            raise InvalidRequest(f"source {source_id} fronts a collection: delete upstream, sync")
         validate_id(document_id, "document id")
         if await self.catalog.document_source(p.tenant, document_id) != source_id:
             raise NotFound(f"document {document_id} not found in source {source_id}")
@@ -633,14 +649,17 @@ class Gateway:
         source_id: str,
         *,
         dry_run: bool = False,
+        full: bool = False,
         progress: Any = None,
     ) -> dict[str, Any]:
         """Reconcile OpenFGA with the source's own ACLs (DESIGN section 4, gateway.sync).
 
         Returns ``{"writes", "deletes", "unchanged"}`` counts (with ``diff`` on a dry
         run, which writes nothing) plus what was found: ``documents``, ``problems``
-        and, for fronted collections, ``orphans`` (chunks naming no document) and
-        ``inconsistent`` (documents whose chunks disagree; granted nothing).
+        and, for fronted collections, ``orphans`` (chunks naming no document),
+        ``inconsistent`` (documents whose chunks disagree; granted nothing) and
+        ``skipped``: a fronted document whose ACL is the one the last sync wrote is not
+        read back from OpenFGA unless ``full`` (which also repairs tuples changed there).
         """
         info = await self.get_source(p, source_id)
         syncer = SourceSync(self.fga, self.catalog)
@@ -659,6 +678,12 @@ class Gateway:
             acls = managed_acls(complete)
             reconcile = [r[0] for r in complete]
         wanted = wanted_tuples(tenant, source_id, acls)
+        skipped: set[str] = set()
+        if fronted and not full:
+            skipped = already_synced(acls, wanted, {r[0]: r[3] for r in rows})
+            reconcile = [d for d in reconcile if d not in skipped]
+        if fronted:
+            extra["skipped"] = len(skipped)
         await syncer.check_owners(
             tenant, source_id, sorted(wanted.folders), sorted(wanted.documents)
         )
@@ -666,7 +691,8 @@ class Gateway:
         docs, folders = await syncer.current(
             tenant, reconcile, sorted(set(wanted.folders) | set(owned_folders))
         )
-        diff = plan(wanted, docs, folders, own_folders=fronted)
+        diff = plan(wanted.without(skipped), docs, folders, own_folders=fronted)
+        diff.unchanged += sum(len(wanted.documents[d]) for d in skipped)
         result: dict[str, Any] = {
             **diff.counts(),
             "documents": len(wanted.documents),
@@ -692,11 +718,13 @@ class Gateway:
                 await self.catalog.complete_documents(
                     tenant,
                     [
-                        (a.id, scan.chunks.get(a.id, 0), f"fronted:{a.fingerprint}",
+                        (a.id, scan.chunks.get(a.id, 0), fronted_fingerprint(a),
                          a.folders[-1] if a.folders else None, a.to_dict())
                         for a in acls
                         if a.id in wanted.documents
-                    ],
+                    ]
+                    + [(i, scan.chunks.get(i, 0), fronted_fingerprint(None), None, {})
+                       for i in sorted(scan.inconsistent)],
                 )  # fmt: skip
                 await self.catalog.forget_documents(tenant, source_id, gone)
         return result
@@ -773,6 +801,7 @@ class Gateway:
                 strategy_run,
                 timeout=self.settings.request_timeout_s + DEADLINE_BACKSTOP_S,
             )
+            await self._drop_outdated_content(ctx.tenant, outcome)
             with tracing.span("scopegate.pack", {"scopegate.chunks": len(outcome.chunks)}):
                 packed = pack(outcome.chunks, max_tokens)
         except TimeoutError as exc:
@@ -807,6 +836,35 @@ class Gateway:
             mode,
         )
         return RetrieveResult(request_id, packed, outcome)
+
+    async def _drop_outdated_content(self, tenant: str, outcome: RetrievalOutcome) -> None:
+        """Release no text that a re-ingestion replaced while this request was running.
+
+        A chunk read from the store before an update and checked after it would show
+        the old text under the new ACL. Ingestion stamps every chunk with its content
+        version and clears the catalog's fingerprint before it touches any tuple; read
+        *after* the checks, the catalog then says whether the text checked is still the
+        current one. Anything else (an update in flight, a newer text) denies the
+        document for this request (``content_changed``). Chunks written before versions
+        existed carry none and are judged by the catalog alone.
+        """
+        versions = {
+            c.document_id: c.metadata.get(VERSION_KEY)
+            for c in outcome.chunks
+            if c.document_id is not None
+        }
+        if not versions:
+            return
+        current = await self.catalog.content_versions(tenant, list(versions))
+        stale = {
+            doc
+            for doc, version in versions.items()
+            if doc in current and not content_current(current[doc], version)
+        }
+        if stale:
+            outcome.chunks = [c for c in outcome.chunks if c.document_id not in stale]
+            for doc in stale:
+                outcome.verdicts[doc] = DocumentVerdict(doc, "deny", (CONTENT_CHANGED,))
 
     async def _audit_retrieval(
         self,

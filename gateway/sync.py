@@ -61,6 +61,12 @@ class Wanted:
         if len(self.problems) < MAX_PROBLEMS:
             self.problems.append(text)
 
+    def without(self, documents: set[str]) -> Wanted:
+        """The same folders, without ``documents`` (skipped by an incremental sync)."""
+        kept = {d: t for d, t in self.documents.items() if d not in documents}
+        stamps = {t for tuples in kept.values() for t in tuples} & self.stamps
+        return Wanted(kept, self.folders, stamps, self.problems)
+
 
 @dataclass(slots=True)
 class SyncPlan:
@@ -154,6 +160,22 @@ def managed_acls(rows: Iterable[tuple[str, str | None, str | None]]) -> list[Doc
             )
         )
     return acls
+
+
+def already_synced(
+    acls: Iterable[DocumentAcl], wanted: Wanted, fingerprints: Mapping[str, str | None]
+) -> set[str]:
+    """Fronted documents whose ACL is the one the last complete sync wrote (incremental)."""
+    return {
+        a.id
+        for a in acls
+        if a.id in wanted.documents and fingerprints.get(a.id) == fronted_fingerprint(a)
+    }
+
+
+def fronted_fingerprint(acl: DocumentAcl | None) -> str:
+    """What the catalog records for a synced fronted document (``None``: inconsistent)."""
+    return "fronted:inconsistent" if acl is None else f"fronted:{acl.fingerprint}"
 
 
 def plan(

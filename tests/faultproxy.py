@@ -16,7 +16,8 @@ applies to that request. Every fault change closes the open connections, so no
 keep-alive connection carries the old behaviour. What passed through is recorded in
 :attr:`FaultProxy.seen`, each request with its headers (names lower-cased).
 
-Faults (each may be limited to request paths containing ``path``):
+Faults (each may be limited to request paths containing ``path``, and with
+``Fault.matching(part, fault)`` to requests whose body contains ``part``):
 
 - ``latency(s)``: answer ``s`` seconds late.
 - ``blackhole()``: read the request, never answer.
@@ -68,6 +69,8 @@ class Fault:
     # Matching requests let through untouched before the fault applies.
     skip: int = 0
     gate: threading.Event | None = None
+    # Only requests whose body contains this.
+    body_part: bytes | None = None
 
     @staticmethod
     def none() -> Fault:
@@ -115,12 +118,19 @@ class Fault:
         return Fault("hold", path, gate=release)
 
     @staticmethod
+    def matching(part: bytes, fault: Fault) -> Fault:
+        """``fault``, for requests whose body contains ``part`` only."""
+        return dataclasses.replace(fault, body_part=part)
+
+    @staticmethod
     def after(passed: int, fault: Fault) -> Fault:
         """``fault``, once ``passed`` matching requests have gone through untouched."""
         return dataclasses.replace(fault, skip=passed)
 
-    def applies(self, path: str) -> bool:
+    def applies(self, path: str, body: bytes = b"") -> bool:
         if self.kind == "none":
+            return False
+        if self.body_part is not None and self.body_part not in body:
             return False
         if self.path is None:
             return True
@@ -299,7 +309,7 @@ class FaultProxy:
         seen = Seen(method, path, request.body, headers=dict(request.headers))
         with self._lock:
             self.seen.append(seen)
-        if not fault.applies(path) or self._lets_through(fault):
+        if not fault.applies(path, request.body) or self._lets_through(fault):
             response = await self._forward(conn, request, method)
             seen.status = _status(response.first_line)
             conn.writer.write(response.raw)

@@ -271,6 +271,36 @@ class TenantState:
             if ref in (f"user:{task.user}", f"agent:{task.agent}"):
                 task.revoked = True
 
+    def public_tuples(self, obj: str) -> set[Grant]:
+        """The tuples of the public vocabulary naming ``obj`` (what GET /v1/relationships
+        lists): grants, parents, memberships."""
+        kind, _, name = obj.partition(":")
+        found = {g for g in self.grants if g[2] == obj}
+        if kind == "document" and name in self.docs:
+            doc = self.docs[name]
+            parent = f"folder:{doc.folder}" if doc.folder else f"source:{doc.source}"
+            found.add((parent, "parent", obj))
+        elif kind == "folder" and name in self.folders:
+            found.add((f"source:{self.folders[name]}", "parent", obj))
+            if name in self.nesting:
+                found.add((f"folder:{self.nesting[name]}", "parent", obj))
+        elif kind == "group":
+            found |= {(m, "member", obj) for m, g in self.memberships if g == name}
+        elif kind == "tenant":
+            found |= {(m, "member", obj) for m in self.members}
+            found |= {(f"user:{ADMIN}", "member", obj), (f"user:{ADMIN}", "admin", obj)}
+        return found
+
+    def objects(self) -> list[str]:
+        """Every object a world may name: the pools, the groups and the tenant."""
+        return (
+            [f"document:{d}" for d in DOC_POOL]
+            + [f"folder:{f}" for f in FOLDER_POOL]
+            + [f"source:{s}" for s in SOURCE_POOL]
+            + [f"group:{g}" for g in self.groups]
+            + [f"tenant:{self.name}"]
+        )
+
     # -- the decision ------------------------------------------------------------------
 
     def group_members(self) -> dict[str, set[str]]:
@@ -390,7 +420,7 @@ class Step:
     rivals: list[tuple[Call, TenantState]] = field(default_factory=list)  # a race: one wins
     new_task: bool = False  # the last task of ``after`` gets its id from the answer
     watch: list[int] = field(default_factory=list)  # tasks (by index) to probe first
-    concurrent: bool = True  # retrievals run while it is applied
+    named: list[str] = field(default_factory=list)  # objects whose tuples to compare after
 
 
 def plan(kind: str, state: TenantState, rng: random.Random) -> Step | None:
@@ -471,10 +501,19 @@ def ingest_step(state: TenantState, source: str, docs: Sequence[Doc], kind: str,
         counts = ["collision_refused", f"collision_refused:{refused.split()[0]}"]
         if _changed(state, _as_if_accepted(state, source, docs))[1]:
             counts.append("collision_refused:would_leak")
-        return Step(kind, f"{what}: 409 ({refused})", [call], after, counts)
+        step = Step(kind, f"{what}: 409 ({refused})", [call], after, counts)
+        step.named = _named(docs)
+        return step
     skipped = after.ingest(source, docs)
     queries = [_query(d.texts(state.name)[0]) for d in docs]
-    return Step(kind, what, [call], after, ["ingest"], skipped=skipped, queries=queries)
+    step = Step(kind, what, [call], after, ["ingest"], skipped=skipped, queries=queries)
+    step.named = _named(docs)
+    return step
+
+
+def _named(docs: Sequence[Doc]) -> list[str]:
+    """The documents and folders a batch names."""
+    return [f"document:{d.id}" for d in docs] + [f"folder:{d.folder}" for d in docs if d.folder]
 
 
 def _as_if_accepted(state: TenantState, source: str, docs: Sequence[Doc]) -> TenantState:
@@ -554,13 +593,15 @@ def plan_reparent(state: TenantState, rng: random.Random) -> Step | None:
         legit = _new_grant(state, rng)
         if legit is not None:
             writes.insert(rng.randint(0, 1), legit)
-    return Step(
+    step = Step(
         "reparent",
         f"parent {bad} (owned by {owner}) with {writes}: 409",
         [_relationships(writes, status=409)],
         state.copy(),
         ["reparent_refused"],
     )
+    step.named = sorted({g[2] for g in writes})
+    return step
 
 
 def plan_nest(state: TenantState, rng: random.Random) -> Step | None:
@@ -586,7 +627,9 @@ def plan_nest(state: TenantState, rng: random.Random) -> Step | None:
     after = state.copy()
     after.nesting[child] = parent
     call = _relationships([(f"folder:{parent}", "parent", f"folder:{child}")])
-    return Step("nest", f"nest folder {child} in {parent}", [call], after, ["nest"])
+    step = Step("nest", f"nest folder {child} in {parent}", [call], after, ["nest"])
+    step.named = [f"folder:{child}"]
+    return step
 
 
 def _reingest(state: TenantState, rng: random.Random, doc: Doc, acl: Acl, text_p: float) -> Doc:
@@ -747,6 +790,8 @@ def plan_deprovision(state: TenantState, rng: random.Random) -> Step | None:
     call = Call("DELETE", f"/v1/principals/{ref}")
     step = Step("deprovision", f"deprovision {ref}", [call], after, counts)
     step.watch = _tasks_of(state, ref)
+    step.named = [f"tenant:{state.name}"] + [f"group:{g}" for m, g in state.memberships if m == ref]
+    step.named += [g[2] for g in state.grants if g[0] == ref]
     return step
 
 
@@ -775,6 +820,7 @@ def plan_readd(state: TenantState, rng: random.Random) -> Step | None:
     calls = [_relationships([(ref, "member", f"tenant:{state.name}")])]
     step = Step("readd", f"re-add {ref} as a member", calls, after, counts)
     step.watch = _tasks_of(state, ref)
+    step.named = [f"tenant:{state.name}"] + [f"group:{g}" for g in state.groups]
     former = {state.docs[d].source for d in state.deprovisioned.get(ref, ()) if d in state.docs}
     if rng.random() < 0.8 and state.sources:
         task = _task_for(after, ref, sorted(former) or [rng.choice(state.sources)], rng)
@@ -840,6 +886,8 @@ def _remove_source(state: TenantState, source: str) -> Step:
     queries = [_query(d.texts(state.name)[0]) for d in state.docs.values() if d.source == source]
     step = Step("remove_source", f"remove source {source}", calls, after, counts)
     step.queries = queries[:3]
+    step.named = [f"source:{source}"] + [f"folder:{f}" for f in _own_folders(state, source)]
+    step.named += [f"document:{d}" for d, doc in state.docs.items() if doc.source == source]
     return step
 
 
@@ -877,6 +925,7 @@ def plan_add_source(state: TenantState, rng: random.Random) -> Step | None:
         "add_source", f"add source {source}, {ingest.what or 'ingest'}", calls, ingest.after
     )
     step.counts, step.queries = counts, ingest.queries
+    step.named = [f"source:{source}", *ingest.named]
     return step
 
 
@@ -960,6 +1009,7 @@ def plan_delete_document(state: TenantState, rng: random.Random) -> Step | None:
     after.delete_document(doc.id)
     call = Call("DELETE", f"/v1/sources/{doc.source}/documents/{doc.id}", status=204)
     step = Step("delete_document", f"delete {doc.id} of {doc.source}", [call], after)
+    step.named = [f"document:{doc.id}"]
     step.counts, step.queries = ["delete_document"], [_query(doc.texts(state.name)[0])]
     return step
 
@@ -990,8 +1040,9 @@ def plan_race(state: TenantState, rng: random.Random) -> Step | None:
         after.ingest(doc.source, [doc])
         rivals.append((_ingest_call(state, doc.source, [doc]), after))
     step = Step("race", f"{a} and {b} both claim {what}", [], state.copy(), ["race"])
-    step.rivals, step.concurrent = rivals, False
+    step.rivals = rivals
     step.queries = [_query(d.texts(state.name)[0]) for d in docs]
+    step.named = _named(docs)
     return step
 
 

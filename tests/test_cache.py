@@ -76,7 +76,8 @@ async def _world(g: Gateway, http: httpx.AsyncClient, expires_at: str | None = N
 async def _docs(w: World, **headers: str) -> list[str]:
     token = w.agent_token("alice", "bot", w.task_id)  # type: ignore[attr-defined]
     response = await w.http.post(
-        "/v1/retrieve", json={"query": "revenue forecast", "k": 3},
+        "/v1/retrieve",
+        json={"query": "revenue forecast", "k": 3},
         headers={**bearer(token), **headers},
     )
     assert response.status_code == 200, response.text
@@ -90,11 +91,17 @@ async def test_the_exact_cache_is_the_default(gateway: Gateway) -> None:
 
 async def _exact_world(g: Gateway, http: httpx.AsyncClient, **task: Any) -> World:
     w = await World(g, http, "acme").setup(members=["alice"], agents=["bot"])
-    await w.ingest([
-        doc("d1", TEXT, viewers=["user:alice"], agents=["agent:bot"]),
-        doc("d2", "Revenue forecast appendix for the enterprise segment.",
-            viewers=["user:alice"], agents=["agent:bot"]),
-    ])
+    await w.ingest(
+        [
+            doc("d1", TEXT, viewers=["user:alice"], agents=["agent:bot"]),
+            doc(
+                "d2",
+                "Revenue forecast appendix for the enterprise segment.",
+                viewers=["user:alice"],
+                agents=["agent:bot"],
+            ),
+        ]
+    )
     w.task_id = await w.task("alice", "bot", ["source:docs"], **task)  # type: ignore[attr-defined]
     return w
 
@@ -147,9 +154,7 @@ async def test_exact_cache_denies_a_revoked_task_on_the_very_next_request(
     w = await _exact_world(gateway, http)
     assert await _docs(w)
     assert await _docs(w)
-    response = await w.http.delete(
-        f"/v1/tasks/{w.task_id}", headers=bearer(w.admin_token)
-    )
+    response = await w.http.delete(f"/v1/tasks/{w.task_id}", headers=bearer(w.admin_token))
     assert response.status_code in (200, 204), response.text
     assert await _docs(w) == []
 
@@ -157,8 +162,15 @@ async def test_exact_cache_denies_a_revoked_task_on_the_very_next_request(
 async def test_adaptive_reuses_list_objects_answers_until_a_change(
     gateway: Gateway, http: httpx.AsyncClient
 ) -> None:
-    w = await _exact_world(gateway, http)
-    token = w.agent_token("alice", "bot", w.task_id)  # type: ignore[attr-defined]
+    w = await World(gateway, http, "acme").setup(members=["alice"], agents=["bot"])
+    await w.ingest(
+        [
+            doc(f"d{i}", f"{TEXT} Part {i}.", viewers=["user:alice"], agents=["agent:bot"])
+            for i in range(1, 13)
+        ]
+    )
+    task = await w.task("alice", "bot", ["document:d1", "document:d2"])
+    token = w.agent_token("alice", "bot", task)
 
     async def prefilter() -> list[str]:
         ctx = gateway.verifier.verify_delegation(token)
@@ -166,7 +178,7 @@ async def test_adaptive_reuses_list_objects_answers_until_a_change(
         assert "prefilter" in result.outcome.strategy  # a known task: its narrowest list
         return sorted(c.document_id for c in result.chunks)
 
-    assert await prefilter() == ["d1", "d2"]
+    assert await prefilter() == ["d1", "d2"]  # a new task: a ListObjects probe
     hits = gateway.fga.stats.list_cache_hits
     assert await prefilter() == ["d1", "d2"]
     assert gateway.fga.stats.list_cache_hits > hits
@@ -183,6 +195,8 @@ async def test_repeated_retrieval_is_answered_from_the_cache(
 ) -> None:
     g, http = cached
     w = await _world(g, http)
+    # Both requests inside one 1 s bucket (time-dependent checks are keyed by it).
+    await asyncio.sleep(1.0 - time.time() % 1.0 + 0.01)
     assert await _docs(w) == ["d1"]
     before = g.fga.stats.snapshot()
     assert await _docs(w) == ["d1"]
@@ -349,8 +363,9 @@ async def test_change_probe_drops_entries_on_a_change_and_keeps_them_otherwise()
     feed = _Feed()
     cache = DecisionCache(load_model(), exact=True)
     probe = ChangeProbe(feed, cache)
-    key = cache.key("s", "m", "user:acme/a", "user_can_read", "document:acme/d1",
-                    cache.evaluation_time())
+    key = cache.key(
+        "s", "m", "user:acme/a", "user_can_read", "document:acme/d1", cache.evaluation_time()
+    )
     cache.put(key, True, cache.generation)
     assert await probe.fresh()  # the first probe has no horizon: it drops everything
     assert cache.get(key) is None
@@ -416,7 +431,18 @@ def test_exact_mode_refuses_time_dependent_denials_under_an_exclusion() -> None:
         }
     }
     cache = DecisionCache(model, exact=True)
-    scope = cache.key("s", "m", "task:acme/t", "in_task_scope", "document:acme/d1",
-                      cache.evaluation_time())
+    scope = cache.key(
+        "s", "m", "task:acme/t", "in_task_scope", "document:acme/d1", cache.evaluation_time()
+    )
     cache.put(scope, False, cache.generation)
     assert cache.get(scope) is None
+
+
+async def test_a_finished_probe_whose_callback_has_not_run_is_not_awaited_forever() -> None:
+    feed = _Feed()
+    probe = ChangeProbe(feed, DecisionCache(load_model(), exact=True), clock=lambda: 1.0)
+    done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+    done.set_result(True)
+    probe._inflight = (0.0, done)  # started before this request arrived, already over
+    assert await asyncio.wait_for(probe.fresh(), timeout=5)
+    assert feed.reads == 1  # a probe of its own

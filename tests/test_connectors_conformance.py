@@ -207,12 +207,16 @@ def _fronted_rows() -> list[tuple[str, dict[str, Any]]]:
     ]
 
 
-def _fronted_chroma(tmp_path: Path) -> FrontedChromaStore:
-    client = chromadb.PersistentClient(
-        path=str(tmp_path / "fc"), settings=ChromaSettings(anonymized_telemetry=False)
+def _fronted_chroma(tmp_path: Path, server: ChromaServer | None) -> FrontedChromaStore:
+    settings = ChromaSettings(anonymized_telemetry=False)
+    client = (
+        chromadb.PersistentClient(path=str(tmp_path / "fc"), settings=settings)
+        if server is None
+        else chromadb.HttpClient(host="127.0.0.1", port=server.port, settings=settings)
     )
+    name = f"kb-{tmp_path.name[-20:]}"
     kb = client.create_collection(
-        "kb-1", embedding_function=None, configuration={"hnsw": {"space": "cosine"}}
+        name, embedding_function=None, configuration={"hnsw": {"space": "cosine"}}
     )
     rows = _fronted_rows()
     kb.add(
@@ -221,7 +225,10 @@ def _fronted_chroma(tmp_path: Path) -> FrontedChromaStore:
         documents=[f"text {r[0]}" for r in rows],
         metadatas=[r[1] for r in rows],  # type: ignore[misc]
     )
-    return FrontedChromaStore("t1", "s", "kb-1", MAPPING, path=tmp_path / "fc")
+    if server is not None:
+        url = f"http://127.0.0.1:{server.port}"
+        return FrontedChromaStore("t1", "s", name, MAPPING, url=url)
+    return FrontedChromaStore("t1", "s", name, MAPPING, path=tmp_path / "fc")
 
 
 def _fronted_qdrant(tmp_path: Path) -> QdrantStore:
@@ -243,9 +250,16 @@ def _fronted_qdrant(tmp_path: Path) -> QdrantStore:
     )
 
 
-@pytest.mark.parametrize("kind", ["chroma", "qdrant"])
-async def test_fronted_missing_or_malformed_ids_and_scope(kind: str, tmp_path: Path) -> None:
-    store = _fronted_chroma(tmp_path) if kind == "chroma" else _fronted_qdrant(tmp_path)
+@pytest.mark.parametrize("kind", ["chroma-embedded", "chroma-server", "qdrant-local"])
+async def test_fronted_missing_or_malformed_ids_and_scope(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    store: FrontedChromaStore | QdrantStore
+    if kind == "qdrant-local":
+        store = _fronted_qdrant(tmp_path)
+    else:
+        server = request.getfixturevalue("chroma_server") if kind == "chroma-server" else None
+        store = _fronted_chroma(tmp_path, server)
     try:
         found = await store.search("t1", "s", query(), 10)
         assert len(found) == 4

@@ -97,7 +97,8 @@ async def test_directory_of_mixed_files(
     w, root = world, tmp_path / "tree"
     make_tree(root)
     summary = await ingest(w, root, capsys)
-    assert summary["new"] == 4 and summary["changed"] == 0 and summary["skipped"] == 0
+    assert summary["new"] == 4, summary["failed"]
+    assert summary["changed"] == 0 and summary["skipped"] == 0
     reasons = {f["path"]: f["reason"] for f in summary["failed"]}
     assert set(reasons) == {"sales/broken.pdf", "sales/latin1.txt", "empty.md"}
     assert "PDF" in reasons["sales/broken.pdf"] and "UTF-8" in reasons["sales/latin1.txt"]

@@ -173,3 +173,36 @@ async def test_chunks_whose_tuples_never_landed_are_unreachable(
     assert await texts(w, "alice", alice) == set()
     assert (await ingest(w, plan(NEW, "alice"))).json()["skipped"] == 0
     assert await texts(w, "alice", alice) == {NEW}
+
+
+async def test_text_read_before_an_update_is_never_served_under_the_new_acl(world: World) -> None:
+    """Search reads the old text, an update widens the ACL with new text, then the checks
+    run: the old text (meant for bob only) must not reach alice."""
+    w = world
+    await ingest(w, plan(OLD, "bob"))
+    task = await w.task("alice", "helper", ["source:docs"])
+    ctx = await w.g.verifier.averify_delegation(w.agent_token("alice", "helper", task))
+    reached, release = asyncio.Event(), asyncio.Event()
+    original = w.g.fga.batch_check
+
+    async def held(*args: Any, **kwargs: Any) -> Any:
+        reached.set()
+        await release.wait()
+        return await original(*args, **kwargs)
+
+    w.g.fga.batch_check = held  # type: ignore[method-assign]
+    try:
+        retrieval = asyncio.create_task(w.g.retrieve(ctx, QUERY, 5, strategy="postfilter"))
+        await reached.wait()  # the store has answered with the old text
+        w.g.fga.batch_check = original  # type: ignore[method-assign]
+        response = await ingest(w, plan(NEW, "alice", "bob"))
+        assert response.status_code == 200, response.text
+        release.set()
+        result = await retrieval
+    finally:
+        w.g.fga.batch_check = original  # type: ignore[method-assign]
+    assert [c.text for c in result.chunks] == []
+    entry = await w.g.audit.get("acme", result.request_id)
+    assert entry is not None
+    assert [c.failed_checks for c in entry.record.candidates] == [("content_changed",)]
+    assert await texts(w, "alice", task) == {NEW}

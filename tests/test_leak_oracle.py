@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import io
 import itertools
 import json
 import math
@@ -48,7 +49,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -143,6 +144,7 @@ REQUIRED = {
     "add_source:reused_name": 0.06,
     "concurrent_answers": 10.0,
 }
+WORLD_HANG_S = 600.0  # a world that has not finished by then is reported as hung
 ENFORCED_FROM = 8  # worlds; fewer (a quick local run) only prints what was exercised
 NONEMPTY_SHARE = 0.2  # of the exact comparisons, at least this share expects chunks
 FAULTS = {
@@ -480,6 +482,26 @@ class WorldRun:
             if step.new_task and call.path == "/v1/tasks":
                 step.after.tasks[-1].id = response.json()["task_id"]
 
+    async def check_tuples(self, t: int, objects: list[str], when: str) -> None:
+        """The public tuples on ``objects`` are exactly the oracle's (nothing more written,
+        nothing left behind)."""
+        state = self.states[t]
+        token = self.g.mint_token(tenant=state.name, user=ADMIN)
+        for obj in dict.fromkeys(objects):
+            response = await self.http.get(
+                "/v1/relationships", params={"object": obj}, headers=bearer(token)
+            )
+            assert response.status_code == 200, self.fail(f"{when}: {response.text}")
+            found = {
+                (r["user"], r["relation"], r["object"]) for r in response.json()["relationships"]
+            }
+            expected = state.public_tuples(obj)
+            assert found == expected, self.fail(
+                f"{when}: tuples on {obj} of {state.name}: unexpected {sorted(found - expected)}, "
+                f"missing {sorted(expected - found)}"
+            )
+            TALLY.exercised["tuples_compared"] += len(found)
+
     def adopt(self, t: int, step: Step, after: TenantState | None = None) -> None:
         self.states[t] = after or step.after
         self.spec.log.append(f"{self.states[t].name}: {step.what}")
@@ -504,6 +526,7 @@ class WorldRun:
             assert step is not None
             await self.apply(t, step)
             self.adopt(t, step)
+            await self.check_tuples(t, step.named, f"after {step.what}")
         now = datetime.now(UTC)
         for task in self.states[t].tasks:
             call = Call("POST", "/v1/tasks", task.body(now), 201)
@@ -558,7 +581,7 @@ class WorldRun:
         if response.status_code == 503:  # failing closed is safe; counted, not a leak
             body = response.json()
             assert list(body) == ["error"], self.fail(f"{when}: {response.text}")
-            TALLY.failed_closed[body["error"]["code"]] += 1
+            TALLY.failed_closed[f"{body['error']['code']} {when.split(':')[0]}"] += 1
             return
         assert response.status_code == 200, self.fail(f"{when}: {response.text}")
         chunks = response.json()["chunks"]
@@ -626,6 +649,7 @@ class WorldRun:
             self.adopt(t, step)
             for p, response in answers:
                 self.check_safe(t, [before, step.after], p, response, f"during {step.what}")
+        await self.check_tuples(t, step.named, f"after {step.what}")
         # Tasks the step created are asked too (a re-added member's new task above all).
         fresh = range(len(before.tasks), len(self.states[t].tasks))
         queries = [p.query for p in probes] or [" ".join(rng.sample(VOCAB, 3))]
@@ -745,6 +769,8 @@ class WorldRun:
         for kind, t, seed in self.spec.program:
             await self.mutate(kind, t, seed)
         await self.check_retrievals("after the program", pinned=True)
+        for t, state in enumerate(self.states):
+            await self.check_tuples(t, state.objects(), "after the program")
 
 
 CHUNKED: set[str] = set()
@@ -752,12 +778,11 @@ CHUNKED: set[str] = set()
 
 def check_chunker_agrees(call: Call) -> None:
     """The oracle's chunks are the paragraphs: make sure the chunker agrees."""
-    for doc in (call.body or {}).get("documents", []) if isinstance(call.body, dict) else []:
-        if doc["text"] not in CHUNKED:
-            assert [c[2] for c in chunk_document(doc["id"], doc["text"])] == doc["text"].split(
-                "\n\n"
-            )
-            CHUNKED.add(doc["text"])
+    for entry in (call.body or {}).get("documents", []) if isinstance(call.body, dict) else []:
+        if entry["text"] not in CHUNKED:
+            chunks = [c[2] for c in chunk_document(entry["id"], entry["text"])]
+            assert chunks == entry["text"].split("\n\n")
+            CHUNKED.add(entry["text"])
 
 
 def _bound(task: Task) -> tuple[str, str, Task]:
@@ -809,10 +834,32 @@ async def world_gateway(
 async def run_world(proxy: FaultProxy, openfga: ManagedOpenFGA, spec: WorldSpec) -> None:
     async with world_gateway(proxy, openfga, spec) as (g, http):
         run = WorldRun(g, http, proxy, spec)
-        await run.run()
+        await watchdog(run.run(), spec)
         verified = await g.audit.verify()
         assert verified.ok, verified
     TALLY.worlds += 1
+
+
+async def watchdog(work: Awaitable[None], spec: WorldSpec) -> None:
+    """Turn a hang into a failure that says where every task waits (never a time limit
+    on the answers: a world takes seconds, this waits many minutes)."""
+    job = asyncio.ensure_future(work)
+    await asyncio.wait({job}, timeout=WORLD_HANG_S)
+    if job.done():
+        return job.result()
+    stacks = []
+    for task in asyncio.all_tasks():
+        if task is not asyncio.current_task():
+            out = io.StringIO()
+            task.print_stack(limit=12, file=out)
+            stacks.append(out.getvalue())
+    job.cancel()
+    with contextlib.suppress(BaseException):
+        await job
+    raise AssertionError(
+        f"the world hung for {WORLD_HANG_S:.0f} s after {spec.log[-3:]}; waiting:\n"
+        + "\n".join(stacks)
+    )
 
 
 # -- the tests ----------------------------------------------------------------------------------
@@ -881,43 +928,70 @@ SECRET = "payroll salary bands bonus secret " * 12
 REDACTED = "payroll summary redacted public memo " * 12
 
 
-async def test_widening_never_serves_the_old_text_to_the_new_audience(
-    openfga: ManagedOpenFGA, tmp_path: Path
-) -> None:
-    """The oracle's finding, made deterministic: a retrieval whose candidates were read
-    from the store before a re-ingestion (redacted text, now readable by bob too) and
-    whose BatchCheck reaches OpenFGA after it must not hand bob the old, secret text.
+async def widen(w: World) -> None:
+    """Redacted text, and bob in the ACL."""
+    acl = {"viewers": ["user:alice", "user:bob"], "agents": ["agent:bot"]}
+    await w.ingest([doc("d1", REDACTED, **acl)])
 
-    The proxy holds bob's BatchCheck until the re-ingestion has answered.
+
+async def reuse_id(w: World) -> None:
+    """The document leaves ``docs``; ``wiki`` takes its id, open to every member."""
+    await w.admin_call("DELETE", "/v1/sources/docs/documents/d1")
+    acl = {"viewers": ["tenant:acme#member"], "agents": ["tenant:acme#member"]}
+    await w.ingest([doc("d1", REDACTED, **acl)], source="wiki")
+
+
+@pytest.mark.parametrize("change", [widen, reuse_id], ids=["widened", "id_reused"])
+async def test_a_check_after_a_change_never_serves_content_read_before_it(
+    openfga: ManagedOpenFGA, tmp_path: Path, change: Callable[[World], Awaitable[None]]
+) -> None:
+    """The oracle's finding, made deterministic: bob's retrieval reads its candidates
+    from the store (the secret text, which bob may not read), then its BatchCheck is
+    held in the proxy while the admin lets bob read a new version of ``d1`` (redacted,
+    or another source's document under the same id). Checked after that, the old
+    content must not reach bob: a check is about the document as it is now, and the
+    text read before it may be of a version bob was never allowed.
     """
     with FaultProxy(openfga.http_port) as proxy:
-        settings = make_settings(openfga, tmp_path, openfga_url=proxy.url, strategy="postfilter")
+        settings = make_settings(
+            openfga,
+            tmp_path,
+            openfga_url=proxy.url,
+            strategy="postfilter",
+            openfga_timeout_s=60.0,  # the held check waits for the admin's change
+            request_timeout_s=120.0,
+        )
         g = await Gateway.start(settings, embeddings=HashEmbeddings())
         release = threading.Event()
         try:
             transport = httpx.ASGITransport(app=create_app(gateway=g))
             async with httpx.AsyncClient(transport=transport, base_url="http://oracle") as http:
                 w = await World(g, http, "acme").setup(members=["alice", "bob"], agents=["bot"])
+                await w.admin_call("POST", "/v1/sources", {"id": "wiki", "kind": "chroma"})
                 await w.ingest([doc("d1", SECRET, viewers=["user:alice"], agents=["agent:bot"])])
-                task = await w.task("bob", "bot", ["source:docs"])
-                checks = len(proxy.requests("/batch-check"))
-                proxy.set(Fault.hold(release, "/batch-check"))
+                task = await w.task("bob", "bot", ["source:docs", "source:wiki"])
+                # The document checks of a retrieval only (the admin's own checks pass).
+                proxy.set(Fault.matching(b"in_tenant", Fault.hold(release, "/batch-check")))
                 retrieval = asyncio.create_task(w.retrieve("bob", "bot", task, "payroll salary"))
-                for _ in range(500):  # until bob's candidates are read and their check is held
-                    if len(proxy.requests("/batch-check")) > checks or retrieval.done():
+                for _ in range(1000):  # until bob's candidates are read and their check held
+                    if retrieval.done() or any(s.fault == "hold" for s in proxy.requests()):
                         break
                     await asyncio.sleep(0.01)
                 assert not retrieval.done(), (await retrieval).text
-                widened = ["user:alice", "user:bob"]
-                await w.ingest([doc("d1", REDACTED, viewers=widened, agents=["agent:bot"])])
+                assert any(s.fault == "hold" for s in proxy.requests()), "no document check"
+                await change(w)
                 release.set()
                 response = await retrieval
         finally:
             release.set()
             await g.close()
     assert response.status_code == 200, response.text
-    texts = [c["text"] for c in response.json()["chunks"]]
-    assert all(text == REDACTED.strip() for text in texts), texts
+    stale = [
+        f"{c['chunk_id']} of {c['source']}"
+        for c in response.json()["chunks"]
+        if c["text"] != REDACTED.strip()
+    ]
+    assert not stale, f"bob was served content read before the change: {stale}"
 
 
 @pytest.fixture(scope="module", autouse=True)

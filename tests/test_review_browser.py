@@ -5,7 +5,9 @@ event loop and its own Gateway on the session's OpenFGA (``tests.served``, a
 :class:`~gateway.background.BackgroundGateway`: a gateway's connections belong to the
 loop that opened them). Debian's chromium, driven by Playwright for
 Python, signs in with a reviewer token, opens a blocked retrieval, checks the verdict
-table, replays it after a relationship change and saves a screenshot.
+table, replays it after a relationship change, replays it as of the decision (then / now,
+the conjunct that flipped, the timeline of the change with a link to the admin record
+that made it) and saves screenshots.
 
 Chromium missing is a failure, never a skip: scripts/install-system-deps installs it.
 """
@@ -210,8 +212,48 @@ def test_reviewer_page_shows_blocked_record_and_replays_it(
             expect(page.locator("#replay-status")).to_contain_text("nothing was written")
             expect(_row(page, "diff-rows", "d3").locator(".what-if-col")).to_contain_text("allow")
 
+            # As of the decision: d2 was and then denied, now allowed; the agent_can_read
+            # conjunct flipped; the timeline shows the grant with its admin request.
+            page.click("#replay-as-of")
+            expect(page.locator("#asof-result")).to_be_visible()
+            expect(page.locator("#asof-summary")).to_contain_text("matches the record")
+            expect(page.locator("#asof-rows tr")).to_have_count(3)
+            cells = _row(page, "asof-rows", "d2").locator("td")
+            expect(cells.nth(1)).to_have_text("deny")  # was (recorded)
+            expect(cells.nth(2)).to_have_text("deny")  # then (rebuilt)
+            expect(cells.nth(3)).to_have_text("allow")  # now
+            expect(cells.nth(4)).to_have_text("agent_can_read")
+            expect(cells.nth(5)).to_have_text("1")
+            d1_cells = _row(page, "asof-rows", "d1").locator("td")
+            expect(d1_cells.nth(2)).to_have_text("allow")
+            expect(d1_cells.nth(4)).to_have_text("\u2013")  # nothing flipped
+            markers = page.locator("#timeline li.marker")
+            expect(markers).to_have_count(2)
+            expect(markers.first).to_contain_text("Decided")
+            grant_entry = page.locator("#timeline li.write.flips")
+            expect(grant_entry).to_have_count(1)
+            expect(grant_entry).to_contain_text("wrote")
+            expect(grant_entry).to_contain_text("agent:summarizer agent_viewer document:d2")
+            expect(grant_entry).to_contain_text("agent_can_read")
+            expect(grant_entry).to_contain_text("relationships.write, user:admin")
+            link = grant_entry.locator("a.admin-link")
+            admin_id = link.get_attribute("data-request-id")
+            assert admin_id and admin_id == link.inner_text()
+
             shot = tmp_path / "review.png"
             page.screenshot(path=str(shot), full_page=True)
+            timeline_shot = tmp_path / "timeline.png"
+            page.locator("#asof-result").screenshot(path=str(timeline_shot))
+
+            # The link opens the admin record that made the change; back returns.
+            link.click()
+            expect(page.locator("#detail-title")).to_have_text(f"Admin request {admin_id}")
+            expect(page.locator("#admin-change-list")).to_contain_text(
+                "write agent:summarizer agent_viewer document:d2"
+            )
+            expect(page.locator("#verdicts")).to_be_hidden()
+            page.click("#back-to-decision")
+            expect(page.locator("#detail-title")).to_have_text(f"Decision {scene.blocked_id}")
             assert problems == [], problems
             assert outside == [], f"the page reached outside the gateway: {outside}"
         finally:
@@ -220,3 +262,6 @@ def test_reviewer_page_shows_blocked_record_and_replays_it(
     data = shot.read_bytes()
     width, height = _png_size(data)
     assert width >= 1000 and height >= 600 and len(data) > 20_000
+    timeline = timeline_shot.read_bytes()
+    width, height = _png_size(timeline)
+    assert width >= 900 and height >= 250 and len(timeline) > 10_000

@@ -270,8 +270,22 @@ async def test_fronted_chroma_and_qdrant_sync_retrieve_and_follow_upstream_chang
     assert wiki_change["deletes"] == 2 and wiki_change["writes"] == 1  # alice, grp:eng out; bob in
     vault_change = await sync(w, "vault")
     assert vault_change["deletes"] == 0 and vault_change["writes"] == 1
+    # Incremental: only c0 changed upstream, the other seven were not read back.
+    assert wiki_change["skipped"] == 7
     await check_exact(w, up, "alice", set(), alice_task)
     await check_exact(w, up, "bob", {"eng"}, bob_task)
+
+    # A grant removed in OpenFGA behind the source's back: the incremental sync trusts
+    # its last run; a full one reads every document and restores it.
+    await w.relationships(
+        deletes=[{"user": "user:alice", "relation": "viewer", "object": "document:c1"}]
+    )
+    assert (await sync(w, "wiki"))["writes"] == 0
+    response = await w.http.post(
+        "/v1/sources/wiki/sync", json={"full": True}, headers=bearer(w.admin_token)
+    )
+    assert response.json()["writes"] == 1 and response.json()["skipped"] == 0
+    await check_exact(w, up, "alice", set(), alice_task)
     # The audit log holds each applied sync with its diff.
     records = [
         e.record
@@ -381,6 +395,8 @@ async def test_sync_claims_names_and_refuses_another_sources_documents(
         headers=bearer(w.admin_token),
     )
     assert ingest.status_code == 400 or ingest.status_code == 422
+    removal = await w.http.delete("/v1/sources/wiki/documents/c0", headers=bearer(w.admin_token))
+    assert removal.status_code in (400, 422)
 
 
 async def test_managed_sync_restores_ingested_acls_and_interrupted_sync_converges(

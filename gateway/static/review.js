@@ -1,4 +1,5 @@
-// scopegate reviewer page: list blocked retrievals, open one, replay it.
+// scopegate reviewer page: list blocked retrievals, open one, replay it (now, or as of
+// the decision with the timeline of the relationship changes since).
 // Dependency-free. Every value from the server is rendered as text (text nodes or
 // textContent), never as HTML; the token lives in sessionStorage for this tab only.
 "use strict";
@@ -9,7 +10,7 @@
   const PAGE_SIZE = 50;
 
   const $ = (id) => document.getElementById(id);
-  const state = { cursor: null, filters: {}, shown: 0, hidden: 0, current: null, whatIf: [] };
+  const state = { cursor: null, filters: {}, shown: 0, hidden: 0, current: null, whatIf: [], previous: null };
 
   // -- DOM helpers (text only) ---------------------------------------------------------
 
@@ -195,7 +196,7 @@
 
   // -- detail -------------------------------------------------------------------------
 
-  async function openDetail(requestId) {
+  async function openDetail(requestId, from) {
     for (const row of $("decision-rows").children) {
       row.classList.toggle("selected", row.getAttribute("data-request-id") === requestId);
     }
@@ -207,10 +208,16 @@
       return;
     }
     state.current = record;
+    state.previous = from || null;
     state.whatIf = [];
     renderWhatIf();
-    $("detail-title").textContent = "Decision " + record.request_id;
+    $("back-to-decision").hidden = !state.previous;
+    const admin = record.kind === "admin";
+    $("detail-title").textContent = (admin ? "Admin request " : "Decision ") + record.request_id;
     renderMeta(record);
+    renderAdminChanges(record);
+    $("verdicts-title").hidden = admin;
+    $("verdicts-box").hidden = admin;
     const rows = $("verdict-rows");
     clear(rows);
     for (const c of record.candidates) {
@@ -231,11 +238,32 @@
     }
     const replayable = record.kind === "retrieve" && record.task;
     $("replay").disabled = !replayable;
+    $("replay-as-of").disabled = !replayable;
     $("what-if").hidden = !replayable;
     $("replay-result").hidden = true;
+    $("asof-result").hidden = true;
     setStatus("replay-status", "");
     $("detail").hidden = false;
     $("detail").scrollIntoView({ behavior: "smooth", block: "start" });
+  }
+
+  function local(ref, tenant) {
+    return String(ref).split(":" + tenant + "/").join(":");
+  }
+
+  function renderAdminChanges(r) {
+    const list = $("admin-change-list");
+    clear(list);
+    const extra = r.extra || {};
+    const groups = [["writes", "write"], ["wanted", "write"], ["deletes", "delete"]];
+    for (const [key, verb] of groups) {
+      for (const t of extra[key] || []) {
+        if (!Array.isArray(t) || t.length !== 3) continue;
+        list.append(el("li", { "data-op": verb }, verb + " " + local(t[0], r.tenant) + " " + t[1] + " " + local(t[2], r.tenant)));
+      }
+    }
+    $("admin-changes").hidden = r.kind !== "admin";
+    if (r.kind === "admin" && !list.firstChild) list.append(el("li", {}, "none recorded here (see the request's intent record)"));
   }
 
   function renderMeta(r) {
@@ -256,6 +284,7 @@
       ["Consistency", r.consistency],
       ["Latency", r.latency_ms + " ms"],
       ["Error", r.error_code || "–"],
+      ["Action", (r.extra && r.extra.action) ? r.extra.action + (r.extra.phase ? " (" + r.extra.phase + ")" : "") : "–"],
       ["Chain", "entry " + r.seq + ", hash " + String(r.hash).slice(0, 16) + "…"],
     ];
     for (const [name, value] of fields) {
@@ -264,6 +293,86 @@
   }
 
   // -- replay -------------------------------------------------------------------------
+
+  // -- replay as of the decision: then / now and the timeline of changes ------------
+
+  async function replayAsOf() {
+    const record = state.current;
+    if (!record) return;
+    setStatus("replay-status", "Rebuilding the relationships as of the decision…");
+    let result;
+    try {
+      result = await api("POST", API + "/" + encodeURIComponent(record.request_id) + "/replay", { as_of: "decision" });
+    } catch (error) {
+      failed("replay-status", error);
+      return;
+    }
+    renderAsOf(result);
+    setStatus("replay-status", "Rebuilt as of " + when(result.as_of.decided_at) + " UTC and replayed at " + when(result.replayed_at) + " UTC (a scratch store, removed; nothing was written)");
+  }
+
+  function renderAsOf(result) {
+    const a = result.as_of;
+    const exact = a.exact
+      ? "Every verdict rebuilt as of the decision matches the record"
+      : "The rebuilt verdicts differ from the record for " + a.mismatches.join(", ");
+    $("asof-summary").textContent = exact + " · decided " + when(a.decided_at) + " UTC · change-log position " +
+      (a.archive_seq === null ? "–" : a.archive_seq) + " · " + a.tuples_reconstructed + " relationships rebuilt · " +
+      result.changes.length + " change(s) since";
+    const rows = $("asof-rows");
+    clear(rows);
+    for (const d of result.documents) {
+      const match = d.then_matches_was === false ? "then-differs" : "then-match";
+      const flips = (d.changes || []).filter((c) => c.flips).length;
+      rows.append(
+        el(
+          "tr",
+          { "data-document": d.document_id, class: d.flipped_checks && d.flipped_checks.length ? "changed" : "" },
+          el("td", { class: "mono" }, d.document_id),
+          el("td", {}, pill(d.was)),
+          el("td", {}, pill(d.then, match)),
+          el("td", {}, pill(d.now)),
+          el("td", { class: "flipped" }, checks(d.flipped_checks)),
+          el("td", { class: "num" }, flips),
+        ),
+      );
+    }
+    const line = $("timeline");
+    clear(line);
+    line.append(el("li", { class: "marker", "data-kind": "decision" },
+      el("span", { class: "when" }, when(a.decided_at)),
+      "Decided (change-log position " + (a.archive_seq === null ? "–" : a.archive_seq) + ")"));
+    const flipping = new Set();
+    for (const d of result.documents) for (const c of d.changes || []) if (c.flips) flipping.add(c.seq);
+    for (const c of result.changes) {
+      const verb = c.operation === "write" ? "wrote" : "deleted";
+      const by = c.admin_request_id
+        ? el("span", { class: "by" }, "by admin request ",
+            el("a", { href: "#", class: "admin-link", "data-request-id": c.admin_request_id,
+              onclick: (event) => { event.preventDefault(); openDetail(c.admin_request_id, result.request_id); } },
+              c.admin_request_id),
+            " (" + c.admin_action + ", user:" + c.admin_user + ")")
+        : el("span", { class: "by" }, "not made through the gateway");
+      line.append(
+        el(
+          "li",
+          { class: c.operation + (flipping.has(c.seq) ? " flips" : ""), "data-seq": c.seq },
+          el("span", { class: "when" }, when(c.time)),
+          el("span", { class: "op" }, verb),
+          el("span", { class: "tuple" }, c.user + " " + c.relation + " " + c.object),
+          " ",
+          checks(c.checks),
+          by,
+        ),
+      );
+    }
+    line.append(el("li", { class: "marker", "data-kind": "now" },
+      el("span", { class: "when" }, when(result.replayed_at)), "Now"));
+    const notes = $("asof-notes");
+    clear(notes);
+    for (const note of result.notes || []) notes.append(el("li", {}, note));
+    $("asof-result").hidden = false;
+  }
 
   async function replay(withWhatIf) {
     const record = state.current;
@@ -375,6 +484,10 @@
       state.current = null;
     });
     $("replay").addEventListener("click", () => replay(false));
+    $("replay-as-of").addEventListener("click", replayAsOf);
+    $("back-to-decision").addEventListener("click", () => {
+      if (state.previous) openDetail(state.previous);
+    });
     $("replay-what-if").addEventListener("click", () => replay(true));
     $("what-if-form").addEventListener("submit", addWhatIf);
     if (token()) {

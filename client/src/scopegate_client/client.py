@@ -281,10 +281,18 @@ def _relationship_list(data: Mapping[str, Any]) -> list[dict[str, str]]:
     ]
 
 
-def _replay(request_id: str, what_if: Sequence[Mapping[str, str]] | None) -> _Request:
+def _replay(
+    request_id: str, what_if: Sequence[Mapping[str, str]] | None, as_of: str = "now"
+) -> _Request:
     path = _path("/v1/audit/decisions/{}/replay", request_id)
-    body = {"what_if": {"writes": [dict(w) for w in what_if]}} if what_if else None
-    return _Request("POST", path, body, repeatable=True)
+    body: dict[str, Any] = {"what_if": {"writes": [dict(w) for w in what_if]}} if what_if else {}
+    if as_of != "now":
+        body["as_of"] = as_of
+    return _Request("POST", path, body or None, repeatable=True)
+
+
+def _history(ref: str) -> _Request:
+    return _Request("GET", "/v1/audit/history", params={"object": ref}, repeatable=True)
 
 
 def _counts(data: Mapping[str, Any]) -> dict[str, int]:
@@ -526,10 +534,22 @@ class AsyncScopegateClient:
         return Decision.from_json(await self._send(_Request("GET", path, repeatable=True)))
 
     async def replay(
-        self, request_id: str, what_if: Sequence[Mapping[str, str]] | None = None
+        self,
+        request_id: str,
+        what_if: Sequence[Mapping[str, str]] | None = None,
+        *,
+        as_of: str = "now",
     ) -> Replay:
-        """Re-evaluate a decision now; ``what_if`` relationships are tried, never written."""
-        return Replay.from_json(await self._send(_replay(request_id, what_if)))
+        """Re-evaluate a decision now; ``what_if`` relationships are tried, never written.
+
+        ``as_of="decision"`` also rebuilds each verdict as it stood when the request was
+        decided (``then``) and lists the relationship changes since (``raw``).
+        """
+        return Replay.from_json(await self._send(_replay(request_id, what_if, as_of)))
+
+    async def history(self, ref: str) -> dict[str, Any]:
+        """The relationship changes that touched ``ref``'s access (``document:d1``)."""
+        return dict(await self._send(_history(ref)))
 
     # health (no token needed)
 
@@ -729,8 +749,17 @@ class ScopegateClient:
         path = _path("/v1/audit/decisions/{}", request_id)
         return Decision.from_json(self._send(_Request("GET", path, repeatable=True)))
 
-    def replay(self, request_id: str, what_if: Sequence[Mapping[str, str]] | None = None) -> Replay:
-        return Replay.from_json(self._send(_replay(request_id, what_if)))
+    def replay(
+        self,
+        request_id: str,
+        what_if: Sequence[Mapping[str, str]] | None = None,
+        *,
+        as_of: str = "now",
+    ) -> Replay:
+        return Replay.from_json(self._send(_replay(request_id, what_if, as_of)))
+
+    def history(self, ref: str) -> dict[str, Any]:
+        return dict(self._send(_history(ref)))
 
     def ready(self) -> dict[str, Any]:
         return dict(self._send(_Request("GET", "/readyz", ok_statuses=frozenset({503}))))
