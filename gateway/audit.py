@@ -557,7 +557,13 @@ _MIGRATIONS: tuple[tuple[_Statement, ...], ...] = (
             (GENESIS_HASH, GENESIS_HASH),
         ),
     ),
-    (  # 2: OpenFGA's change log, archived per store (gateway/changelog.py), and its head.
+)
+LATEST_SCHEMA_VERSION = len(_MIGRATIONS)
+# The change-log archive has its own track (``changelog_schema_version``): its tables
+# are created when an archiver (or an as-of replay) first uses the store, so a store
+# that only ever holds records keeps the audit log's schema alone.
+_ARCHIVE_MIGRATIONS: tuple[tuple[_Statement, ...], ...] = (
+    (  # 1: OpenFGA's change log, archived per store (gateway/changelog.py), and its head.
         (
             "CREATE TABLE changelog_archive ("
             " store_id TEXT NOT NULL, seq BIGINT NOT NULL, time_us BIGINT NOT NULL,"
@@ -581,11 +587,39 @@ _MIGRATIONS: tuple[tuple[_Statement, ...], ...] = (
         ("CREATE INDEX audit_log_tenant_admin ON audit_log (tenant, agent_id, time_us)", ()),
     ),
 )
-LATEST_SCHEMA_VERSION = len(_MIGRATIONS)
 
-_CREATE_SCHEMA_VERSION = "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY)"
-_SELECT_SCHEMA_VERSION = "SELECT COALESCE(MAX(version), 0) FROM schema_version"
-_INSERT_SCHEMA_VERSION = "INSERT INTO schema_version (version) VALUES (?)"
+
+@dataclass(frozen=True, slots=True)
+class _Track:
+    """A line of migrations recorded in its own version table."""
+
+    table: str
+    migrations: tuple[tuple[_Statement, ...], ...]
+
+    @property
+    def create(self) -> str:
+        return f"CREATE TABLE IF NOT EXISTS {self.table} (version INTEGER PRIMARY KEY)"
+
+    @property
+    def select(self) -> str:
+        return f"SELECT COALESCE(MAX(version), 0) FROM {self.table}"  # noqa: S608
+
+    @property
+    def insert(self) -> str:
+        return f"INSERT INTO {self.table} (version) VALUES (?)"  # noqa: S608
+
+    def pending(self, current: int) -> list[tuple[int, tuple[_Statement, ...]]]:
+        latest = len(self.migrations)
+        if current > latest:
+            raise AuditUnavailable(
+                f"audit schema version {current} ({self.table}) is newer than this "
+                f"gateway's ({latest}); upgrade the gateway"
+            )
+        return [(v, self.migrations[v - 1]) for v in range(current + 1, latest + 1)]
+
+
+_LOG_TRACK = _Track("schema_version", _MIGRATIONS)
+_ARCHIVE_TRACK = _Track("changelog_schema_version", _ARCHIVE_MIGRATIONS)
 
 # f-strings below only splice these constant column lists: values always go in as "?".
 _ENTRY_COLUMNS = "seq, prev_hash, hash, record"
@@ -775,15 +809,6 @@ class _ArchiveWalk:
         )
 
 
-def _pending_migrations(current: int) -> list[tuple[int, tuple[_Statement, ...]]]:
-    if current > LATEST_SCHEMA_VERSION:
-        raise AuditUnavailable(
-            f"audit schema version {current} is newer than this gateway's "
-            f"({LATEST_SCHEMA_VERSION}); upgrade the gateway"
-        )
-    return [(v, _MIGRATIONS[v - 1]) for v in range(current + 1, LATEST_SCHEMA_VERSION + 1)]
-
-
 # -- rows, links, pages --------------------------------------------------------------------
 
 
@@ -967,6 +992,10 @@ class _SqlAuditStore(ABC):
     async def _fetch(self, sql: str, params: Sequence[object]) -> Sequence[Row]:
         """Run one read query written with ``?`` placeholders; all rows."""
 
+    @abstractmethod
+    async def _ensure_archive(self) -> None:
+        """Create the change-log archive's tables if this database has none yet."""
+
     async def get(self, tenant: str, request_id: str) -> AuditEntry | None:
         """The entry of ``request_id`` in ``tenant``; None if absent or another tenant's."""
         rows = await self._fetch(_SELECT_ONE, (tenant, request_id))
@@ -1007,6 +1036,7 @@ class _SqlAuditStore(ABC):
 
     async def archive_head(self, store_id: str) -> ArchiveHead | None:
         """Where the store's archive stands; None before anything was archived."""
+        await self._ensure_archive()
         rows = await self._fetch(_SELECT_CURSOR, (store_id,))
         return _head_from_row(rows[0]) if rows else None
 
@@ -1019,6 +1049,7 @@ class _SqlAuditStore(ABC):
         through: Iterable[str] = (),
     ) -> ChangeList:
         """Every archived change on ``objects`` (relevant to ``subjects``), oldest first."""
+        await self._ensure_archive()
         wanted = sorted(set(objects))
         who = None if subjects is None else sorted(set(subjects))
         via = sorted(set(through))
@@ -1032,12 +1063,13 @@ class _SqlAuditStore(ABC):
         """The archive chain's stored hash at change ``seq`` (None if there is none)."""
         if seq == 0:
             return GENESIS_HASH
+        await self._ensure_archive()
         rows = await self._fetch(_SELECT_ARCHIVE_HASH, (store_id, seq))
         return str(rows[0][0]) if rows else None
 
     async def verify_archive(self, store_id: str) -> VerifyResult:
         """Recompute the store's archive chain from its first change."""
-        head = await self.archive_head(store_id)
+        head = await self.archive_head(store_id)  # (creates the tables if needed)
         walk = _ArchiveWalk(store_id)
         for row in await self._fetch(_SELECT_ARCHIVE_CHAIN, (store_id,)):
             broken = walk.step(row)
@@ -1075,6 +1107,7 @@ class SqliteAuditStore(_SqlAuditStore):
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         self._closed = False
+        self._archive_ready = False
 
     async def append(self, record: AuditRecord) -> AuditEntry:
         """Chain ``record`` after the current head; return once it is on disk."""
@@ -1095,6 +1128,7 @@ class SqliteAuditStore(_SqlAuditStore):
         self, store_id: str, changes: Sequence[ArchivedChange], *, overlap_us: int
     ) -> ArchiveHead:
         """Add the changes not archived yet in one ``BEGIN IMMEDIATE`` transaction."""
+        await self._ensure_archive()
         now_us = _micros(datetime.now(UTC))
         return await self._call(
             lambda conn: _sqlite_archive(conn, store_id, changes, overlap_us, now_us)
@@ -1114,6 +1148,11 @@ class SqliteAuditStore(_SqlAuditStore):
 
     async def _fetch(self, sql: str, params: Sequence[object]) -> Sequence[Row]:
         return await self._call(lambda conn: conn.execute(sql, params).fetchall())
+
+    async def _ensure_archive(self) -> None:
+        if not self._archive_ready:
+            await self._call(lambda conn: _sqlite_migrate(conn, _ARCHIVE_TRACK))
+            self._archive_ready = True
 
     async def _call(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
         return await asyncio.to_thread(self._run, work)
@@ -1218,14 +1257,14 @@ def _sqlite_configure(conn: sqlite3.Connection, max_pages: int | None) -> None:
         conn.execute(f"PRAGMA max_page_count={int(max_pages)}")
 
 
-def _sqlite_migrate(conn: sqlite3.Connection) -> None:
+def _sqlite_migrate(conn: sqlite3.Connection, track: _Track = _LOG_TRACK) -> None:
     with _sqlite_transaction(conn):
-        conn.execute(_CREATE_SCHEMA_VERSION)
-        (current,) = _sqlite_one(conn, _SELECT_SCHEMA_VERSION)
-        for version, statements in _pending_migrations(current):
+        conn.execute(track.create)
+        (current,) = _sqlite_one(conn, track.select)
+        for version, statements in track.pending(current):
             for sql, params in statements:
                 conn.execute(sql, params)
-            conn.execute(_INSERT_SCHEMA_VERSION, (version,))
+            conn.execute(track.insert, (version,))
 
 
 def _sqlite_noop(conn: sqlite3.Connection) -> None:
@@ -1332,15 +1371,15 @@ async def _pg_walk(
     return None
 
 
-async def _pg_migrate(conn: PgConnection) -> None:
+async def _pg_migrate(conn: PgConnection, track: _Track = _LOG_TRACK) -> None:
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_MIGRATION_LOCK,))
-        await conn.execute(_CREATE_SCHEMA_VERSION)
-        (current,) = await _pg_one(conn, _SELECT_SCHEMA_VERSION)
-        for version, statements in _pending_migrations(current):
+        await conn.execute(track.create)
+        (current,) = await _pg_one(conn, track.select)
+        for version, statements in track.pending(current):
             for sql, params in statements:
                 await conn.execute(_pg(sql), params)
-            await conn.execute(_pg(_INSERT_SCHEMA_VERSION), (version,))
+            await conn.execute(_pg(track.insert), (version,))
 
 
 class _PgPool:
@@ -1407,6 +1446,7 @@ class PostgresAuditStore(_SqlAuditStore):
 
     def __init__(self, dsn: str, *, pool_size: int = 4, connect_timeout_s: int = 5) -> None:
         self._pool = _PgPool(dsn, pool_size, connect_timeout_s)
+        self._archive_ready = False
 
     async def append(self, record: AuditRecord) -> AuditEntry:
         """Chain ``record`` after the current head; return once committed."""
@@ -1450,6 +1490,7 @@ class PostgresAuditStore(_SqlAuditStore):
         self, store_id: str, changes: Sequence[ArchivedChange], *, overlap_us: int
     ) -> ArchiveHead:
         """Add the changes not archived yet, under the store's cursor row lock."""
+        await self._ensure_archive()
         now_us = _micros(datetime.now(UTC))
         with storage_errors():
             if not changes:
@@ -1495,6 +1536,13 @@ class PostgresAuditStore(_SqlAuditStore):
         with storage_errors():
             async with self._pool.connection() as conn:
                 return await (await conn.execute(_pg(sql), params)).fetchall()
+
+    async def _ensure_archive(self) -> None:
+        if not self._archive_ready:
+            with storage_errors():
+                async with self._pool.connection() as conn:
+                    await _pg_migrate(conn, _ARCHIVE_TRACK)
+            self._archive_ready = True
 
 
 # -- choosing a store ----------------------------------------------------------------------

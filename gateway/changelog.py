@@ -152,6 +152,8 @@ class ChangeLogReader(Protocol):
         self, start_time: datetime | None, continuation_token: str | None, page_size: int
     ) -> tuple[list[LoggedChange], str | None]: ...
 
+    async def remove_stale_scratch_stores(self) -> int: ...
+
 
 @dataclass(slots=True)
 class ArchiverStats:
@@ -259,7 +261,11 @@ class ChangeArchiver:
         if sweep:
             head = await self.archive.archive_head(self.store_id)
             resume = head.resume_from_us if head is not None else None
-            start_time = None if resume is None else from_micros(resume)
+            # OpenFGA refuses a start time that is not in its past: never later than
+            # the overlap before now (more than that much clock difference between the
+            # gateway and OpenFGA is a misconfiguration the failures counter shows).
+            latest = micros(datetime.now(UTC)) - int(self.overlap_s * 1_000_000)
+            start_time = None if resume is None else from_micros(min(resume, latest))
             token = None
         read: list[LoggedChange] = []
         complete = False
@@ -298,12 +304,11 @@ class ChangeArchiver:
         None when nothing was known then (the archiver had not read the log yet, or
         ``moment`` is older than the positions kept).
         """
-        found = None
-        for seen in self._seen:
-            if seen.at > moment:
-                break
-            found = seen.position
-        return found
+        # From the newest: a request asks about its own start, a moment ago.
+        for seen in reversed(self._seen):
+            if seen.at <= moment:
+                return seen.position
+        return None
 
     def lag_s(self) -> float | None:
         """Seconds since the last poll that reached the end of the log started."""
@@ -326,6 +331,7 @@ class ChangeArchiver:
     # -- the background task -------------------------------------------------------------
 
     async def run(self) -> None:
+        await self._tidy()
         while True:
             started = self.clock()
             try:
@@ -337,6 +343,16 @@ class ChangeArchiver:
             # A long poll (a backlog) is followed by a pause as long as itself, so the
             # archiver never takes more than half of OpenFGA's attention it asks for.
             await asyncio.sleep(max(self.interval_s, self.clock() - started))
+
+    async def _tidy(self) -> None:
+        """Once, at start: scratch stores an interrupted as-of replay left behind."""
+        try:
+            removed = await self.feed.remove_stale_scratch_stores()
+        except Exception as exc:  # hygiene only: logged, never fatal
+            log.warning("change-log archive: stale scratch stores not removed: %s", exc)
+            return
+        if removed:
+            log.info("change-log archive: removed %d stale scratch stores", removed)
 
     def start(self) -> None:
         if self._task is None or self._task.done():

@@ -811,6 +811,41 @@ class FgaClient:
                 log.warning("scratch store %s not deleted: %s", name, exc.message)
             await scratch.close()
 
+    async def remove_stale_scratch_stores(
+        self, older_than_s: float = 3600.0, max_pages: int = 20
+    ) -> int:
+        """Delete scratch stores an interrupted replay left behind; how many.
+
+        Only stores named with :data:`SCRATCH_STORE_PREFIX` and created more than
+        ``older_than_s`` ago (a replay takes seconds) are touched.
+        """
+        cutoff = datetime.now(UTC).timestamp() - older_than_s
+        stale: list[str] = []
+        token: str | None = None
+        with fga_errors("ListStores"):
+            for _ in range(max_pages):
+                options: dict[str, Any] = {"page_size": 100}
+                if token:
+                    options["continuation_token"] = token
+                page = await asyncio.wait_for(self.client.list_stores(options), self.timeout_s)
+                stale += [
+                    s.id
+                    for s in page.stores or []
+                    if s.name.startswith(SCRATCH_STORE_PREFIX)
+                    and _utc(s.created_at).timestamp() < cutoff
+                ]
+                token = page.continuation_token or None
+                if not token:
+                    break
+        for store_id in stale:
+            doomed = FgaClient(self.api_url, store_id, api_token=self._api_token)
+            try:
+                with fga_errors("DeleteStore"):
+                    await asyncio.wait_for(doomed.client.delete_store(), self.timeout_s)
+            finally:
+                await doomed.close()
+        return len(stale)
+
     async def write_logged(self, tuples: Sequence[LoggedTuple]) -> None:
         """Write tuples exactly as the change log holds them (conditions included).
 

@@ -721,7 +721,7 @@ class Gateway:
                         (a.id, scan.chunks.get(a.id, 0), fronted_fingerprint(a),
                          a.folders[-1] if a.folders else None, a.to_dict())
                         for a in acls
-                        if a.id in wanted.documents
+                        if a.id in wanted.documents and a.id not in skipped
                     ]
                     + [(i, scan.chunks.get(i, 0), fronted_fingerprint(None), None, {})
                        for i in sorted(scan.inconsistent)],

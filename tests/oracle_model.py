@@ -420,7 +420,9 @@ class Step:
     rivals: list[tuple[Call, TenantState]] = field(default_factory=list)  # a race: one wins
     new_task: bool = False  # the last task of ``after`` gets its id from the answer
     watch: list[int] = field(default_factory=list)  # tasks (by index) to probe first
-    named: list[str] = field(default_factory=list)  # objects whose tuples to compare after
+    # Objects whose tuples are compared right after (a refusal must have written nothing,
+    # a removal left nothing); every world compares them all at its end.
+    named: list[str] = field(default_factory=list)
 
 
 def plan(kind: str, state: TenantState, rng: random.Random) -> Step | None:
@@ -506,9 +508,7 @@ def ingest_step(state: TenantState, source: str, docs: Sequence[Doc], kind: str,
         return step
     skipped = after.ingest(source, docs)
     queries = [_query(d.texts(state.name)[0]) for d in docs]
-    step = Step(kind, what, [call], after, ["ingest"], skipped=skipped, queries=queries)
-    step.named = _named(docs)
-    return step
+    return Step(kind, what, [call], after, ["ingest"], skipped=skipped, queries=queries)
 
 
 def _named(docs: Sequence[Doc]) -> list[str]:
@@ -627,9 +627,7 @@ def plan_nest(state: TenantState, rng: random.Random) -> Step | None:
     after = state.copy()
     after.nesting[child] = parent
     call = _relationships([(f"folder:{parent}", "parent", f"folder:{child}")])
-    step = Step("nest", f"nest folder {child} in {parent}", [call], after, ["nest"])
-    step.named = [f"folder:{child}"]
-    return step
+    return Step("nest", f"nest folder {child} in {parent}", [call], after, ["nest"])
 
 
 def _reingest(state: TenantState, rng: random.Random, doc: Doc, acl: Acl, text_p: float) -> Doc:
@@ -675,6 +673,7 @@ def _reingest_step(
     step.queries = [_query(d.texts(state.name)[0]) for d in [*old, *new]]
     lost, gained = _changed(state, step.after)
     step.counts = [kind] + [f"{kind}:lost_reader"] * lost + [f"{kind}:new_reader"] * gained
+    step.counts += ["reingest:lost_reader"] * lost + ["reingest:new_reader"] * gained
     if any(a.seeds != b.seeds for a, b in zip(old, new, strict=False)):
         step.counts.append(f"{kind}:new_text")
     return step
@@ -771,6 +770,47 @@ def _faulted(state: TenantState, rng: random.Random, old: Doc | None, new: Doc) 
     )
 
 
+def plan_bulk(state: TenantState, rng: random.Random) -> Step | None:
+    """Every document of a source and fresh ones (up to eight) in one request, many with
+    every principal in their ACL: more tuples than one OpenFGA transaction holds, so the
+    writes are split; half the time one of those transactions fails (then a rerun)."""
+    if not state.sources:
+        return None
+    source = rng.choice(state.sources)
+    own = [d for _, d in sorted(state.docs.items()) if d.source == source]
+    fresh = _fresh_ids(state)
+    fresh = rng.sample(fresh, min(len(fresh), max(0, 8 - len(own))))
+    everyone = _widest_acl(state)
+    folders = [None, *_own_folders(state, source)]
+    docs = [
+        _reingest(state, rng, d, everyone if rng.random() < 0.7 else random_acl(state, rng), 0.7)
+        for d in own
+    ]
+    docs += [
+        Doc(i, source, rng.choice(folders), _seeds(rng), everyone if rng.random() < 0.7 else Acl())
+        for i in fresh
+    ]
+    if not docs:
+        return None
+    step = _reingest_step(state, "bulk", own, docs, f"{source} bulk ingest of {len(docs)}")
+    tuples = sum(len(d.acl.grants(d.id)) + 2 for d in docs)  # grants, parent, stamp
+    step.counts += ["bulk:split"] * (tuples > 100)
+    if rng.random() < 0.5:
+        step.fault = (rng.choice(("refused", "reset", "answer_lost")), rng.choice((0, 1, 2, 3)))
+        step.what += f", OpenFGA write {step.fault[0]} after {step.fault[1]}"
+        step.counts.append("bulk:faulted")
+    return step
+
+
+def _widest_acl(state: TenantState) -> Acl:
+    groups = [f"group:{g}#member" for g in state.groups]
+    return Acl(
+        tuple(sorted([state.everyone, *groups, *(f"user:{u}" for u in state.users)])),
+        tuple(sorted([state.everyone, *groups, *(f"agent:{a}" for a in state.agents)])),
+        f"user:{state.users[0]}",
+    )
+
+
 def plan_deprovision(state: TenantState, rng: random.Random) -> Step | None:
     """DELETE /v1/principals: every relation of the principal, and its tasks, are gone."""
     refs = [
@@ -820,7 +860,7 @@ def plan_readd(state: TenantState, rng: random.Random) -> Step | None:
     calls = [_relationships([(ref, "member", f"tenant:{state.name}")])]
     step = Step("readd", f"re-add {ref} as a member", calls, after, counts)
     step.watch = _tasks_of(state, ref)
-    step.named = [f"tenant:{state.name}"] + [f"group:{g}" for g in state.groups]
+    step.named = [f"group:{g}" for g in state.groups]  # no membership of theirs is back
     former = {state.docs[d].source for d in state.deprovisioned.get(ref, ()) if d in state.docs}
     if rng.random() < 0.8 and state.sources:
         task = _task_for(after, ref, sorted(former) or [rng.choice(state.sources)], rng)
@@ -925,7 +965,7 @@ def plan_add_source(state: TenantState, rng: random.Random) -> Step | None:
         "add_source", f"add source {source}, {ingest.what or 'ingest'}", calls, ingest.after
     )
     step.counts, step.queries = counts, ingest.queries
-    step.named = [f"source:{source}", *ingest.named]
+    step.named = ingest.named
     return step
 
 
@@ -1009,7 +1049,6 @@ def plan_delete_document(state: TenantState, rng: random.Random) -> Step | None:
     after.delete_document(doc.id)
     call = Call("DELETE", f"/v1/sources/{doc.source}/documents/{doc.id}", status=204)
     step = Step("delete_document", f"delete {doc.id} of {doc.source}", [call], after)
-    step.named = [f"document:{doc.id}"]
     step.counts, step.queries = ["delete_document"], [_query(doc.texts(state.name)[0])]
     return step
 
@@ -1056,6 +1095,7 @@ PLANNERS: dict[str, Callable[[TenantState, random.Random], Step | None]] = {
     "same": plan_reingest_same,
     "move": plan_reingest_move,
     "faulted_ingest": plan_faulted_ingest,
+    "bulk": plan_bulk,
     "deprovision": plan_deprovision,
     "readd": plan_readd,
     "suspend": plan_suspend,

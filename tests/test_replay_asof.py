@@ -22,6 +22,7 @@ import pytest
 from gateway.audit import ArchivedChange, SqliteAuditStore, open_audit_store
 from gateway.audit_cli import audit_in_process
 from gateway.cli import build_parser
+from gateway.errors import AuthorizationUnavailable
 from gateway.fga import SCRATCH_STORE_PREFIX
 from gateway.identity import PrincipalContext
 from gateway.service import Gateway
@@ -61,8 +62,16 @@ async def _admin_actions(gateway: Gateway, action: str) -> list[tuple[str, datet
 
 
 async def _scratch_stores(gateway: Gateway) -> list[str]:
-    stores = await gateway.fga.client.list_stores()
-    return [s.name for s in stores.stores if s.name.startswith(SCRATCH_STORE_PREFIX)]
+    """Names of the scratch stores on the server (every page)."""
+    names: list[str] = []
+    token = None
+    while True:
+        options = {"page_size": 100, **({"continuation_token": token} if token else {})}
+        page = await gateway.fga.client.list_stores(options)
+        names += [s.name for s in page.stores or [] if s.name.startswith(SCRATCH_STORE_PREFIX)]
+        token = page.continuation_token
+        if not token:
+            return names
 
 
 async def test_replay_as_of_the_decision_names_the_changes_since(
@@ -316,6 +325,44 @@ async def test_archive_status_in_readyz_and_metrics(
         if line.startswith("scopegate_changelog_archived_changes ")
     )
     assert float(archived.split()[1]) >= 3
+
+
+async def test_the_change_log_reads_from_a_start_time_or_a_token(
+    gateway: Gateway, http: httpx.AsyncClient
+) -> None:
+    """What the archiver relies on in OpenFGA's ReadChanges (all types, no filter)."""
+    await World(gateway, http, "acme").setup(members=["alice"], agents=["bot"])
+    fga = gateway.fga
+    whole, token = await fga.read_change_log(None, None, 100)
+    objects = {c.tuple.object.partition(":")[0] for c in whole}
+    assert {"tenant", "source"} <= objects  # every object type in one stream
+    assert all(c.operation == "write" for c in whole) and token
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    assert (await fga.read_change_log(epoch, None, 100))[0] == whole
+    await asyncio.sleep(0.05)
+    recent = datetime.now(UTC) - timedelta(milliseconds=10)
+    assert (await fga.read_change_log(recent, None, 100))[0] == []
+    # OpenFGA refuses a start time that is not in the past (its own clock): the
+    # archiver never sweeps from later than its overlap before now.
+    with pytest.raises(AuthorizationUnavailable):
+        await fga.read_change_log(datetime.now(UTC) + timedelta(hours=1), None, 100)
+    # Nothing newer: the same token comes back, and a page size is honoured.
+    assert await fga.read_change_log(None, token, 100) == ([], token)
+    first, next_token = await fga.read_change_log(None, None, 2)
+    assert first == whole[:2] and next_token and next_token != token
+    assert (await fga.read_change_log(None, next_token, 100))[0] == whole[2:]
+
+
+async def test_scratch_stores_left_behind_are_removed(gateway: Gateway) -> None:
+    from openfga_sdk.models.create_store_request import CreateStoreRequest
+
+    name = f"{SCRATCH_STORE_PREFIX}interrupted"
+    await gateway.fga.client.create_store(CreateStoreRequest(name=name))
+    assert name in await _scratch_stores(gateway)
+    assert await gateway.fga.remove_stale_scratch_stores(older_than_s=3600) == 0  # too recent
+    assert await gateway.fga.remove_stale_scratch_stores(older_than_s=0) >= 1
+    assert await _scratch_stores(gateway) == []
+    assert (await gateway.fga.client.get_store()).id == gateway.fga.store_id  # its own stays
 
 
 # -- the archive itself, on both databases ------------------------------------------------

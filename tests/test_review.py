@@ -616,3 +616,45 @@ async def test_configured_retention_purges_old_records_and_keeps_the_chain(
     finally:
         await second.close()
     assert second.retention is not None and second.retention.done()
+
+
+async def test_replay_as_of_and_history_are_reviewer_only_and_validated(
+    gateway: Gateway, http: httpx.AsyncClient
+) -> None:
+    acme = await _acme(gateway, http)
+    rid = await acme.retrieve()
+    url = f"/v1/audit/decisions/{rid}/replay"
+    bob = bearer(gateway.mint_token(tenant="acme", user="bob"))  # a member, not a reviewer
+    for body in ({"as_of": "decision"}, None):
+        assert (await http.post(url, json=body, headers=bob)).status_code == 403
+    history = "/v1/audit/history"
+    assert (
+        await http.get(history, params={"object": "document:d1"}, headers=bob)
+    ).status_code == 403
+    for bad in ({"as_of": "yesterday"}, {"as_of": None}, {"as_of": "decision", "extra": 1}):
+        response = await http.post(url, json=bad, headers=acme.reviewer)
+        assert response.status_code == 422, (bad, response.text)
+    for bad_ref in ("tenant:globex", "user:alice", "document:a b", "document"):
+        response = await http.get(history, params={"object": bad_ref}, headers=acme.reviewer)
+        assert response.status_code in (403, 422), (bad_ref, response.text)
+
+    # As of the decision and what-if together: then, now and the hypothetical, per document.
+    grant = {"user": "agent:summarizer", "relation": "agent_viewer", "object": "document:d2"}
+    replay = await acme.replay(rid, {"as_of": "decision", "what_if": {"writes": [grant]}})
+    d2 = _by_doc(replay)["d2"]
+    assert (d2["was"], d2["then"], d2["now"], d2["what_if"]["verdict"]) == (
+        "deny",
+        "deny",
+        "deny",
+        "allow",
+    )
+    assert replay["as_of"]["exact"] and replay["what_if"]["persisted"] is False
+    assert not any(m in str(replay) for m in MARKERS)
+    found = await http.get(history, params={"object": "document:d2"}, headers=acme.reviewer)
+    assert found.status_code == 200 and not any(m in found.text for m in MARKERS)
+    assert "acme/" not in found.text
+    lines = {
+        (c["operation"], c["user"], c["relation"], c["object"]) for c in found.json()["changes"]
+    }
+    assert ("write", "user:alice", "viewer", "document:d2") in lines
+    assert ("write", "tenant:acme", "tenant", "document:d2") in lines  # the ingestion's stamp
