@@ -48,11 +48,7 @@ if str(ROOT) not in sys.path:
 
 import httpx  # noqa: E402
 
-from connectors.chunking import chunk_document  # noqa: E402
-from connectors.embeddings import HashEmbeddings  # noqa: E402
-from gateway.audit import SqliteAuditStore  # noqa: E402
-from gateway.identity import issue_token, load_or_create_signing_key  # noqa: E402
-from tests.test_leak_oracle import (  # noqa: E402
+from bench.load_world import (  # noqa: E402
     VOCAB,
     Doc,
     Oracle,
@@ -60,6 +56,10 @@ from tests.test_leak_oracle import (  # noqa: E402
     TenantWorld,
     compare,
 )
+from connectors.chunking import chunk_document  # noqa: E402
+from connectors.embeddings import HashEmbeddings  # noqa: E402
+from gateway.audit import SqliteAuditStore  # noqa: E402
+from gateway.identity import issue_token, load_or_create_signing_key  # noqa: E402
 
 ADMIN = "admin"
 SHED_CODES = {"authorization_unavailable", "source_unavailable", "audit_unavailable"}
