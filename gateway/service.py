@@ -257,7 +257,7 @@ class Gateway:
         )
         gateway.watcher = watcher
         # OpenFGA's change log, archived in the background (as-of replays, docs/audit.md).
-        gateway.changelog = open_archiver(fga, settings.audit_dsn, data_dir)
+        gateway.changelog = await open_archiver(fga, settings.audit_dsn, data_dir)
         if settings.audit_retention_days is not None:
             gateway.retention = asyncio.create_task(gateway._retention_loop())
         return gateway
@@ -990,6 +990,7 @@ class Gateway:
         answered: list[DocumentVerdict | None] = []
         error: ScopegateError | None = None
         try:
+            await self.require_fresh_directory(ctx.tenant)
             wanted = [d for d in documents if d is not None]
             if wanted:
                 await RequestChecks(self.fga, ctx, options).verify(wanted, outcome)

@@ -322,8 +322,9 @@ async def test_every_scim_mutation_is_an_admin_audit_record(
         r for r in records
         if r.extra["action"] == "principal.deprovision" and r.extra["phase"] == "intent"
     ]  # fmt: skip
-    assert deprovision and ["user:acme/carol", "member", "tenant:acme"] in (
-        deprovision[0].extra["deletes"]
+    assert (
+        deprovision
+        and ["user:acme/carol", "member", "tenant:acme"] in (deprovision[0].extra["deletes"])
     )
     issued = [r for r in records if r.extra["action"] == "scim.secret.issue"]
     assert issued and secret not in json.dumps([r.to_dict() for r in records])
@@ -425,6 +426,17 @@ async def test_stale_directory_fails_its_tenant_closed_and_recovers(
     entry = await gateway.audit.get("acme", error["request_id"])
     assert entry is not None and entry.record.error_code == "identity_stale"
     assert entry.record.outcome == "error" and entry.record.returned_chunk_ids == ()
+    # The same delegated question asked through AuthZEN fails closed too.
+    asked = await http.post(
+        "/access/v1/evaluation",
+        json={
+            "subject": {"type": "user", "id": "alice"},
+            "action": {"name": "read"},
+            "resource": {"type": "document", "id": "d1"},
+        },
+        headers=bearer(w.agent_token("alice", "helper", task)),
+    )
+    assert asked.status_code == 503 and asked.json()["error"]["code"] == "identity_stale"
     # Other tenants are not affected.
     assert await other.retrieved_docs("erin", "helper", globex_task, QUERY) == ["g1"]
     # The directory speaks (any authenticated SCIM request): the tenant recovers.
