@@ -79,10 +79,10 @@ def explain_as_of(replayed: dict[str, Any]) -> str:
     """A replay as of the decision in words: then / now per document, and what changed."""
     as_of = replayed["as_of"]
     exact = "matches the record" if as_of["exact"] else "DIFFERS from the record"
-    lines = [
-        f"scopegate: {replayed['request_id']} as of its decision ({as_of['decided_at']}, "
-        f"change-log position {as_of['archive_seq']}): {exact}"
-    ]
+    seq = as_of["archive_seq"]
+    where = f"change-log position {seq}" if seq is not None else "placed by its time"
+    head = f"{replayed['request_id']} as of its decision ({as_of['decided_at']}, {where})"
+    lines = [f"scopegate: {head}: {exact}"]
     for d in replayed["documents"]:
         then = d.get("then", d["was"])
         flipped = f"; flipped: {', '.join(d['flipped_checks'])}" if d.get("flipped_checks") else ""

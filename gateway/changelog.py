@@ -198,6 +198,9 @@ class ChangeArchiver:
     _token: str | None = None
     _last_sweep: float | None = None
     _sweep_started: float | None = None
+    # The same two moments on the wall clock (OpenFGA stamps changes with one).
+    _last_sweep_wall: datetime | None = None
+    _sweep_started_wall: datetime | None = None
     _caught_up: float | None = None
     _head: ArchiveHead | None = None
     _seen: deque[_Seen] = field(default_factory=deque)
@@ -213,16 +216,30 @@ class ChangeArchiver:
         async with self._lock:
             return await self._poll(sweep)
 
-    async def sync(self, max_polls: int = 1000) -> ArchiveHead | None:
-        """Sweep to the end of the log: everything committed before this call is archived.
+    async def sync(
+        self, settled: datetime | None = None, max_polls: int = 1000
+    ) -> ArchiveHead | None:
+        """Read to the end of the log: everything committed before this call is archived.
 
-        Raises TimeoutError when the log grows faster than ``max_polls`` polls read it.
+        A write that commits late is found by a sweep, so this sweeps too, unless a
+        sweep that started more than ``overlap_s`` after ``settled`` has completed
+        already: then every change OpenFGA stamped before ``settled`` is archived (the
+        question an as-of replay of an older decision asks). Raises TimeoutError when
+        the log grows faster than ``max_polls`` polls read it.
         """
         async with self._lock:
             began = self.clock()
-            await self._poll(True)
+            margin = timedelta(seconds=self.overlap_s)
+            swept = (
+                settled is not None
+                and self._last_sweep_wall is not None
+                and self._last_sweep_wall >= settled + margin
+            )
+            await self._poll(not swept)
             for _ in range(max_polls):
-                if self._last_sweep is not None and self._last_sweep >= began:
+                caught_up = self._caught_up is not None and self._caught_up >= began
+                sweep_done = self._last_sweep is not None and self._last_sweep >= began
+                if caught_up and (swept or sweep_done):
                     return self._head
                 await self._poll(False)
             raise TimeoutError("the change log grew faster than the archiver could read it")
@@ -231,6 +248,7 @@ class ChangeArchiver:
         started = self.clock()
         if sweep or self._token is None or (self._sweep_started is None and self._due(started)):
             self._sweep_started = started
+            self._sweep_started_wall = datetime.now(UTC)
             sweep = True
         try:
             added, complete = await self._read_and_archive(sweep)
@@ -251,6 +269,7 @@ class ChangeArchiver:
             if self._sweep_started is not None:
                 # A sweep cut short by max_pages went on from its token: it ends here.
                 self._last_sweep, self._sweep_started = self._sweep_started, None
+                self._last_sweep_wall = self._sweep_started_wall
         return added
 
     def _due(self, now: float) -> bool:
@@ -373,15 +392,23 @@ class ChangeArchiver:
                 await close()
 
 
-def open_archiver(fga: FgaClient, audit_dsn: str | None, data_dir: Path) -> ChangeArchiver:
+async def open_archiver(
+    fga: FgaClient, audit_dsn: str | None, data_dir: Path, *, first_poll_s: float = 2.0
+) -> ChangeArchiver:
     """A started archiver of ``fga``'s store with connections of its own.
 
     Its own OpenFGA client and audit store (same database) keep it off the retrieval
-    path's connection pools and locks.
+    path's connection pools and locks. One poll is given up to ``first_poll_s`` before
+    the gateway serves, so that even its first requests record a position (a longer
+    backlog goes on in the background).
     """
     feed = fga.detached()
     store = open_audit_store(audit_dsn, data_dir)
     archiver = ChangeArchiver(feed, store, fga.store_id, closers=[feed.close, store.close])
+    try:
+        await asyncio.wait_for(archiver.poll_once(sweep=True), first_poll_s)
+    except Exception as exc:  # the background task retries; never a reason not to start
+        log.warning("change-log archive: first poll did not finish: %s", exc or "timed out")
     archiver.start()
     return archiver
 

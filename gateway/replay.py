@@ -856,7 +856,7 @@ async def replay_as_of_decision(
         point, notes = decision_point(record)
         head = None
         if archiver is not None and archiver.store_id == point.store_id:
-            head = await archiver.sync()
+            head = await archiver.sync(settled=point.decided_at)
         else:
             notes.append("no archiver runs for the recorded store: the archive may be behind")
         anchor = await _check_anchor(audit, point, notes)

@@ -257,7 +257,8 @@ class Gateway:
         )
         gateway.watcher = watcher
         # OpenFGA's change log, archived in the background (as-of replays, docs/audit.md).
-        gateway.changelog = await open_archiver(fga, settings.audit_dsn, data_dir)
+        if settings.changelog_archive:
+            gateway.changelog = await open_archiver(fga, settings.audit_dsn, data_dir)
         if settings.audit_retention_days is not None:
             gateway.retention = asyncio.create_task(gateway._retention_loop())
         return gateway

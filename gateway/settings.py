@@ -105,6 +105,9 @@ class Settings(BaseSettings):
     # probe shows nothing changed, so no request sees a change later than OpenFGA would.
     # Bounded (off by default; see gateway/cache.py for the staleness bound): replaces
     # the exact cache, reads without a probe.
+    # Archive OpenFGA's change log into the audit database for replays as of the
+    # decision (gateway/changelog.py). Off by default until it has run in production.
+    changelog_archive: bool = False
     decision_cache_exact: bool = True
     decision_cache: bool = False
     decision_cache_bucket_s: float = Field(default=10.0, gt=0)

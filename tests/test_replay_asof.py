@@ -35,6 +35,7 @@ QUERY = "quarterly planning memo"
 def postfilter(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every searched document becomes a recorded candidate (see tests/test_review.py)."""
     monkeypatch.setenv("SCOPEGATE_STRATEGY", "postfilter")
+    monkeypatch.setenv("SCOPEGATE_CHANGELOG_ARCHIVE", "true")
 
 
 def _by_doc(replay: dict[str, Any]) -> dict[str, dict[str, Any]]:

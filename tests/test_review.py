@@ -40,7 +40,7 @@ PATHS = "(directly, through a group, its folders or its source)"
 
 
 @pytest.fixture(autouse=True)
-def postfilter(monkeypatch: pytest.MonkeyPatch) -> None:
+def postfilter(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
     """Record every candidate the search found, denied ones included.
 
     Replays re-evaluate recorded candidates; a pre-filter (which the adaptive strategy
@@ -48,6 +48,8 @@ def postfilter(monkeypatch: pytest.MonkeyPatch) -> None:
     so the setting is in the environment before the ``gateway`` fixture reads it.
     """
     monkeypatch.setenv("SCOPEGATE_STRATEGY", "postfilter")
+    if "as_of" in request.node.name:
+        monkeypatch.setenv("SCOPEGATE_CHANGELOG_ARCHIVE", "true")
 
 
 @dataclass

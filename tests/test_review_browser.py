@@ -92,7 +92,9 @@ async def _scene(live_url: str, gateway: Gateway) -> Scene:
 @pytest.fixture
 def live(openfga: ManagedOpenFGA, embeddings: Any, tmp_path: Path) -> Iterator[BackgroundGateway]:
     # Post-filter: denied candidates are recorded (a pre-filter never sees them).
-    bg = serve_gateway(openfga, tmp_path / "data", embeddings, strategy="postfilter")
+    bg = serve_gateway(
+        openfga, tmp_path / "data", embeddings, strategy="postfilter", changelog_archive=True
+    )
     with bg:
         yield bg
 
