@@ -180,6 +180,7 @@ async def main(args: argparse.Namespace) -> None:
             strategy="postfilter",
             openfga_url=None,
             openfga_timeout_s=args.timeout,
+            changelog_archive=True,
         )
         g = await Gateway.start(settings, embeddings=HashEmbeddings())
         try:

@@ -206,6 +206,7 @@ class ChangeArchiver:
     _seen: deque[_Seen] = field(default_factory=deque)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _task: asyncio.Task[None] | None = None
+    _stopping: bool = False
     # What close() releases: the archiver's own OpenFGA client and audit store.
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
@@ -351,7 +352,10 @@ class ChangeArchiver:
 
     async def run(self) -> None:
         await self._tidy()
-        while True:
+        # The flag as well as the cancellation: on Python 3.11 asyncio.wait_for (used
+        # around every OpenFGA call) can swallow a cancellation that arrives just as
+        # the call completes, and a loop relying on the cancellation alone never ends.
+        while not self._stopping:
             started = self.clock()
             try:
                 await self.poll_once()
@@ -359,6 +363,8 @@ class ChangeArchiver:
                 raise
             except Exception as exc:  # logged, retried: archiving never stops the gateway
                 log.warning("change-log archive: poll failed: %s", exc)
+            if self._stopping:
+                return
             # A long poll (a backlog) is followed by a pause as long as itself, so the
             # archiver never takes more than half of OpenFGA's attention it asks for.
             await asyncio.sleep(max(self.interval_s, self.clock() - started))
@@ -375,10 +381,12 @@ class ChangeArchiver:
 
     def start(self) -> None:
         if self._task is None or self._task.done():
+            self._stopping = False
             self._task = asyncio.get_running_loop().create_task(self.run())
 
     async def stop(self) -> None:
         task, self._task = self._task, None
+        self._stopping = True
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -190,7 +190,9 @@ async def replay(
     entry = await _entry(g, p, request_id)
     contextual = what_if_tuples(p.tenant, what_if_writes)
     if as_of == "decision":
-        return await replay_as_of_decision(g.fga, g.audit, g.changelog, entry.record, contextual)
+        return await replay_as_of_decision(
+            g.fga, g.audit, _archiver_of(g), entry.record, contextual
+        )
     return await replay_decision(g.fga, entry.record, contextual)
 
 
@@ -199,8 +201,7 @@ async def history(g: Gateway, p: PrincipalContext, ref: str) -> dict[str, Any]:
     first, each with OpenFGA's time and the admin request that made it."""
     await g.require_reviewer(p)
     target = parse_ref(ref, p.tenant, HISTORY_TYPES).to_fga(p.tenant)
-    if g.changelog is not None:
-        await g.changelog.sync()
+    await _archiver_of(g).sync()
     return await change_history(
         g.audit, g.fga.store_id, p.tenant, target, graph=ModelGraph(load_model())
     )
@@ -222,6 +223,14 @@ async def _lines(g: Gateway, tenant: str) -> AsyncIterator[str]:
 
 
 # -- HTTP -----------------------------------------------------------------------------------
+
+
+def _archiver_of(g: Gateway) -> ChangeArchiver:
+    """The gateway's archiver, or, when archiving in the background is off
+    (``SCOPEGATE_CHANGELOG_ARCHIVE``), one for this request only: it brings the archive
+    up to date from OpenFGA's log before answering (records then carry no position and
+    are placed by their time)."""
+    return g.changelog or ChangeArchiver(g.fga, g.audit, g.fga.store_id)
 
 
 def _archiver(app: FastAPI) -> ChangeArchiver | None:

@@ -95,6 +95,9 @@ async def test_replay_as_of_the_decision_names_the_changes_since(
     )
     task = await w.task("alice", "summarizer", ["source:docs"])
     reviewer = bearer(gateway.mint_token(tenant="acme", user="rita"))
+    # The archive has read the log up to here (in the background it lags by a poll).
+    assert gateway.changelog is not None
+    await gateway.changelog.poll_once()
 
     first = await w.retrieve("alice", "summarizer", task, QUERY, k=10)
     assert first.status_code == 200, first.text
@@ -228,6 +231,44 @@ async def test_an_expiry_since_the_decision_is_no_change_of_tuples(
     assert set(d1["flipped_checks"]) == {"task_active", "document_in_task_scope"}
     assert d1["changes"] == []  # the world changed by time alone
     assert f"task:{task} has expired (its time limit has passed)" in d1["explanations"]
+
+
+async def test_without_the_background_archive_a_replay_reads_the_log_itself(
+    openfga: Any, embeddings: Any, tmp_path: Any
+) -> None:
+    """Archiving off (the default for now): records carry no position, and an as-of
+    replay brings the archive up to date from OpenFGA's log before placing the record
+    by its decision time."""
+    from gateway.api import create_app
+    from tests.conftest import make_settings
+
+    settings = make_settings(openfga, tmp_path / "data", changelog_archive=False)
+    g = await Gateway.start(settings, embeddings=embeddings)
+    try:
+        assert g.changelog is None
+        transport = httpx.ASGITransport(app=create_app(gateway=g))
+        async with httpx.AsyncClient(transport=transport, base_url="http://scopegate") as http:
+            w = await World(g, http, "acme").setup(members=["alice", "rita"], agents=["bot"])
+            await w.relationships(
+                writes=[{"user": "user:rita", "relation": "reviewer", "object": "tenant:acme"}]
+            )
+            await w.ingest([doc("d1", "Quarterly planning memo.", ["user:alice"], ["agent:bot"])])
+            task = await w.task("alice", "bot", ["source:docs"])
+            rid = (await w.retrieve("alice", "bot", task, QUERY, k=5)).json()["request_id"]
+            entry = await g.audit.get("acme", rid)
+            assert entry is not None and entry.record.extra["changelog"]["archive_seq"] is None
+            await w.relationships(
+                deletes=[{"user": "user:alice", "relation": "viewer", "object": "document:d1"}]
+            )
+            reviewer = bearer(g.mint_token(tenant="acme", user="rita"))
+            replay = await _replay(http, reviewer, rid, {"as_of": "decision"})
+        d1 = _by_doc(replay)["d1"]
+        assert (d1["was"], d1["then"], d1["now"]) == ("allow", "allow", "deny")
+        assert [c["operation"] for c in d1["changes"] if c["flips"]] == ["delete"]
+        assert any("decision time alone" in note for note in replay["notes"])
+        assert replay["as_of"]["archive_head_seq"] >= 1
+    finally:
+        await g.close()
 
 
 def _cli_args(**values: Any) -> argparse.Namespace:
