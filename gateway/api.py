@@ -7,6 +7,7 @@ Errors always have the shape ``{"error": {"code", "message", "request_id"}}``.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -35,6 +36,8 @@ from gateway.metrics import Metrics
 from gateway.ratelimit import Rate, RetrievalLimiter
 from gateway.service import Gateway
 from gateway.settings import Settings
+
+log = logging.getLogger("scopegate.api")
 
 MAX_JSON_DEPTH = 32
 
@@ -282,6 +285,17 @@ def create_app(
         if isinstance(exc, RateLimited) and exc.retry_after_s is not None:
             headers = {"retry-after": str(exc.retry_after_s)}
         body = _error_body(exc, request.state.request_id)
+        if exc.status >= 500:
+            # The client sees the code and a short message; the operator gets the why.
+            log.warning(
+                "%s %s failed closed (%s, request %s): %s%s",
+                request.method,
+                request.url.path,
+                exc.code,
+                request.state.request_id,
+                exc.message,
+                f" ({exc.detail})" if exc.detail else "",
+            )
         return JSONResponse(body, status_code=exc.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
@@ -305,6 +319,13 @@ def create_app(
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         err = ScopegateError("internal error")
         rid = getattr(request.state, "request_id", uuid.uuid4().hex)
+        log.error(
+            "%s %s: unexpected error (request %s)",
+            request.method,
+            request.url.path,
+            rid,
+            exc_info=exc,
+        )
         return JSONResponse(_error_body(err, rid), status_code=500)
 
     @app.middleware("http")

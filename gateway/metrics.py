@@ -18,7 +18,21 @@ from starlette.routing import Route
 
 from gateway.decision import DocumentVerdict
 
-_ROUTES = ("/v1/retrieve", "/v1/tasks", "/v1/sources", "/v1/relationships", "/v1/audit", "/review")
+# Route labels: a request counts under the first prefix it starts with, else "other"
+# (bounded label values whatever paths clients send).
+_ROUTES = (
+    "/v1/retrieve",
+    "/v1/tasks",
+    "/v1/sources",
+    "/v1/relationships",
+    "/v1/audit",
+    "/v1/principals",
+    "/v1/tenants",
+    "/v1/token",
+    "/access/v1",
+    "/scim/v2",
+    "/review",
+)
 
 
 class Metrics:

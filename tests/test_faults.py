@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import logging
 import re
 import signal
 import socket
@@ -324,6 +325,27 @@ async def test_openfga_fault_fails_closed_then_recovers(env: Env, name: str) -> 
     finally:
         env.fga_proxy.clear()
     TALLY.add(f"openfga:{name}")
+    await env.recovers()
+
+
+async def test_a_request_that_fails_closed_tells_the_operator_why(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The agent gets a code and a short message; the operator log gets the route, the
+    # request id the agent saw and the cause, so the two can be matched.
+    env.fga_proxy.set(FGA_FAULTS["http_500"]())
+    try:
+        with caplog.at_level(logging.WARNING, logger="scopegate.api"):
+            response = await env.retrieve()
+    finally:
+        env.fga_proxy.clear()
+    await env.fails_closed(response, "authorization_unavailable")
+    lines = [r.getMessage() for r in caplog.records if r.name == "scopegate.api"]
+    rid = response.headers["x-request-id"]
+    assert any(
+        "POST /v1/retrieve failed closed (authorization_unavailable" in line and rid in line
+        for line in lines
+    ), lines
     await env.recovers()
 
 

@@ -129,3 +129,27 @@ async def test_agent_facing_api_never_serves_metrics(
     # The metrics app serves nothing but /metrics.
     for path in ("/", "/v1/retrieve", "/healthz", "/review"):
         assert (await scrape.get(path)).status_code == 404
+
+
+def test_every_route_family_has_its_own_latency_label() -> None:
+    # Token exchange, SCIM and AuthZEN are as much the gateway's work as retrieval: each
+    # is timed under its own label, and unknown paths share one (bounded cardinality).
+    m = Metrics()
+    paths = {
+        "/v1/token": "/v1/token",
+        "/scim/v2/Users/u1": "/scim/v2",
+        "/access/v1/evaluation": "/access/v1",
+        "/v1/principals/user:alice": "/v1/principals",
+        "/v1/tenants/acme/directory": "/v1/tenants",
+        "/v1/retrieve/sources": "/v1/retrieve",
+        "/no/such/path/3f2a": "other",
+    }
+    for path in paths:
+        m.observe_http(path, 200, 0.01)
+    counted = {
+        sample.labels["route"]
+        for family in text_string_to_metric_families(m.render()[0].decode())
+        for sample in family.samples
+        if sample.name == "scopegate_http_request_seconds_count"
+    }
+    assert counted == set(paths.values())
