@@ -58,7 +58,7 @@ from bench.load_world import (  # noqa: E402
 )
 from connectors.chunking import chunk_document  # noqa: E402
 from connectors.embeddings import HashEmbeddings  # noqa: E402
-from gateway.audit import SqliteAuditStore  # noqa: E402
+from gateway.audit import AuditStore, SqliteAuditStore  # noqa: E402
 from gateway.identity import issue_token, load_or_create_signing_key  # noqa: E402
 
 ADMIN = "admin"
@@ -100,12 +100,32 @@ def serve(args: argparse.Namespace) -> int:
         finally:
             await g.close()
 
+    if args.profile:
+        # The gateway's own CPU per request (the event loop's thread): cProfile stats,
+        # read with ``python -m pstats`` or bench/load.py's --profile summary.
+        import cProfile
+
+        profiler = cProfile.Profile()
+
+        def dump(*_: object) -> None:
+            # uvicorn re-raises the SIGTERM it handled once it has stopped: write the
+            # stats then, since no code after serve() runs.
+            profiler.disable()
+            profiler.dump_stats(args.profile)
+            os._exit(0)
+
+        signal.signal(signal.SIGTERM, dump)
+        profiler.enable()
+        asyncio.run(main())
+        dump()
     asyncio.run(main())
     return 0
 
 
 class ServerProcess:
-    def __init__(self, data_dir: Path, openfga_url: str, embeddings: str) -> None:
+    def __init__(
+        self, data_dir: Path, openfga_url: str, embeddings: str, profile: Path | None = None
+    ) -> None:
         self.data_dir = data_dir
         self.port = free_port()
         self.store = f"load-{uuid.uuid4().hex[:10]}"
@@ -124,6 +144,7 @@ class ServerProcess:
             "--embeddings",
             embeddings,
             *(x for t in TENANTS for x in ("--tenant", t)),
+            *(("--profile", str(profile)) if profile is not None else ()),
         ]
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -388,6 +409,10 @@ class Report:
     audit_records: int = 0
     audit_mismatches: int = 0
     chain_ok: bool = False
+    #: CPU seconds the gateway process (and a managed OpenFGA) spent while the load ran,
+    #: per request in ms: what a request costs, whatever else shares the machine.
+    gateway_cpu_ms: float | None = None
+    openfga_cpu_ms: float | None = None
     problems: list[str] = field(default_factory=list)
 
     def ok(self) -> bool:
@@ -411,8 +436,30 @@ class Report:
             f"misses {self.misses}, failed closed {self.shed}, "
             f"unexpected errors {self.unexpected_errors + self.transport_errors}; "
             f"audit records {self.audit_records}/{self.requests}, chain "
-            f"{'verifies' if self.chain_ok else 'BROKEN'}"
+            f"{'verifies' if self.chain_ok else 'BROKEN'}; CPU per request: gateway "
+            f"{_ms(self.gateway_cpu_ms)}, OpenFGA {_ms(self.openfga_cpu_ms)}"
         )
+
+
+def _ms(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f} ms"
+
+
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU time of a process so far (Linux /proc), None if unreadable."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def cpu_per_request(before: float | None, after: float | None, requests: int) -> float | None:
+    if before is None or after is None or not requests:
+        return None
+    return 1000 * (after - before) / requests
 
 
 async def drive(
@@ -451,7 +498,11 @@ async def drive(
                     )
                     continue
                 latency = (time.perf_counter() - started) * 1000
-                samples.append(Sample(i, query, k, response.status_code, latency, response.json()))
+                try:
+                    body = response.json()
+                except ValueError:  # not the gateway's answer (a load balancer's error page)
+                    body = None
+                samples.append(Sample(i, query, k, response.status_code, latency, body))
 
         started = time.monotonic()
         await asyncio.gather(*(agent(n) for n in range(concurrency)))
@@ -473,6 +524,23 @@ async def check(
     audit_path: Path,
     report: Report,
 ) -> None:
+    returned, failed = check_answers(samples, who, worlds, exact, report)
+    store = SqliteAuditStore(audit_path)
+    try:
+        await check_audit(store, returned, failed, report)
+    finally:
+        await store.close()
+
+
+def check_answers(
+    samples: list[Sample],
+    who: list[Identity],
+    worlds: list[TenantWorld],
+    exact: bool,
+    report: Report,
+) -> tuple[dict[str, tuple[str, ...]], dict[str, str]]:
+    """No leak, no miss (and with ``exact`` the oracle's ranking) in every answer; the
+    chunk ids each 200 returned and the error code of each clean 503, by request id."""
     embeddings = HashEmbeddings()
     permitted: dict[int, set[str]] = {}
     returned: dict[str, tuple[str, ...]] = {}
@@ -526,22 +594,33 @@ async def check(
             if problems:
                 report.misses += 1
                 report.problems.append(f"request {s.body['request_id']}: {problems[0]}")
-    store = SqliteAuditStore(audit_path)
-    try:
-        records = [e.record async for e in store.iter_all(None) if e.record.kind == "retrieve"]
-        report.audit_records = len(records)
-        by_id = {r.request_id: r for r in records}
-        for request_id, chunk_ids in returned.items():
-            record = by_id.get(request_id)
-            if record is None or record.returned_chunk_ids != chunk_ids:
-                report.audit_mismatches += 1
-        for request_id, code in failed.items():
-            record = by_id.get(request_id)
-            if record is None or record.outcome != "error" or record.error_code != code:
-                report.audit_mismatches += 1
-        report.chain_ok = (await store.verify()).ok
-    finally:
-        await store.close()
+    return returned, failed
+
+
+async def check_audit(
+    store: AuditStore,
+    returned: dict[str, tuple[str, ...]],
+    failed: dict[str, str],
+    report: Report,
+    *,
+    only_these: bool = False,
+) -> None:
+    """Each answer's record is in ``store`` and says what the answer did; the chain
+    verifies. ``only_these``: the store also holds other runs' records (a shared one)."""
+    records = [e.record async for e in store.iter_all(None) if e.record.kind == "retrieve"]
+    if only_these:
+        records = [r for r in records if r.request_id in returned or r.request_id in failed]
+    report.audit_records = len(records)
+    by_id = {r.request_id: r for r in records}
+    for request_id, chunk_ids in returned.items():
+        record = by_id.get(request_id)
+        if record is None or record.returned_chunk_ids != chunk_ids:
+            report.audit_mismatches += 1
+    for request_id, code in failed.items():
+        record = by_id.get(request_id)
+        if record is None or record.outcome != "error" or record.error_code != code:
+            report.audit_mismatches += 1
+    report.chain_ok = (await store.verify()).ok
 
 
 async def run_load(
@@ -555,19 +634,22 @@ async def run_load(
     seed: int = 7,
     data_dir: Path | None = None,
     max_shed_fraction: float = 0.0,
+    profile: Path | None = None,
 ) -> Report:
     """Start what is needed, load the world, drive the load, check it; return the report."""
     with contextlib.ExitStack() as stack:
         work = data_dir or Path(
             stack.enter_context(tempfile.TemporaryDirectory(prefix="scopegate-load-"))
         )
+        fga_pid: int | None = None
         if openfga_url is None:
             from gateway.fga_server import ManagedOpenFGA
 
             fga = ManagedOpenFGA(work / "openfga")
             openfga_url = fga.start()
             stack.callback(fga.stop)
-        server = ServerProcess(work / "gateway", openfga_url, embeddings)
+            fga_pid = fga.process.pid if fga.process is not None else None
+        server = ServerProcess(work / "gateway", openfga_url, embeddings, profile)
         server.start()
         stack.callback(server.stop)
         rng = random.Random(seed)
@@ -578,7 +660,10 @@ async def run_load(
             for w in worlds:
                 await admin.load(w)
         who = identities(worlds, admin, rng)
+        server_pid = server.process.pid if server.process is not None else None
+        cpu_before = cpu_seconds(server_pid), cpu_seconds(fga_pid)
         samples, elapsed = await drive(server.url, who, duration_s, max_requests, concurrency, seed)
+        cpu_after = cpu_seconds(server_pid), cpu_seconds(fga_pid)
         latencies = [s.latency_ms for s in samples if s.status == 200]
         report = Report(
             requests=len(samples),
@@ -590,6 +675,8 @@ async def run_load(
             p99_ms=percentile(latencies, 99),
             max_ms=max(latencies, default=0.0),
             max_shed_fraction=max_shed_fraction,
+            gateway_cpu_ms=cpu_per_request(cpu_before[0], cpu_after[0], len(samples)),
+            openfga_cpu_ms=cpu_per_request(cpu_before[1], cpu_after[1], len(samples)),
         )
         await check(
             samples, who, worlds, embeddings == "hash", server.data_dir / "audit.db", report
@@ -610,6 +697,7 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--port", type=int, required=True)
     srv.add_argument("--embeddings", choices=["hash", "minilm"], default="hash")
     srv.add_argument("--tenant", action="append", default=[])
+    srv.add_argument("--profile", default=None)
     parser.add_argument("--duration", type=float, default=30.0, help="seconds of load (default 30)")
     parser.add_argument("--requests", type=int, default=None, help="stop after this many requests")
     parser.add_argument(
@@ -628,6 +716,12 @@ def main(argv: list[str] | None = None) -> int:
         help="fraction of requests allowed to fail closed with a 503 (default 0)",
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the report here")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="run the gateway under cProfile and write its stats here (slows it down)",
+    )
     args = parser.parse_args(argv)
     if args.command == "serve":
         return serve(args)
@@ -645,6 +739,7 @@ def main(argv: list[str] | None = None) -> int:
             embeddings=args.embeddings,
             seed=args.seed,
             max_shed_fraction=args.max_shed,
+            profile=args.profile.resolve() if args.profile else None,
         )
     )
     print(report.summary())

@@ -215,7 +215,15 @@ class ChromaStore:
         with chroma_errors(action):
             try:
                 async with asyncio.timeout(deadline):
-                    return await self._in_thread(call, *args)
+                    try:
+                        return await self._in_thread(call, *args)
+                    except NotFoundError:
+                        # A collection this process holds was dropped (and maybe made
+                        # again) by another process, such as another gateway replica:
+                        # open it by name and run the call once more (every call here
+                        # is an upsert, a delete or a read, so running it twice is safe).
+                        self._forget_collections()
+                        return await self._in_thread(call, *args)
             except Exception:
                 # A collection dropped or recreated elsewhere: reopen on the next call.
                 self._forget_collections()

@@ -16,6 +16,8 @@ import os
 import signal
 import socket
 import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,8 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 
+from gateway.audit import AuditRecord
 from gateway.identity import issue_token, load_or_create_signing_key
 
 REPO = Path(__file__).resolve().parent.parent
@@ -124,6 +128,37 @@ class RunningCluster:
         names = header.removeprefix("# ").split(",")
         stats = [dict(zip(names, row.split(","), strict=False)) for row in rows if row]
         return {row["svname"]: row for row in stats if row["pxname"] == backend}
+
+    @property
+    def audit_dsn(self) -> str:
+        """The PostgreSQL database every replica appends its audit records to."""
+        dsn: str = self.plan["gateway"]["env"]["SCOPEGATE_AUDIT_DSN"]
+        return dsn
+
+    def audit_records(self, tenant: str, request_ids: list[str]) -> dict[str, AuditRecord]:
+        """The records of ``request_ids`` in the shared audit store, read from PostgreSQL."""
+        with psycopg.connect(self.audit_dsn) as conn:
+            rows = conn.execute(
+                "SELECT request_id, record FROM audit_log"
+                " WHERE tenant = %s AND request_id = ANY(%s)",
+                (tenant, request_ids),
+            ).fetchall()
+        return {rid: AuditRecord.from_dict(json.loads(text)) for rid, text in rows}
+
+    def verify_audit(self) -> subprocess.CompletedProcess[str]:
+        """``scopegate audit verify`` over the shared audit store (as an operator runs it)."""
+        scopegate = Path(sys.executable).with_name("scopegate")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SCOPEGATE_")}
+        env["SCOPEGATE_AUDIT_DSN"] = self.audit_dsn
+        with tempfile.TemporaryDirectory(prefix="audit-verify-") as data_dir:
+            return subprocess.run(
+                [str(scopegate), "audit", "verify", "--data-dir", data_dir],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=120,
+                check=False,
+            )
 
     def up(self) -> None:
         """Start again whatever is not running (a killed part comes back)."""
