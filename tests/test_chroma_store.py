@@ -442,3 +442,28 @@ async def test_http_round_trip_then_the_server_dies(chroma_server):
         assert await store.healthy() is False
     finally:
         store.close()
+
+
+async def test_a_collection_recreated_by_another_replica_is_reopened(chroma_server):
+    # Two gateway replicas on one Chroma server: replica A removes the source and
+    # registers it again; replica B still holds handles to the dropped collections and
+    # must serve the new ones on its very next call, not fail.
+    _, url = chroma_server
+    a, b = ChromaStore(url=url, timeout=10), ChromaStore(url=url, timeout=10)
+    try:
+        old = corpus(documents=3, chunks=2)
+        await a.upsert("acme", "docs", old)
+        query = vector(7)
+        assert_matches(await b.search("acme", "docs", query, 3), oracle(old, query, 3))
+
+        await a.drop("acme", "docs")
+        new = document("acme", "n1", 3)
+        await a.upsert("acme", "docs", new)
+
+        assert_matches(await b.search("acme", "docs", query, 3), oracle(new, query, 3))
+        assert await b.count("acme", "docs") == 3
+        assert await b.delete_document("acme", "docs", "n1") == 3
+        assert await a.count("acme", "docs") == 0
+    finally:
+        a.close()
+        b.close()
