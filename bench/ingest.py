@@ -14,6 +14,12 @@ In one run, on the same generated documents:
    (first run: every tuple written; second run: incremental, nothing changed; third:
    ``full``, every document read back from OpenFGA) -> seconds.
 
+4. ``qdrant_layouts`` (``--qdrant-layouts N``): Qdrant local mode, ``N`` random points
+   over 4 tenants, in the two layouts a Qdrant deployment can scope tenants with: one
+   collection per (tenant, source), or one collection whose points carry a
+   payload-indexed ``tenant`` field that every query filters on -> query p50 (k=10,
+   median of 50 queries) and isolation (points of another tenant returned: must be 0).
+
 Prints one JSON object; ``--out FILE`` also writes it there.
 """
 
@@ -114,6 +120,12 @@ async def ingest_rate(
 
 
 def fill_fronted(path: Path, n: int) -> None:
+    started = time.perf_counter()
+    _fill_fronted(path, n)
+    print(json.dumps({"fronted_fill_s": round(time.perf_counter() - started, 1)}), flush=True)
+
+
+def _fill_fronted(path: Path, n: int) -> None:
     client = chromadb.PersistentClient(
         path=str(path), settings=ChromaSettings(anonymized_telemetry=False)
     )
@@ -140,7 +152,9 @@ def fill_fronted(path: Path, n: int) -> None:
         )
 
 
-async def sync_rate(g: Gateway, p: PrincipalContext, path: Path, n: int) -> dict[str, Any]:
+async def sync_rate(
+    g: Gateway, p: PrincipalContext, path: Path, n: int, full: bool = True
+) -> dict[str, Any]:
     fill_fronted(path, n)
     mapping = {"document_id": "doc", "folder": "path", "viewers": "readers", "agents": "bots"}
     config = {"collection": "kb-bench", "path": str(path), "mapping": mapping}
@@ -148,13 +162,11 @@ async def sync_rate(g: Gateway, p: PrincipalContext, path: Path, n: int) -> dict
     started = time.perf_counter()
     first = await g.sync_source(p, "fronted")
     first_s = time.perf_counter() - started
+    print(json.dumps({"first_sync_s": round(first_s, 1), "writes": first["writes"]}), flush=True)
     started = time.perf_counter()
     second = await g.sync_source(p, "fronted")
     second_s = time.perf_counter() - started
-    started = time.perf_counter()
-    full = await g.sync_source(p, "fronted", full=True)
-    full_s = time.perf_counter() - started
-    return {
+    result: dict[str, Any] = {
         "documents": n,
         "first": {"seconds": round(first_s, 1), "writes": first["writes"]},
         "second": {
@@ -162,24 +174,98 @@ async def sync_rate(g: Gateway, p: PrincipalContext, path: Path, n: int) -> dict
             "writes": second["writes"],
             "skipped": second["skipped"],
         },
-        "full": {
-            "seconds": round(full_s, 1),
-            "writes": full["writes"],
-            "unchanged": full["unchanged"],
-        },
     }
+    print(json.dumps(result), flush=True)
+    if full:
+        started = time.perf_counter()
+        again = await g.sync_source(p, "fronted", full=True)
+        result["full"] = {
+            "seconds": round(time.perf_counter() - started, 1),
+            "writes": again["writes"],
+            "unchanged": again["unchanged"],
+        }
+    return result
+
+
+def qdrant_layouts(path: Path, n: int, tenants: int = 4, queries: int = 50) -> dict[str, Any]:
+    """Query p50 and isolation of per-tenant collections vs one tenant-filtered collection."""
+    from qdrant_client import QdrantClient, models
+
+    rng = np.random.default_rng(5)
+    vectors = rng.normal(size=(n, 384)).astype(np.float32)
+    owner = [f"t{i % tenants}" for i in range(n)]
+    client = QdrantClient(path=str(path))
+    params = models.VectorParams(size=384, distance=models.Distance.COSINE)
+    client.create_collection("shared", vectors_config=params)
+    client.create_payload_index("shared", "tenant", models.PayloadSchemaType.KEYWORD)
+    for t in range(tenants):
+        client.create_collection(f"own_t{t}", vectors_config=params)
+    for start in range(0, n, 512):
+        rows = range(start, min(n, start + 512))
+        client.upsert(
+            "shared",
+            points=[
+                models.PointStruct(id=i, vector=vectors[i].tolist(), payload={"tenant": owner[i]})
+                for i in rows
+            ],
+        )
+        for t in range(tenants):
+            client.upsert(
+                f"own_t{t}",
+                points=[
+                    models.PointStruct(
+                        id=i, vector=vectors[i].tolist(), payload={"tenant": owner[i]}
+                    )
+                    for i in rows
+                    if owner[i] == f"t{t}"
+                ],
+            )
+    asks = rng.normal(size=(queries, 384)).astype(np.float32)
+    result: dict[str, Any] = {"points": n, "tenants": tenants, "k": 10}
+    for layout in ("collection_per_tenant", "shared_with_tenant_filter"):
+        times, foreign = [], 0
+        for q, vector in enumerate(asks):
+            tenant = f"t{q % tenants}"
+            started = time.perf_counter()
+            if layout == "collection_per_tenant":
+                found = client.query_points(f"own_{tenant}", query=vector.tolist(), limit=10)
+            else:
+                only = models.Filter(
+                    must=[
+                        models.FieldCondition(key="tenant", match=models.MatchValue(value=tenant))
+                    ]
+                )
+                found = client.query_points(
+                    "shared", query=vector.tolist(), query_filter=only, limit=10
+                )
+            times.append(time.perf_counter() - started)
+            foreign += sum(1 for p in found.points if owner[int(p.id)] != tenant)
+        result[layout] = {
+            "p50_ms": round(1000 * float(np.median(times)), 2),
+            "p95_ms": round(1000 * float(np.percentile(times, 95)), 2),
+            "foreign_points_returned": foreign,
+        }
+    client.close()
+    return result
 
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--documents", type=int, default=1000)
     parser.add_argument("--sync-documents", type=int, default=10000)
+    parser.add_argument(
+        "--no-full-sync", action="store_true", help="skip the full sync (every document read)"
+    )
+    parser.add_argument("--qdrant-layouts", type=int, default=0, metavar="N")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     embeddings = default_embeddings()
     docs = corpus(args.documents)
     result: dict[str, Any] = {"documents": args.documents}
     with tempfile.TemporaryDirectory() as tmp:
+        if args.qdrant_layouts:
+            result["qdrant_layouts"] = qdrant_layouts(Path(tmp) / "qdrant", args.qdrant_layouts)
+            print(json.dumps(result["qdrant_layouts"]), flush=True)
         # A generous OpenFGA deadline: a sync reads every document once, 16 at a time.
         settings = load_settings(data_dir=Path(tmp) / "data", openfga_timeout_s=60)
         g = await Gateway.start(settings, embeddings=embeddings)
@@ -194,7 +280,9 @@ async def main() -> None:
                     result["ingest"]["chunks_per_s"] / result["embed"]["chunks_per_s"]
                 )
             if args.sync_documents:
-                result["sync"] = await sync_rate(g, p, Path(tmp) / "fronted", args.sync_documents)
+                result["sync"] = await sync_rate(
+                    g, p, Path(tmp) / "fronted", args.sync_documents, not args.no_full_sync
+                )
         finally:
             await g.close()
     text = json.dumps(result, indent=2)

@@ -17,7 +17,9 @@ candidate is recorded: at least 100), writes a history of random relationship ch
   runs beside them);
 - the archiver's lag while the history was written (sampled every 50 ms);
 - retrieval latency with the archiver running and stopped: what archiving costs the
-  retrieval path.
+  retrieval path;
+- the archive's size on disk per change (the SQLite table and its indexes, from
+  ``dbstat``): how the audit database grows with OpenFGA's change log.
 
 Prints a table and a one-line summary.
 """
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import sqlite3
 import statistics
 import sys
 import tempfile
@@ -168,6 +171,17 @@ async def retrieval_latency(g: Gateway, ctx: DelegationContext, n: int) -> list[
     return out
 
 
+def archive_size(path: Path) -> int:
+    """Bytes of the change-log archive's table and indexes in a SQLite audit database."""
+    with sqlite3.connect(path) as conn:
+        (size,) = conn.execute(
+            "SELECT COALESCE(SUM(pgsize), 0) FROM dbstat"
+            " WHERE name LIKE 'changelog_archive%'"
+            " OR name LIKE 'sqlite_autoindex_changelog_archive%'"
+        ).fetchone()
+    return int(size)
+
+
 def p50(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
@@ -215,8 +229,10 @@ async def main(args: argparse.Namespace) -> None:
             stopped = await retrieval_latency(g, ctx, args.retrievals)
         finally:
             await g.close()
+        archive_bytes = archive_size(Path(tmp) / "audit.db")
 
     flipped = sum(1 for d in answer["documents"] if d["flipped_checks"])
+    archived = head.seq if head else 0
     rows = [
         ("candidates in the record", f"{len(record.candidates)}"),
         ("archived changes (whole store)", f"{head.seq if head else 0}"),
@@ -235,6 +251,10 @@ async def main(args: argparse.Namespace) -> None:
         (
             "retrieval p50, archiver running / stopped",
             f"{p50(running):.1f} / {p50(stopped):.1f} ms",
+        ),
+        (
+            "archive on disk (table and indexes), per change",
+            f"{archive_bytes / 1024:.0f} KiB, {archive_bytes / max(1, archived):.0f} B",
         ),
     ]
     width = max(len(name) for name, _ in rows)

@@ -12,11 +12,12 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
 from chromadb.api import ClientAPI
+from chromadb.api.client import Client
 from chromadb.api.models.Collection import Collection
 from chromadb.errors import NotFoundError
 
@@ -98,9 +99,19 @@ class FrontedChromaStore:
             return 0
         return await self._run("count", lambda: self._collection().count())
 
-    async def scan_acls(self) -> AclScan:
-        """The ACL every chunk states, grouped by document (for ``sources sync``)."""
-        return await self._run("scan", self._scan)
+    async def scan_acls(self, since: float | None = None) -> AclScan:
+        """The ACL every chunk states, grouped by document (for ``sources sync``).
+
+        With ``since`` (and an ``updated_at`` mapping), only the documents one of whose
+        chunks was written at or after it, all their chunks read (a partial scan).
+        """
+        if since is not None and self.mapping.updated_at is not None:
+            return await self._scan_since(since)
+        scan = AclScan()
+        async for meta in self._pages(None):
+            scan.add(acl_of(meta, self.mapping))
+            scan.stamp(meta, self.mapping)
+        return scan
 
     async def healthy(self) -> bool:
         try:
@@ -121,7 +132,10 @@ class FrontedChromaStore:
         """Removing the source forgets the collection; it is never deleted."""
 
     def close(self) -> None:
-        self._client = None
+        """Release the client (the embedded database's files once its last user closes)."""
+        client, self._client = self._client, None
+        if isinstance(client, Client):
+            client.close()
 
     # -- worker thread ---------------------------------------------------------------
 
@@ -197,17 +211,39 @@ class FrontedChromaStore:
             for row, distance in cosine_top_n(embedding, ids, matrix, n)
         ]
 
-    def _scan(self) -> AclScan:
-        collection = self._collection()
-        scan = AclScan()
+    async def _scan_since(self, since: float) -> AclScan:
+        assert self.mapping.updated_at is not None
+        scan = AclScan(partial=True, high_water=since)
+        changed: set[str] = set()
+        async for meta in self._pages({self.mapping.updated_at: {"$gte": since}}):
+            scan.stamp(meta, self.mapping)
+            document = document_id_of(meta, self.mapping)
+            if document is not None:
+                changed.add(document)
+        for part in _batches(sorted(changed), 500):
+            async for meta in self._pages({self.mapping.document_id: {"$in": part}}):
+                # Re-read through the mapping: the filter is the store's, the rule ours.
+                if document_id_of(meta, self.mapping) in changed:
+                    scan.add(acl_of(meta, self.mapping))
+        return scan
+
+    async def _pages(self, where: Any) -> AsyncIterator[Mapping[str, Any] | None]:
+        """Every chunk's metadata (matching ``where``), a page per call: the timeout
+        bounds one page, not a scan of the whole collection."""
         offset = 0
         while True:
-            found = collection.get(include=["metadatas"], limit=SCAN_PAGE, offset=offset)
-            for meta in found["metadatas"] or []:
-                scan.add(acl_of(meta, self.mapping))
-            if len(found["ids"]) < SCAN_PAGE:
-                return scan
+            count, metas = await self._run("scan", self._page, where, offset)
+            for meta in metas:
+                yield meta
+            if count < SCAN_PAGE:
+                return
             offset += SCAN_PAGE
+
+    def _page(self, where: Any, offset: int) -> tuple[int, list[Mapping[str, Any] | None]]:
+        found = self._collection().get(
+            where=where, include=["metadatas"], limit=SCAN_PAGE, offset=offset
+        )
+        return len(found["ids"]), list(found["metadatas"] or [])
 
     def _candidate(
         self, chunk_id: str, text: str | None, meta: Mapping[str, Any] | None, distance: float

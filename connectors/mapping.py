@@ -5,7 +5,9 @@ A platform team registers a collection its own pipeline filled (Chroma, Qdrant) 
 (``eng/runbooks`` becomes the nested folders ``eng`` and ``eng__runbooks`` of the
 source), and the viewer, agent and owner fields, whose values are principals written as
 scopegate refs (``user:alice``, ``group:eng#member``) or with a prefix of the
-``prefixes`` map (``grp:eng`` with ``{"grp:": "group:{}#member"}``).
+``prefixes`` map (``grp:eng`` with ``{"grp:": "group:{}#member"}``). With
+``updated_at`` (a field holding when the pipeline last wrote the chunk, as a number such
+as epoch seconds) a sync reads only what changed since the last one.
 
 Only scalar metadata is ever read (THREATS, "A store's metadata can lie": chromadb can
 hand a record the array-valued metadata of a deleted collection). An ACL field is a
@@ -45,13 +47,16 @@ class FieldMapping(BaseModel):
     viewers: str | None = Field(default=None, description="field listing viewer principals")
     agents: str | None = Field(default=None, description="field listing agent principals")
     owner: str | None = Field(default=None, description="field naming the owning user")
+    updated_at: str | None = Field(
+        default=None, description="numeric field: when the chunk was last written upstream"
+    )
     separator: str = Field(default=",", min_length=1, max_length=4)
     prefixes: dict[str, str] = Field(
         default_factory=dict,
         description='prefix -> template with one "{}", e.g. {"grp:": "group:{}#member"}',
     )
 
-    @field_validator("document_id", "folder", "viewers", "agents", "owner")
+    @field_validator("document_id", "folder", "viewers", "agents", "owner", "updated_at")
     @classmethod
     def _field_name(cls, value: str | None) -> str | None:
         if value is not None and not _FIELD.match(value):
@@ -68,7 +73,14 @@ class FieldMapping(BaseModel):
 
     def fields(self) -> frozenset[str]:
         """Fields the mapping reads (kept out of the metadata returned to agents)."""
-        named = (self.document_id, self.folder, self.viewers, self.agents, self.owner)
+        named = (
+            self.document_id,
+            self.folder,
+            self.viewers,
+            self.agents,
+            self.owner,
+            self.updated_at,
+        )
         return frozenset(f for f in named if f is not None)
 
     def principal(self, raw: str) -> str:
@@ -126,6 +138,16 @@ class AclScan:
     inconsistent: set[str] = field(default_factory=set)
     #: chunks per document
     chunks: dict[str, int] = field(default_factory=dict)
+    #: only the documents changed since a mark were read (removals are not seen)
+    partial: bool = False
+    #: the newest ``updated_at`` read (the next incremental sync's mark)
+    high_water: float | None = None
+
+    def stamp(self, metadata: Mapping[str, Any] | None, mapping: FieldMapping) -> None:
+        """Raise :attr:`high_water` to the chunk's ``updated_at``, if it has a number."""
+        value = updated_at_of(metadata, mapping)
+        if value is not None and (self.high_water is None or value > self.high_water):
+            self.high_water = value
 
     def add(self, acl: DocumentAcl | None) -> None:
         if acl is None:
@@ -147,6 +169,16 @@ def scalar(value: object) -> bool:
 def scalar_metadata(metadata: Mapping[str, Any] | None, hidden: frozenset[str]) -> Metadata:
     """What agents see of a chunk's metadata: scalars only, mapping fields left out."""
     return {str(k): v for k, v in (metadata or {}).items() if k not in hidden and scalar(v)}
+
+
+def updated_at_of(metadata: Mapping[str, Any] | None, mapping: FieldMapping) -> float | None:
+    """The chunk's ``updated_at`` as a number (None when unmapped, missing or not one)."""
+    if mapping.updated_at is None:
+        return None
+    value = (metadata or {}).get(mapping.updated_at)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
 
 
 def document_id_of(metadata: Mapping[str, Any] | None, mapping: FieldMapping) -> str | None:

@@ -26,7 +26,7 @@ import json
 import os
 import threading
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import httpx
@@ -202,11 +202,20 @@ class QdrantStore:
             return False
         return True
 
-    async def scan_acls(self) -> AclScan:
-        """Fronted only: the ACL every point states, grouped by document."""
+    async def scan_acls(self, since: float | None = None) -> AclScan:
+        """Fronted only: the ACL every point states, grouped by document; with ``since``
+        (and an ``updated_at`` mapping) only the documents one of whose points was
+        written at or after it, all their points read (a partial scan)."""
         if not self.fronted:
             raise InvalidRequest("only a fronted collection has ACLs in its payloads")
-        return await self._run("scan", self._scan)
+        assert self.mapping is not None
+        if since is not None and self.mapping.updated_at is not None:
+            return await self._scan_since(since)
+        scan = AclScan()
+        async for payload in self._payloads(None):
+            scan.add(acl_of(payload, self.mapping, lists=True))
+            scan.stamp(payload, self.mapping)
+        return scan
 
     def close(self) -> None:
         """Release the client (local mode's lock on its path), reopened on the next call.
@@ -335,18 +344,44 @@ class QdrantStore:
         if client.collection_exists(name):
             client.delete_collection(name)
 
-    def _scan(self) -> AclScan:
-        assert self.collection is not None and self.mapping is not None
-        scan = AclScan()
+    async def _scan_since(self, since: float) -> AclScan:
+        assert self.mapping is not None and self.mapping.updated_at is not None
+        scan = AclScan(partial=True, high_water=since)
+        newer = models.Filter(
+            must=[models.FieldCondition(key=self.mapping.updated_at, range=models.Range(gte=since))]
+        )
+        changed: set[str] = set()
+        async for payload in self._payloads(newer):
+            scan.stamp(payload, self.mapping)
+            document = document_id_of(payload, self.mapping)
+            if document is not None:
+                changed.add(document)
+        ordered = sorted(changed)
+        for start in range(0, len(ordered), PAGE):
+            part = ordered[start : start + PAGE]
+            async for payload in self._payloads(_document_filter(self.mapping.document_id, part)):
+                if document_id_of(payload, self.mapping) in changed:
+                    scan.add(acl_of(payload, self.mapping, lists=True))
+        return scan
+
+    async def _payloads(
+        self, where: models.Filter | None
+    ) -> AsyncIterator[Mapping[str, Any] | None]:
+        """Every point's payload (matching ``where``), a page per call: the timeout
+        bounds one page, not a scan of the whole collection."""
         offset: Any = None
         while True:
-            points, offset = self._connected().scroll(
-                self.collection, limit=PAGE, offset=offset, with_payload=True
-            )
+            points, offset = await self._run("scan", self._page, where, offset)
             for p in points:
-                scan.add(acl_of(p.payload, self.mapping, lists=True))
+                yield p.payload
             if offset is None:
-                return scan
+                return
+
+    def _page(self, where: models.Filter | None, offset: Any) -> tuple[list[Any], Any]:
+        assert self.collection is not None
+        return self._connected().scroll(
+            self.collection, scroll_filter=where, limit=PAGE, offset=offset, with_payload=True
+        )
 
     def _candidate(self, pid: object, payload: Mapping[str, Any] | None, score: float) -> Candidate:
         data = payload or {}

@@ -325,6 +325,9 @@ class VerifyResult:
 
 
 AuditPage = tuple[list[AuditEntry], str | None]
+#: Positions records keep in the archive: store id -> archive seq -> the chain hash a
+#: record kept there -> the first audit entry (its ``seq``) that kept it.
+Anchors = Mapping[str, Mapping[int, Mapping[str, int]]]
 EntryList = list[AuditEntry]
 
 
@@ -493,6 +496,16 @@ class AuditStore(Protocol):
         """Recompute the store's archive chain; ``checked`` counts intact changes."""
         ...
 
+    async def verify_archives(self, anchors: Anchors | None = None) -> dict[str, VerifyResult]:
+        """Recompute the archive chain of every store archived here (read only: none
+        when this database never held an archive), and check that it still holds the
+        hash each of ``anchors`` recorded (a store named only there has lost its archive)."""
+        ...
+
+    async def archived_change(self, store_id: str, seq: int) -> ArchivedChange | None:
+        """The archived change ``seq`` of ``store_id`` as stored now (None if absent)."""
+        ...
+
     async def archive_hash_at(self, store_id: str, seq: int) -> str | None:
         """The archive chain's stored hash at change ``seq`` (None if there is none)."""
         ...
@@ -657,9 +670,21 @@ _INSERT_CHANGE = (
     " user_ref, user_set, condition, hash, archived_us) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _SELECT_ARCHIVE_CHAIN = (
-    f"SELECT {_CHANGE_COLUMNS}, hash FROM changelog_archive WHERE store_id = ?"  # noqa: S608
-    " ORDER BY seq"
+    f"SELECT {_CHANGE_COLUMNS}, hash, user_set FROM changelog_archive"  # noqa: S608
+    " WHERE store_id = ? ORDER BY seq"
 )
+_SELECT_ARCHIVED_CHANGE = (
+    f"SELECT {_CHANGE_COLUMNS} FROM changelog_archive WHERE store_id = ? AND seq = ?"  # noqa: S608
+)
+# A store whose cursor row was deleted still has its changes verified, and the reverse.
+_ARCHIVED_STORES = (
+    "SELECT store_id FROM changelog_cursor UNION SELECT store_id FROM changelog_archive"
+    " ORDER BY store_id"
+)
+_SQLITE_HAS_ARCHIVE = (
+    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'changelog_cursor'"
+)
+_PG_HAS_ARCHIVE = "SELECT to_regclass('changelog_cursor') IS NOT NULL"
 _SELECT_ARCHIVE_HASH = "SELECT hash FROM changelog_archive WHERE store_id = ? AND seq = ?"
 _SELECT_ADMIN = (
     f"SELECT {_ENTRY_COLUMNS} FROM audit_log WHERE tenant = ? AND agent_id IS NULL"  # noqa: S608
@@ -782,12 +807,13 @@ def _archived_query(
 
 
 class _ArchiveWalk:
-    """Follows one store's archive chain from the start."""
+    """Follows one store's archive chain from the start (rows of ``_SELECT_ARCHIVE_CHAIN``)."""
 
-    def __init__(self, store_id: str) -> None:
+    def __init__(self, store_id: str, anchors: Mapping[int, Mapping[str, int]] | None = None):
         self.store_id = store_id
         self.seq = 0
         self.hash = GENESIS_HASH
+        self.anchors = anchors or {}
 
     def step(self, row: Row) -> VerifyResult | None:
         change = _change_from_row(row[:7])
@@ -796,10 +822,35 @@ class _ArchiveWalk:
         expected = archive_hash(self.hash, self.store_id, change)
         if expected != row[7]:
             return VerifyResult(False, self.seq, change.seq, "hash does not match the change")
+        # The filter column replays read by: a userset hidden from them is tampering too.
+        if int(row[8]) != _user_set(change.user):
+            return VerifyResult(False, self.seq, change.seq, "user_set does not match the change")
+        # A chain rewritten from some change on, hashes recomputed, still links up; the
+        # hash an audit record kept at a later position does not.
+        for kept, entry in self.anchors.get(change.seq, {}).items():
+            if kept != expected:
+                reason = (
+                    f"audit entry {entry} recorded another chain hash at change {change.seq}:"
+                    " the history up to it was rewritten"
+                )
+                return VerifyResult(False, self.seq, change.seq, reason)
         self.seq, self.hash = change.seq, expected
         return None
 
+    def run(self, rows: Iterable[Row]) -> VerifyResult | None:
+        """Step through ``rows``; the first break, or None."""
+        for row in rows:
+            broken = self.step(row)
+            if broken is not None:
+                return broken
+        return None
+
     def finish(self, head: ArchiveHead | None) -> VerifyResult:
+        beyond = sorted(seq for seq in self.anchors if seq > self.seq)
+        if beyond:
+            entry = min(self.anchors[beyond[0]].values())
+            reason = f"change {beyond[0]}, recorded by audit entry {entry}, is not in the archive"
+            return VerifyResult(False, self.seq, beyond[0], reason)
         if head is None and self.seq == 0:
             return VerifyResult(True, 0, None, None)
         if head is not None and (head.seq, head.hash) == (self.seq, self.hash):
@@ -1067,15 +1118,23 @@ class _SqlAuditStore(ABC):
         rows = await self._fetch(_SELECT_ARCHIVE_HASH, (store_id, seq))
         return str(rows[0][0]) if rows else None
 
+    @abstractmethod
+    async def _verify_archives(self, only: str | None, anchors: Anchors) -> dict[str, VerifyResult]:
+        """Walk the archive chains (of ``only``, or of every store) in one read snapshot."""
+
     async def verify_archive(self, store_id: str) -> VerifyResult:
         """Recompute the store's archive chain from its first change."""
-        head = await self.archive_head(store_id)  # (creates the tables if needed)
-        walk = _ArchiveWalk(store_id)
-        for row in await self._fetch(_SELECT_ARCHIVE_CHAIN, (store_id,)):
-            broken = walk.step(row)
-            if broken is not None:
-                return broken
-        return walk.finish(head)
+        return (await self._verify_archives(store_id, {}))[store_id]
+
+    async def verify_archives(self, anchors: Anchors | None = None) -> dict[str, VerifyResult]:
+        """Recompute every store's archive chain, checking ``anchors``; nothing is
+        created or written."""
+        return await self._verify_archives(None, anchors or {})
+
+    async def archived_change(self, store_id: str, seq: int) -> ArchivedChange | None:
+        """The archived change ``seq`` of ``store_id`` as stored now (None if absent)."""
+        rows = await self._fetch(_SELECT_ARCHIVED_CHANGE, (store_id, seq))
+        return _change_from_row(tuple(rows[0])) if rows else None
 
     async def admin_entries(self, tenant: str, since: TimeBound, until: TimeBound) -> EntryList:
         """The tenant's admin records in ``[since, until)``, oldest first."""
@@ -1118,6 +1177,10 @@ class SqliteAuditStore(_SqlAuditStore):
         """Recompute the chain on a separate read snapshot (appends keep going)."""
         await self._call(_sqlite_noop)
         return await asyncio.to_thread(self._verify_snapshot)
+
+    async def _verify_archives(self, only: str | None, anchors: Anchors) -> dict[str, VerifyResult]:
+        await self._call(_sqlite_noop)
+        return await asyncio.to_thread(self._verify_archives_snapshot, only, anchors)
 
     async def purge_older_than(self, days: float, *, now: datetime | None = None) -> int:
         """Delete the oldest entries older than ``days``; return how many."""
@@ -1218,6 +1281,12 @@ class SqliteAuditStore(_SqlAuditStore):
         with storage_errors(), contextlib.closing(self._connect()) as conn:
             return _sqlite_verify(conn)
 
+    def _verify_archives_snapshot(
+        self, only: str | None, anchors: Anchors
+    ) -> dict[str, VerifyResult]:
+        with storage_errors(), contextlib.closing(self._connect()) as conn:
+            return _sqlite_verify_archives(conn, only, anchors)
+
     def _discard(self) -> None:
         if self._conn is not None:
             with contextlib.suppress(sqlite3.Error):
@@ -1291,6 +1360,34 @@ def _sqlite_verify(conn: sqlite3.Connection) -> VerifyResult:
         conn.rollback()
 
 
+def _archived_stores(only: str | None, found: Iterable[str], anchors: Anchors) -> list[str]:
+    return [only] if only is not None else sorted({*found, *anchors})
+
+
+def _sqlite_verify_archives(
+    conn: sqlite3.Connection, only: str | None, anchors: Anchors
+) -> dict[str, VerifyResult]:
+    conn.execute("BEGIN")  # one read snapshot: what an archiver appends meanwhile is not seen
+    try:
+        if conn.execute(_SQLITE_HAS_ARCHIVE).fetchone() is None:
+            stores = _archived_stores(only, (), anchors)
+            return {s: _ArchiveWalk(s, anchors.get(s)).finish(None) for s in stores}
+        found = [str(r[0]) for r in conn.execute(_ARCHIVED_STORES)] if only is None else []
+        stores = _archived_stores(only, found, anchors)
+        return {s: _sqlite_walk_archive(conn, s, anchors.get(s)) for s in stores}
+    finally:
+        conn.rollback()
+
+
+def _sqlite_walk_archive(
+    conn: sqlite3.Connection, store_id: str, anchors: Mapping[int, Mapping[str, int]] | None
+) -> VerifyResult:
+    row = conn.execute(_SELECT_CURSOR, (store_id,)).fetchone()
+    walk = _ArchiveWalk(store_id, anchors)
+    broken = walk.run(conn.execute(_SELECT_ARCHIVE_CHAIN, (store_id,)))
+    return broken or walk.finish(None if row is None else _head_from_row(tuple(row)))
+
+
 def _sqlite_purge(conn: sqlite3.Connection, cutoff_us: int) -> int:
     with _sqlite_transaction(conn):
         base_seq, base_hash, head_seq, _ = _sqlite_one(conn, _SELECT_CHAIN)
@@ -1359,7 +1456,7 @@ async def _pg_one(conn: PgConnection, sql: str, params: Sequence[object] = ()) -
 
 
 async def _pg_walk(
-    conn: PgConnection, walk: _ChainWalk, sql: str, params: Sequence[object]
+    conn: PgConnection, walk: _ChainWalk | _ArchiveWalk, sql: str, params: Sequence[object]
 ) -> VerifyResult | None:
     """Stream rows through ``walk`` with a server-side cursor (inside a transaction)."""
     async with conn.cursor(name="scopegate_audit_walk") as cur:
@@ -1468,6 +1565,28 @@ class PostgresAuditStore(_SqlAuditStore):
                 walk = _ChainWalk(base_seq, base_hash)
                 broken = await _pg_walk(conn, walk, _SELECT_ALL, ())
                 return broken or walk.finish(head_seq, head_hash)
+
+    async def _verify_archives(self, only: str | None, anchors: Anchors) -> dict[str, VerifyResult]:
+        results: dict[str, VerifyResult] = {}
+        with storage_errors():
+            async with self._pool.connection() as conn, conn.transaction():
+                await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                (exists,) = await _pg_one(conn, _PG_HAS_ARCHIVE)
+                if not exists:
+                    stores = _archived_stores(only, (), anchors)
+                    return {s: _ArchiveWalk(s, anchors.get(s)).finish(None) for s in stores}
+                found: list[str] = []
+                if only is None:
+                    rows = await (await conn.execute(_pg(_ARCHIVED_STORES))).fetchall()
+                    found = [str(r[0]) for r in rows]
+                for store_id in _archived_stores(only, found, anchors):
+                    cur = await conn.execute(_pg(_SELECT_CURSOR), (store_id,))
+                    row = await cur.fetchone()
+                    head = None if row is None else _head_from_row(tuple(row))
+                    walk = _ArchiveWalk(store_id, anchors.get(store_id))
+                    broken = await _pg_walk(conn, walk, _SELECT_ARCHIVE_CHAIN, (store_id,))
+                    results[store_id] = broken or walk.finish(head)
+        return results
 
     async def purge_older_than(self, days: float, *, now: datetime | None = None) -> int:
         """Delete the oldest entries older than ``days``; return how many."""

@@ -1,5 +1,5 @@
 """``scopegate audit ...``: list, show, replay (with what-if, or as of the decision),
-history, and export; verify the chain.
+history, and export; verify the chains (the log's and the change-log archive's).
 
 In-process commands go through the same reviewer functions as the HTTP API
 (:mod:`gateway.review`), so ``--as`` must name a reviewer (or an admin) of
@@ -7,7 +7,8 @@ In-process commands go through the same reviewer functions as the HTTP API
 ``--output`` (created 0600, written to a ``.part`` file and renamed when complete, so
 a reader never picks up half an export). ``verify`` and ``purge`` need no gateway: they
 work on the audit store directly; ``verify`` names the first broken entry and the record
-it holds, ``purge`` refuses to erase a broken stretch of the chain.
+it holds (and the first broken change of each archived store, and what it holds), ``purge``
+refuses to erase a broken stretch of the chain.
 """
 
 from __future__ import annotations
@@ -17,14 +18,14 @@ import contextlib
 import dataclasses
 import os
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
 import httpx
 
 from gateway import review
-from gateway.audit import AuditEntry, AuditStore, VerifyResult
+from gateway.audit import Anchors, ArchivedChange, AuditEntry, AuditStore, VerifyResult
 from gateway.cli import dump
 from gateway.client import AsyncScopegateClient, raise_for_error
 from gateway.errors import AuditUnavailable
@@ -189,11 +190,75 @@ async def purge_audit(store: AuditStore, days: float) -> int:
 
 
 async def verify_audit(store: AuditStore) -> int:
-    """``audit verify``: the result as JSON on stdout, a clear verdict on stderr."""
+    """``audit verify``: the log's chain and the change-log archive's, as JSON on stdout
+    (the log's result, with ``archive`` beside it), a clear verdict on stderr."""
     result = await store.verify()
-    dump(dataclasses.asdict(result))
+    archives = await store.verify_archives(await archive_anchors(store))
+    archive = {
+        "ok": all(r.ok for r in archives.values()),
+        "changes": sum(r.checked for r in archives.values()),
+        "stores": {store_id: r.to_dict() for store_id, r in archives.items()},
+    }
+    dump({**dataclasses.asdict(result), "archive": archive})
     print(await describe_verification(store, result), file=sys.stderr)
-    return 0 if result.ok else 1
+    print(await describe_archive_verification(store, archives), file=sys.stderr)
+    return 0 if result.ok and archive["ok"] else 1
+
+
+async def archive_anchors(store: AuditStore) -> Anchors:
+    """Every archive position a record keeps (``extra.changelog``), with its chain hash.
+
+    The records are hash-chained, so these hashes anchor the archive: a history
+    rewritten and re-hashed from some change on no longer matches them. A log that
+    cannot be read to its end yields the anchors read so far (its own verdict says why).
+    """
+    anchors: dict[str, dict[int, dict[str, int]]] = {}
+    with contextlib.suppress(AuditUnavailable):
+        async for entry in store.iter_all(None):
+            kept = entry.record.extra.get("changelog")
+            if not isinstance(kept, Mapping) or not kept.get("archive_seq"):
+                continue
+            at = anchors.setdefault(str(kept["store_id"]), {})
+            at.setdefault(int(kept["archive_seq"]), {}).setdefault(
+                str(kept.get("archive_hash")), entry.seq
+            )
+    return anchors
+
+
+async def describe_archive_verification(
+    store: AuditStore, results: Mapping[str, VerifyResult]
+) -> str:
+    """The archive chains in words: intact, or each broken store, where, and what is there."""
+    changes = sum(r.checked for r in results.values())
+    stores = f"{len(results)} store{'s' if len(results) != 1 else ''}"
+    broken = sum(1 for r in results.values() if not r.ok)
+    if not broken:
+        return f"scopegate: archive chain verified: True ({changes} changes, {stores})"
+    lines = [f"scopegate: archive chain verified: False (broken in {broken} of {stores})"]
+    for store_id, result in sorted(results.items()):
+        if result.ok:
+            continue
+        seq = result.first_broken_seq
+        lines += [
+            f"  store {store_id}: BROKEN at change {seq}: {result.reason}",
+            f"    {result.checked} changes before it verified intact",
+        ]
+        change = None
+        with contextlib.suppress(AuditUnavailable):  # the verdict above already says where
+            change = await store.archived_change(store_id, seq) if seq is not None else None
+        if change is not None:
+            lines.append(f"    change {seq} now holds: {_describe_change(change)}")
+        elif seq is not None:
+            lines.append(f"    change {seq}: no such change")
+    return "\n".join(lines)
+
+
+def _describe_change(change: ArchivedChange) -> str:
+    condition = f" with condition {change.condition}" if change.condition else ""
+    return (
+        f"{change.operation} {change.user} {change.relation} {change.object}{condition} "
+        f"at {change.time}"
+    )
 
 
 async def describe_verification(store: AuditStore, result: VerifyResult) -> str:

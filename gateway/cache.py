@@ -350,6 +350,19 @@ class DecisionCache:
         self.stats.list_hits += 1
         return entry.ids
 
+    def peek_list(self, key: ListKey) -> frozenset[str] | None:
+        """What :meth:`get_list` would answer now, without counting or reordering: for
+        work started speculatively, used only if a probe then vouches for the same
+        answer (see ``PreFilter.retrieve``)."""
+        entry = self._lists.get(key)
+        if (
+            entry is None
+            or entry.generation != self.generation
+            or self._clock() - entry.created > self.ttl_s
+        ):
+            return None
+        return entry.ids
+
     def put_list(self, key: ListKey, ids: frozenset[str], generation: int) -> None:
         """Keep a *complete* answer fetched while ``generation`` was current."""
         if not self.exact or generation != self.generation:
@@ -406,6 +419,7 @@ class ChangeWatcher:
     _high_water: datetime | None = None
     _seen: set[Change] = field(default_factory=set)
     _task: asyncio.Task[None] | None = None
+    _stopping: bool = False
 
     async def poll_once(self) -> int:
         """One complete read of recent changes; returns how many were new."""
@@ -449,7 +463,10 @@ class ChangeWatcher:
             self._seen = {c for c in self._seen if c.timestamp >= horizon}
 
     async def run(self) -> None:
-        while True:
+        # The flag as well as the cancellation: on Python 3.11 asyncio.wait_for (around
+        # every OpenFGA call) can swallow a cancellation that arrives just as the call
+        # completes, and a loop relying on the cancellation alone never ends.
+        while not self._stopping:
             try:
                 await self.poll_once()
             except asyncio.CancelledError:
@@ -457,14 +474,18 @@ class ChangeWatcher:
             except Exception as exc:  # any failure: stop vouching for the cache
                 self.stats.failures += 1
                 logger.warning("decision cache: change poll failed: %s", exc)
+            if self._stopping:
+                return
             await asyncio.sleep(self.interval_s)
 
     def start(self) -> None:
         if self._task is None or self._task.done():
+            self._stopping = False
             self._task = asyncio.get_running_loop().create_task(self.run())
 
     async def stop(self) -> None:
         task, self._task = self._task, None
+        self._stopping = True
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -150,6 +150,19 @@ CREATE TABLE IF NOT EXISTS directories (
 )
 """,
     ),
+    (
+        4,
+        """
+CREATE TABLE IF NOT EXISTS sync_state (
+  tenant TEXT NOT NULL,
+  source TEXT NOT NULL,
+  source_created DOUBLE PRECISION NOT NULL,
+  high_water DOUBLE PRECISION NOT NULL,
+  synced_at DOUBLE PRECISION NOT NULL,
+  PRIMARY KEY (tenant, source)
+)
+""",
+    ),
 )
 SCHEMA_VERSION = _MIGRATIONS[-1][0]
 
@@ -237,6 +250,19 @@ class DirectoryState:
         return now - (last or 0.0) > self.max_silence_s
 
 
+@dataclass(frozen=True, slots=True)
+class RetrievalView:
+    """A tenant's directory state and active sources (with document counts), read
+    together at the start of a retrieval (:meth:`SourceCatalog.retrieval_view`)."""
+
+    directory: DirectoryState | None
+    sources: list[tuple[SourceInfo, int]]
+
+
+#: How long per-source document counts are reused (selectivity estimates only).
+COUNTS_TTL_S = 10.0
+COUNTS_MAX_TENANTS = 10_000
+
 _USER_COLUMNS = (
     "tenant, id, user_id, user_name, external_id, active, attributes, created_at, updated_at"
 )
@@ -253,6 +279,8 @@ class SourceCatalog:
 
     def __init__(self, db: CatalogDatabase) -> None:
         self.db = db
+        # tenant -> (monotonic time read, documents per source): see document_counts.
+        self._counts: dict[str, tuple[float, dict[str, int]]] = {}
 
     async def _rows(self, sql: str, params: Sequence[object] = ()) -> list[Row]:
         return await self.db.execute(sql, params)
@@ -292,6 +320,49 @@ class SourceCatalog:
             (tenant,),
         )
         return [_source(r) for r in rows]
+
+    async def retrieval_view(self, tenant: str) -> RetrievalView:
+        """What a retrieval needs before it searches, in one statement: the tenant's
+        directory state and its active sources (read fresh every time: a source removed
+        or a directory gone stale through another replica counts at once), with
+        document counts from :meth:`document_counts`."""
+        rows = await self._rows(
+            "SELECT s.tenant, s.id, s.kind, s.config, s.created_at, s.state, "
+            "d.tenant, d.source, d.max_silence_s, d.declared_at, d.heard_at "
+            "FROM (SELECT CAST(? AS TEXT) AS tenant) t "
+            "LEFT JOIN sources s ON s.tenant = t.tenant AND s.state = 'active' "
+            "LEFT JOIN directories d ON d.tenant = t.tenant ORDER BY s.id",
+            (tenant,),
+        )
+        first = rows[0] if rows else None
+        directory = None
+        if first is not None and first[6] is not None:
+            r = first[6:]
+            directory = DirectoryState(
+                str(r[0]), str(r[1]), _float(r[2]), _float(r[3]), _float(r[4])
+            )
+        sources = [_source(r[:6]) for r in rows if r[1] is not None]
+        counts = await self.document_counts(tenant) if sources else {}
+        return RetrievalView(directory, [(s, counts.get(s.id, 0)) for s in sources])
+
+    async def document_counts(self, tenant: str) -> dict[str, int]:
+        """Complete documents per source of ``tenant``, in one grouped query, reused for
+        :data:`COUNTS_TTL_S`: the counts only size selectivity estimates (never what
+        is searched, checked or released), so a few seconds behind is harmless."""
+        now = time.monotonic()
+        cached = self._counts.get(tenant)
+        if cached is not None and now - cached[0] < COUNTS_TTL_S:
+            return cached[1]
+        rows = await self._rows(
+            "SELECT source, COUNT(*) FROM documents WHERE tenant=? "
+            "AND fingerprint IS NOT NULL GROUP BY source",
+            (tenant,),
+        )
+        counts = {str(r[0]): int(r[1]) for r in rows}
+        self._counts[tenant] = (now, counts)
+        while len(self._counts) > COUNTS_MAX_TENANTS:
+            self._counts.pop(next(iter(self._counts)))
+        return counts
 
     async def mark_removing(self, tenant: str, source_id: str) -> None:
         async with self.db.transaction(tenant) as tx:
@@ -750,6 +821,25 @@ class SourceCatalog:
                     "DELETE FROM documents WHERE tenant=? AND source=? AND id=?",
                     (tenant, source, document_id),
                 )
+
+    async def sync_mark(self, source: SourceInfo) -> float | None:
+        """The high-water mark of the source's last completed sync (``updated_at``
+        mappings only); None before the first one, and for a source registered again
+        under the same name (its mark belongs to the old registration)."""
+        rows = await self._rows(
+            "SELECT high_water FROM sync_state WHERE tenant=? AND source=? AND source_created=?",
+            (source.tenant, source.id, source.created_at),
+        )
+        return float(rows[0][0]) if rows else None
+
+    async def set_sync_mark(self, source: SourceInfo, high_water: float) -> None:
+        await self._rows(
+            "INSERT INTO sync_state (tenant, source, source_created, high_water, synced_at) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (tenant, source) DO UPDATE SET "
+            "source_created=excluded.source_created, high_water=excluded.high_water, "
+            "synced_at=excluded.synced_at",
+            (source.tenant, source.id, source.created_at, high_water, time.time()),
+        )
 
     async def fronting(self, kind: str, location: str, collection: str) -> list[tuple[str, str]]:
         """``(tenant, source)`` of every source that fronts this collection."""

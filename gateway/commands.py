@@ -24,7 +24,7 @@ from tqdm import tqdm
 from gateway.cli import dump, expires
 from gateway.client import AsyncScopegateClient
 from gateway.errors import InvalidRequest
-from gateway.files import IngestBatch, collect, ingest_files, is_file_input
+from gateway.files import IngestBatch, LinkFolders, collect, ingest_files, is_file_input
 from gateway.identity import (
     PrincipalContext,
     issue_token,
@@ -168,13 +168,22 @@ def _report_deprovision(ref: str, counts: dict[str, int]) -> None:
 
 
 async def _ingest_files(
-    args: argparse.Namespace, ingest: IngestBatch, existing: set[str] | None
+    args: argparse.Namespace,
+    ingest: IngestBatch,
+    existing: set[str] | None,
+    link: LinkFolders | None = None,
 ) -> dict[str, Any]:
     """``ingest S PATH`` for a directory or files (gateway/files.py)."""
     collected = collect(args.file, getattr(args, "acl", None))
     with tqdm(total=len(collected.documents), desc="ingest", unit="file") as bar:
         return await ingest_files(
-            collected, ingest, batch_size=args.batch, existing=existing, progress=bar.update
+            collected,
+            ingest,
+            batch_size=args.batch,
+            existing=existing,
+            progress=bar.update,
+            source=args.source_id,
+            link=link,
         )
 
 
@@ -328,7 +337,7 @@ async def _over_http(name: str, args: argparse.Namespace, c: AsyncScopegateClien
             path = f"/v1/sources/{args.source_id}/documents"
             return dict(await c.request("POST", path, {"documents": batch}))
 
-        dump(await _ingest_files(args, post, None))
+        dump(await _ingest_files(args, post, None, lambda w: c.write_relationships(w, [])))
     elif name == "ingest":
         docs = list(_jsonl(args.file))
         with tqdm(total=len(docs), desc="ingest", unit="doc") as bar:
@@ -392,7 +401,14 @@ async def _in_process(name: str, args: argparse.Namespace, g: Gateway, p: Princi
         await g.get_source(p, args.source_id)
         rows = await g.catalog.source_documents(p.tenant, args.source_id)
         existing = {r[0] for r in rows if r[3] is not None}
-        dump(await _ingest_files(args, lambda batch: g.ingest(p, args.source_id, batch), existing))
+        dump(
+            await _ingest_files(
+                args,
+                lambda batch: g.ingest(p, args.source_id, batch),
+                existing,
+                lambda w: g.write_relationships(p, w, []),
+            )
+        )
     elif name == "ingest":
         docs = list(_jsonl(args.file))
         with tqdm(total=len(docs), desc="ingest", unit="doc") as bar:

@@ -11,6 +11,7 @@ exactly like a denial when content is released.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -86,12 +87,21 @@ class DocumentVerdict:
         return self.verdict == "allow"
 
 
+@functools.lru_cache(maxsize=4096)
+def _parties(tenant: str, user: str, agent: str, task: str) -> tuple[str, str, str, str]:
+    """The OpenFGA forms of a request's tenant, user, agent and task (validated once:
+    a retrieval plans and decides every candidate document with them)."""
+    return (
+        fga_object("tenant", tenant, tenant),
+        fga_object("user", tenant, user),
+        fga_object("agent", tenant, agent),
+        fga_object("task", tenant, task),
+    )
+
+
 def request_checks(ctx: DelegationContext) -> list[CheckItem]:
     """Checks that bind the task to this user, agent and tenant, all still active."""
-    tenant = fga_object("tenant", ctx.tenant, ctx.tenant)
-    task = fga_object("task", ctx.tenant, ctx.task)
-    user = fga_object("user", ctx.tenant, ctx.user)
-    agent = fga_object("agent", ctx.tenant, ctx.agent)
+    tenant, user, agent, task = _parties(ctx.tenant, ctx.user, ctx.agent, ctx.task)
     return [
         CheckItem(CheckName.TASK_IN_TENANT, tenant, "tenant", task),
         CheckItem(CheckName.TASK_ACTIVE, tenant, "active_in", task),
@@ -105,35 +115,12 @@ def request_checks(ctx: DelegationContext) -> list[CheckItem]:
 def document_checks(ctx: DelegationContext, document_id: str) -> list[CheckItem]:
     """The four per-document conjuncts for ``document_id`` (a bare, validated id)."""
     document = fga_object("document", ctx.tenant, document_id)
+    tenant, user, agent, task = _parties(ctx.tenant, ctx.user, ctx.agent, ctx.task)
     return [
-        CheckItem(
-            CheckName.DOCUMENT_IN_TENANT,
-            fga_object("tenant", ctx.tenant, ctx.tenant),
-            "in_tenant",
-            document,
-            document_id,
-        ),
-        CheckItem(
-            CheckName.USER_CAN_READ,
-            fga_object("user", ctx.tenant, ctx.user),
-            "user_can_read",
-            document,
-            document_id,
-        ),
-        CheckItem(
-            CheckName.AGENT_CAN_READ,
-            fga_object("agent", ctx.tenant, ctx.agent),
-            "agent_can_read",
-            document,
-            document_id,
-        ),
-        CheckItem(
-            CheckName.DOCUMENT_IN_TASK_SCOPE,
-            fga_object("task", ctx.tenant, ctx.task),
-            "in_task_scope",
-            document,
-            document_id,
-        ),
+        CheckItem(CheckName.DOCUMENT_IN_TENANT, tenant, "in_tenant", document, document_id),
+        CheckItem(CheckName.USER_CAN_READ, user, "user_can_read", document, document_id),
+        CheckItem(CheckName.AGENT_CAN_READ, agent, "agent_can_read", document, document_id),
+        CheckItem(CheckName.DOCUMENT_IN_TASK_SCOPE, task, "in_task_scope", document, document_id),
     ]
 
 

@@ -25,7 +25,6 @@ import aiohttp
 from openfga_sdk import ClientConfiguration, OpenFgaClient
 from openfga_sdk.client.models import (
     ClientListObjectsRequest,
-    ClientReadChangesRequest,
     ClientTuple,
     ClientWriteRequest,
 )
@@ -37,14 +36,9 @@ from openfga_sdk.client.models.write_conflict_opts import (
 from openfga_sdk.configuration import RetryParams
 from openfga_sdk.credentials import CredentialConfiguration, Credentials
 from openfga_sdk.exceptions import ApiException, OpenApiException, ValidationException
-from openfga_sdk.models.batch_check_item import BatchCheckItem
-from openfga_sdk.models.batch_check_request import BatchCheckRequest
-from openfga_sdk.models.check_request_tuple_key import CheckRequestTupleKey
-from openfga_sdk.models.contextual_tuple_keys import ContextualTupleKeys
 from openfga_sdk.models.create_store_request import CreateStoreRequest
 from openfga_sdk.models.read_request_tuple_key import ReadRequestTupleKey
 from openfga_sdk.models.relationship_condition import RelationshipCondition
-from openfga_sdk.models.tuple_key import TupleKey
 from openfga_sdk.models.write_authorization_model_request import (
     WriteAuthorizationModelRequest,
 )
@@ -487,29 +481,34 @@ class FgaClient:
         contextual: Sequence[Tuple],
         deadline: float | None,
     ) -> dict[Question, CheckOutcome]:
+        """One BatchCheck call as plain JSON on the client's connection pool: building
+        and parsing the SDK's request and response models cost more CPU than the call."""
         by_id = {f"c{i}": question for i, question in enumerate(chunk)}
         extra = (
-            ContextualTupleKeys(
-                tuple_keys=[
-                    TupleKey(user=t.user, relation=t.relation, object=t.object) for t in contextual
+            {
+                "tuple_keys": [
+                    {"user": t.user, "relation": t.relation, "object": t.object} for t in contextual
                 ]
-            )
+            }
             if contextual
             else None
         )
-        body = BatchCheckRequest(
-            checks=[
-                BatchCheckItem(
-                    tuple_key=CheckRequestTupleKey(user=user, relation=relation, object=obj),
-                    context=dict(context),
-                    contextual_tuples=extra,
-                    correlation_id=cid,
-                )
-                for cid, (user, relation, obj) in by_id.items()
-            ],
-            authorization_model_id=model_id or self.model_id or None,
-            consistency=consistency or self.consistency,
-        )
+        checks = []
+        for cid, (user, relation, obj) in by_id.items():
+            check: dict[str, Any] = {
+                "tuple_key": {"user": user, "relation": relation, "object": obj},
+                "context": dict(context),
+                "correlation_id": cid,
+            }
+            if extra is not None:
+                check["contextual_tuples"] = extra
+            checks.append(check)
+        body: dict[str, Any] = {
+            "checks": checks,
+            "consistency": consistency or self.consistency,
+        }
+        if model_id or self.model_id:
+            body["authorization_model_id"] = model_id or self.model_id
         async with self._parallel:
             timeout = remaining(deadline, self.timeout_s)
             self.stats.batch_check_calls += 1
@@ -519,14 +518,46 @@ class FgaClient:
                 tracing.span("openfga.BatchCheck", attributes, kind=tracing.CLIENT),
                 fga_errors("BatchCheck"),
             ):
-                response = await asyncio.wait_for(
-                    self.client._api.batch_check(
-                        body, _request_timeout=timeout, _headers=tracing.headers() or None
-                    ),
-                    timeout=timeout,
-                )
-                answered = dict(response.result or {})
+                answer = await self._call_json("BatchCheck", "POST", "batch-check", timeout, body)
+                answered = _batch_results(answer)
         return {question: _outcome(answered.get(cid)) for cid, question in by_id.items()}
+
+    async def _call_json(
+        self,
+        action: str,
+        method: str,
+        path: str,
+        timeout: float,
+        body: Mapping[str, Any] | None = None,
+        params: Mapping[str, str] | None = None,
+        *,
+        traced: bool = True,
+    ) -> Any:
+        """One call to ``/stores/{store}/{path}`` on the SDK's own connection pool,
+        bounded by ``timeout``; the decoded JSON of a 200 answer. Any other status raises
+        AuthorizationUnavailable (OpenFGA's text goes to the error's detail only);
+        transport and decoding errors are left to :func:`fga_errors`. ``traced``: carry
+        the current trace (not for calls shared by requests, such as change probes)."""
+        session: aiohttp.ClientSession = self.client._api_client.rest_client.pool_manager
+        url = f"{self.api_url}/stores/{self.store_id}/{path}"
+        headers = {"Content-Type": "application/json"}
+        if traced:
+            headers.update(tracing.headers())
+        if self._api_token:
+            headers["Authorization"] = f"Bearer {self._api_token}"
+        payload = json.dumps(body, separators=(",", ":")) if body is not None else None
+        async with asyncio.timeout(timeout):
+            async with session.request(
+                method, url, data=payload, params=params, headers=headers
+            ) as response:
+                raw = await response.read()
+                status = response.status
+        if status != 200:
+            raise AuthorizationUnavailable(
+                f"OpenFGA {action} failed with HTTP {status}",
+                detail=raw[:500].decode(errors="replace"),
+            )
+        return json.loads(raw)
 
     async def check(self, item: CheckItem, *, context: Mapping[str, Any] | None = None) -> bool:
         """A single check through the batch path; anything but a proven True is False."""
@@ -623,6 +654,14 @@ class FgaClient:
             cache.put_list(key, result.ids, generation)
         return result
 
+    def peek_list(self, user: str, relation: str, object_type: str) -> frozenset[str] | None:
+        """The exact cache's complete ListObjects answer, read without a probe: only to
+        start work that is thrown away unless a probe then vouches for the same answer."""
+        cache = self.cache
+        if cache is None or not cache.exact or not self.model_id:
+            return None
+        return cache.peek_list(ListKey(self.store_id, self.model_id, user, relation, object_type))
+
     async def _stream(
         self,
         user: str,
@@ -692,27 +731,24 @@ class FgaClient:
     async def read_changes(
         self, start_time: datetime, continuation_token: str | None, page_size: int = 100
     ) -> tuple[list[Change], str | None]:
-        """One page of the changelog from ``start_time`` (or the token), oldest first."""
-        options: dict[str, Any] = {"page_size": page_size}
+        """One page of the changelog from ``start_time`` (or the token), oldest first.
+
+        Plain JSON, reading only what the decision cache needs (each change's time,
+        operation and tuple key): the exact cache's probe calls this once per request
+        burst, and the SDK's response models cost more than the call. Anything missing
+        or malformed fails the probe (AuthorizationUnavailable), which then vouches for
+        nothing.
+        """
+        params = {"page_size": str(page_size)}
         if continuation_token:
-            options["continuation_token"] = continuation_token
-        stamp = start_time.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        request = ClientReadChangesRequest(type=None, start_time=stamp)  # type: ignore[arg-type]
+            params["continuation_token"] = continuation_token
+        else:
+            params["start_time"] = _stamp(start_time)
         with fga_errors("ReadChanges"):
-            response = await asyncio.wait_for(
-                self.client.read_changes(request, options), timeout=self.timeout_s
+            answer = await self._call_json(
+                "ReadChanges", "GET", "changes", self.timeout_s, params=params, traced=False
             )
-            changes = [
-                Change(
-                    _utc(c.timestamp),
-                    str(c.operation),
-                    str(c.tuple_key.user),
-                    str(c.tuple_key.relation),
-                    str(c.tuple_key.object),
-                )
-                for c in response.changes or []
-            ]
-            return changes, (response.continuation_token or None)
+            return _changes(answer)
 
     # -- the change log archive and as-of replays (gateway/changelog.py, replay.py) ---
 
@@ -730,18 +766,22 @@ class FgaClient:
         back unchanged when there is nothing newer. Unlike :meth:`read_changes` this
         keeps each written tuple's condition.
         """
-        kwargs: dict[str, Any] = {"page_size": page_size}
+        params = {"page_size": str(page_size)}
         if continuation_token:
-            kwargs["continuation_token"] = continuation_token
+            params["continuation_token"] = continuation_token
         elif start_time is not None:
-            kwargs["start_time"] = _stamp(start_time)
+            params["start_time"] = _stamp(start_time)
         with fga_errors("ReadChanges"):
-            response = await asyncio.wait_for(
-                self.client._api.read_changes(_request_timeout=self.timeout_s, **kwargs),
-                timeout=self.timeout_s,
+            answer = await self._call_json(
+                "ReadChanges", "GET", "changes", self.timeout_s, params=params, traced=False
             )
-            changes = [_logged_change(c) for c in response.changes or []]
-            return changes, (response.continuation_token or None)
+            if not isinstance(answer, dict):
+                raise ValueError("ReadChanges answer is not an object")
+            changes = [_logged_change(c) for c in answer.get("changes") or []]
+            token = answer.get("continuation_token")
+            if token is not None and not isinstance(token, str):
+                raise ValueError("ReadChanges: malformed continuation token")
+            return changes, token or None
 
     def detached(self) -> FgaClient:
         """A client on the same store and model with its own connection pool.
@@ -928,23 +968,26 @@ def _stamp(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def _logged_change(change: Any) -> LoggedChange:
-    key = change.tuple_key
-    condition = getattr(key, "condition", None)
-    operation = str(change.operation).upper()
+def _logged_change(change: Mapping[str, Any]) -> LoggedChange:
+    """One decoded ReadChanges entry, its condition kept (ValueError, KeyError or
+    TypeError when it is not one)."""
+    key = change["tuple_key"]
+    condition = key.get("condition")
+    operation = str(change["operation"]).upper()
     if operation.endswith("WRITE"):
         kind = "write"
     elif operation.endswith("DELETE"):
         kind = "delete"
     else:
-        raise ValueError(f"unknown change operation {change.operation!r}")
+        raise ValueError(f"unknown change operation {change['operation']!r}")
+    fields_ = (key["user"], key["relation"], key["object"])
+    if not all(isinstance(f, str) and f for f in fields_):
+        raise ValueError("ReadChanges: malformed tuple key")
     logged = LoggedTuple(
-        str(key.user),
-        str(key.relation),
-        str(key.object),
-        condition_json(condition.name, condition.context) if condition is not None else None,
+        *fields_,
+        condition_json(condition.get("name"), condition.get("context")) if condition else None,
     )
-    return LoggedChange(_utc(change.timestamp), kind, logged)
+    return LoggedChange(_utc(change["timestamp"]), kind, logged)
 
 
 def _logged_client_tuple(t: LoggedTuple) -> ClientTuple:
@@ -973,17 +1016,53 @@ def _utc(value: Any) -> datetime:
     return datetime.fromisoformat(str(value).replace("Z", "+00:00")).astimezone(UTC)
 
 
+def _batch_results(answer: Any) -> dict[str, Any]:
+    """The ``result`` map of a BatchCheck answer (ValueError for anything else)."""
+    if not isinstance(answer, dict):
+        raise ValueError("BatchCheck answer is not an object")
+    result = answer.get("result")
+    if result is None:
+        return {}
+    if not isinstance(result, dict):
+        raise ValueError("BatchCheck result is not an object")
+    return result
+
+
+def _changes(answer: Any) -> tuple[list[Change], str | None]:
+    """A ReadChanges answer as (changes, continuation token); ValueError, KeyError or
+    TypeError when it is not one."""
+    if not isinstance(answer, dict):
+        raise ValueError("ReadChanges answer is not an object")
+    changes: list[Change] = []
+    for entry in answer.get("changes") or []:
+        key = entry["tuple_key"]
+        fields_ = (key["user"], key["relation"], key["object"], entry["operation"])
+        if not all(isinstance(f, str) and f for f in fields_):
+            raise ValueError("ReadChanges: malformed change")
+        changes.append(
+            Change(_utc(entry["timestamp"]), fields_[3], fields_[0], fields_[1], fields_[2])
+        )
+    token = answer.get("continuation_token")
+    if token is not None and not isinstance(token, str):
+        raise ValueError("ReadChanges: malformed continuation token")
+    return changes, token or None
+
+
 def _outcome(result: Any) -> CheckOutcome:
-    """Map one BatchCheck item result. Only an explicit ``allowed: true`` allows."""
+    """Map one BatchCheck item result (decoded JSON). Only an explicit
+    ``allowed: true`` allows; an item that is not an object is an error."""
     if result is None:
         return CheckOutcome(None, "no answer for this item")
-    error = getattr(result, "error", None)
+    if not isinstance(result, dict):
+        return CheckOutcome(None, "unreadable answer")
+    error = result.get("error")
     if error is not None:
-        return CheckOutcome(None, str(getattr(error, "message", None) or error)[:200])
-    allowed = getattr(result, "allowed", None)
+        message = error.get("message") if isinstance(error, dict) else None
+        return CheckOutcome(None, str(message or error)[:200])
+    allowed = result.get("allowed")
     if allowed is True:
         return CheckOutcome(True)
     if allowed is False or allowed is None:
-        # OpenFGA omits "allowed" when false in JSON; the SDK then reports None.
+        # OpenFGA may omit "allowed" when it is false.
         return CheckOutcome(False)
     return CheckOutcome(None, "unreadable answer")

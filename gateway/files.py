@@ -4,7 +4,9 @@ Text comes from ``.txt`` and ``.md`` (UTF-8), ``.html``/``.htm`` (the visible te
 scripts, styles and markup dropped) and ``.pdf`` (pypdf, page by page). Under a
 directory, a file's folder is its directory (``eng/runbooks/db.md`` lands in folder
 ``eng__runbooks``, the separator of :mod:`connectors.mapping`) and its document id is
-its relative path made into an id (``eng__runbooks__db.md``).
+its relative path made into an id (``eng__runbooks__db.md``). Directories nest as
+folders do in a fronted collection: ``eng__runbooks`` gets ``eng`` as its parent folder
+(and ``eng`` the source), so a grant or a task on ``folder:eng`` covers the runbooks.
 
 ACLs come from a mapping file, ``scopegate-acl.json`` at the root unless named:
 ``{"rules": [{"glob": "eng/**", "viewers": ["group:eng#member"], "agents": [...]}]}``.
@@ -34,6 +36,7 @@ from gateway.ids import validate_id
 
 SUFFIXES = frozenset({".txt", ".md", ".html", ".htm", ".pdf"})
 ACL_FILE = "scopegate-acl.json"
+LINKS_PER_CALL = 500  # the most relationship changes one call may carry
 MAX_FILE_BYTES = 50 * 1024 * 1024
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -227,6 +230,27 @@ def html_text(raw: str) -> str:
 
 
 IngestBatch = Callable[[list[dict[str, Any]]], Awaitable[Mapping[str, Any]]]
+#: Writes ``parent`` relationships (``POST /v1/relationships`` ``writes``).
+LinkFolders = Callable[[list[dict[str, str]]], Awaitable[object]]
+
+
+def folder_links(source: str, folders: Sequence[str]) -> list[dict[str, str]]:
+    """``parent`` links that nest ``a__b`` under ``a`` (and ``a`` under the source)."""
+    links: dict[tuple[str, str], None] = {}
+    for folder in folders:
+        parts = folder.split(FOLDER_SEPARATOR)
+        for depth in range(1, len(parts)):
+            parent = FOLDER_SEPARATOR.join(parts[:depth])
+            grand = (
+                f"source:{source}"
+                if depth == 1
+                else "folder:" + FOLDER_SEPARATOR.join(parts[: depth - 1])
+            )
+            links[(grand, f"folder:{parent}")] = None
+            links[(f"folder:{parent}", "folder:" + FOLDER_SEPARATOR.join(parts[: depth + 1]))] = (
+                None
+            )
+    return [{"user": u, "relation": "parent", "object": o} for u, o in links]
 
 
 async def ingest_files(
@@ -236,17 +260,22 @@ async def ingest_files(
     batch_size: int = 50,
     existing: set[str] | None = None,
     progress: Callable[[int], object] | None = None,
+    source: str | None = None,
+    link: LinkFolders | None = None,
 ) -> dict[str, Any]:
     """Ingest collected documents in batches; the summary of what happened to each file.
 
     ``existing`` (ids the source already holds) splits ingested files into ``new`` and
     ``changed``; without it they are counted as ``ingested``. A batch the gateway
     refuses (409, 422) is reported as failed, file by file, and the rest goes on.
+    With ``source`` and ``link``, the folders of the ingested files are then nested as
+    their directories are (:func:`folder_links`); a refused link is reported as failed.
     """
     summary: dict[str, Any] = {"files": len(collected.documents) + len(collected.failed)}
     counts = {"new": 0, "changed": 0, "ingested": 0, "skipped": 0, "chunks": 0}
     failed = list(collected.failed)
     step = max(batch_size, 1)
+    folders: dict[str, None] = {}
     for start in range(0, len(collected.documents), step):
         batch = collected.documents[start : start + step]
         try:
@@ -257,6 +286,7 @@ async def ingest_files(
                 for d in batch
             ]
         else:
+            folders.update((d["folder"], None) for d in batch if d.get("folder"))
             written = len(batch) - int(result.get("skipped", 0))
             counts["skipped"] += int(result.get("skipped", 0))
             counts["chunks"] += int(result.get("chunks", 0))
@@ -268,8 +298,21 @@ async def ingest_files(
                 counts["changed"] += written - fresh
         if progress is not None:
             progress(len(batch))
+    if source is not None and link is not None:
+        failed += await _link_folders(folder_links(source, list(folders)), link)
     if existing is None:
         del counts["new"], counts["changed"]
     else:
         del counts["ingested"]
     return {**summary, **counts, "failed": failed}
+
+
+async def _link_folders(links: list[dict[str, str]], link: LinkFolders) -> list[dict[str, str]]:
+    """Write the nesting links, in calls of at most 500; a refused call is reported."""
+    failed = []
+    for start in range(0, len(links), LINKS_PER_CALL):
+        try:
+            await link(links[start : start + LINKS_PER_CALL])
+        except ScopegateError as exc:
+            failed.append({"path": "(folders)", "reason": f"{exc.code}: {exc.message}"})
+    return failed

@@ -450,8 +450,8 @@ CLOCK_SKEW_US = 2_000_000
 def decision_point(record: AuditRecord) -> tuple[ChangelogPoint, list[str]]:
     """Where the record says OpenFGA's change log stood, and notes about it.
 
-    Records written before positions were kept (or AuthZEN evaluations, which keep
-    none) are placed by their time alone: started ``latency_ms`` before it.
+    Records written before positions were kept are placed by their time alone: started
+    ``latency_ms`` before it. (Retrievals and AuthZEN evaluations keep one.)
     """
     kept = record.extra.get("changelog")
     if isinstance(kept, Mapping):

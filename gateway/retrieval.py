@@ -86,6 +86,10 @@ ANN_TRUST = 0.5
 #: refill is already a second round trip, it should rarely need a third.
 PRIOR_CHUNKS = 10
 REFILL_MARGIN = 2.0
+#: Notes of a pre-filter that started its first exact search on the cached ListObjects
+#: answer while the change probe ran (see :meth:`PreFilter.retrieve`).
+SPECULATION_USED = "exact search started while the change probe ran; the probe vouched"
+SPECULATION_DROPPED = "exact search started while the change probe ran; dropped"
 
 
 @dataclass(frozen=True, slots=True)
@@ -602,11 +606,7 @@ class PreFilter:
         """
         options = options or RequestOptions()
         limit = self.max_results if limit is None else limit
-        queries = {
-            relation: f"{kind}:{scoped(ctx.tenant, getattr(ctx, kind))}"
-            for kind, relation in LIST_CONJUNCTS
-            if relations is None or relation in relations
-        }
+        queries = _list_queries(ctx, relations)
         started = time.perf_counter()
         pending: dict[asyncio.Future[ListObjectsResult], str] = {
             asyncio.ensure_future(
@@ -630,10 +630,35 @@ class PreFilter:
         if not complete:
             return Superset(None, len(queries), tuple(notes))
         ids = frozenset.intersection(*(a.ids for _, a in complete))
-        prefix = f"{ctx.tenant}/"
-        bare = frozenset(unscoped(ctx.tenant, i) for i in ids if i.startswith(prefix))
         narrowest = min(complete, key=lambda pair: len(pair[1].ids))[0]
-        return Superset(bare, len(queries), tuple(notes), narrowest)
+        return Superset(_bare(ctx, ids), len(queries), tuple(notes), narrowest)
+
+    def _speculate(
+        self,
+        ctx: DelegationContext,
+        vector: Sequence[float],
+        k: int,
+        sources: Sequence[SourceHandle],
+        relations: Sequence[str] | None,
+        limit: int | None,
+        precision: float,
+    ) -> _Speculation | None:
+        """Start the first exact search on the cached ListObjects answer of a known
+        task's one relation, while the change probe runs. It is used only if the
+        answer the probe then vouches for is the same set of documents; otherwise it
+        is cancelled. (The cache is never *read* as an answer before the probe.)"""
+        if relations is None or len(relations) != 1:
+            return None
+        ((relation, user),) = _list_queries(ctx, relations).items()
+        peeked = self.fga.peek_list(user, relation, "document")
+        limit = self.max_results if limit is None else limit
+        if peeked is None or len(peeked) > limit:
+            return None
+        ids = _bare(ctx, peeked)
+        if not ids:
+            return None
+        n = _first_exact_window(k, precision)
+        return _Speculation(ids, n, time.perf_counter(), _exact_search(sources, vector, n, ids))
 
     async def _collect(
         self, tasks: dict[asyncio.Future[ListObjectsResult], str]
@@ -691,10 +716,26 @@ class PreFilter:
         options = options or RequestOptions()
         checks = checks or RequestChecks(self.fga, ctx, options, self.model_id)
         probe = _started(outcome, self.name)
-        fresh = reuse_lists and await checks.cache_fresh()
-        superset = await self.permitted_superset(
-            ctx, options, limit, probe, relations, budget_s, fresh=fresh
+        ahead = (
+            self._speculate(ctx, vector, k, sources, relations, limit, precision)
+            if reuse_lists and options.consistency is None
+            else None
         )
+        try:
+            fresh = reuse_lists and await checks.cache_fresh()
+            superset = await self.permitted_superset(
+                ctx, options, limit, probe, relations, budget_s, fresh=fresh
+            )
+        except BaseException:
+            _drop(ahead)
+            raise
+        if ahead is not None:
+            if fresh and superset.ids == ahead.ids:
+                probe.notes.append(SPECULATION_USED)
+            else:
+                probe.notes.append(SPECULATION_DROPPED)
+                _drop(ahead)
+                ahead = None
         if superset.ids is None:
             probe.list_objects_calls = superset.calls
             probe.notes.extend(superset.notes)
@@ -714,7 +755,9 @@ class PreFilter:
         outcome.narrowest = superset.narrowest
         corpus = sum(s.documents for s in sources)
         outcome.selectivity = len(superset.ids) / corpus if corpus else None
-        await self._rank_exactly(outcome, ctx, vector, k, sources, superset.ids, checks, precision)
+        await self._rank_exactly(
+            outcome, ctx, vector, k, sources, superset.ids, checks, precision, ahead
+        )
         return outcome
 
     async def _rank_exactly(
@@ -727,23 +770,27 @@ class PreFilter:
         allowed: frozenset[str],
         checks: RequestChecks,
         precision: float,
+        ahead: _Speculation | None = None,
     ) -> None:
+        """``ahead``: the first search, already started on exactly ``allowed``."""
         deadline = checks.options.deadline
         excluded: set[str] = set()
-        n = max(k + 1, math.ceil(1.25 * k / max(precision, 0.05)))
+        n = _first_exact_window(k, precision)
         while True:
             ids = sorted(allowed - excluded)
             attributes = {"scopegate.window": n, "scopegate.documents": len(ids)}
+            if ahead is not None and ahead.n == n and ahead.ids == allowed and not excluded:
+                search, begun = ahead.search, ahead.started
+            else:
+                _drop(ahead)
+                search, begun = _exact_search(sources, vector, n, ids), None
+            ahead = None
             with tracing.span("scopegate.search", {**attributes, "scopegate.exact": True}):
-                found = await _timed_search(
-                    outcome,
-                    "exact",
-                    len(ids),
-                    asyncio.gather(
-                        *(s.store.search_documents(s.tenant, s.id, vector, n, ids) for s in sources)
-                    ),
-                    deadline,
-                )
+                found = await _timed_search(outcome, "exact", len(ids), search, deadline)
+            if begun is not None:
+                # Its cost, for the cost model, is from when it started, not the wait.
+                ms = (time.perf_counter() - begun) * 1000
+                outcome.phases[-1] = Phase("exact", len(ids), ms)
             exact = [SourceHandle(s.tenant, s.id, s.store, s.documents, True) for s in sources]
             window = trusted_prefix(list(zip(exact, found, strict=True)), n, 1.0)
             documents = _examine(outcome, ctx, window)
@@ -755,6 +802,54 @@ class PreFilter:
             # ListObjects' superset held documents BatchCheck denies: skip them, widen.
             excluded |= {d for d in documents if not checks.allowed(d)}
             n *= 2
+
+
+@dataclass(frozen=True, slots=True)
+class _Speculation:
+    """A first exact search started before the change probe vouched for its superset."""
+
+    ids: frozenset[str]
+    n: int
+    started: float
+    search: asyncio.Future[list[list[Candidate]]]
+
+
+def _list_queries(ctx: DelegationContext, relations: Sequence[str] | None) -> dict[str, str]:
+    """relation -> the OpenFGA user whose ListObjects answer bounds that conjunct."""
+    return {
+        relation: f"{kind}:{scoped(ctx.tenant, getattr(ctx, kind))}"
+        for kind, relation in LIST_CONJUNCTS
+        if relations is None or relation in relations
+    }
+
+
+def _bare(ctx: DelegationContext, ids: frozenset[str]) -> frozenset[str]:
+    """Bare document ids of the caller's tenant among namespaced ListObjects ids."""
+    prefix = f"{ctx.tenant}/"
+    return frozenset(unscoped(ctx.tenant, i) for i in ids if i.startswith(prefix))
+
+
+def _first_exact_window(k: int, precision: float) -> int:
+    return max(k + 1, math.ceil(1.25 * k / max(precision, 0.05)))
+
+
+def _exact_search(
+    sources: Sequence[SourceHandle],
+    vector: Sequence[float],
+    n: int,
+    ids: Sequence[str] | frozenset[str],
+) -> asyncio.Future[list[list[Candidate]]]:
+    ordered = sorted(ids)
+    return asyncio.gather(
+        *(s.store.search_documents(s.tenant, s.id, vector, n, ordered) for s in sources)
+    )
+
+
+def _drop(ahead: _Speculation | None) -> None:
+    """Cancel a speculative search that will not be used (its outcome is read)."""
+    if ahead is not None:
+        ahead.search.cancel()
+        ahead.search.add_done_callback(_consume)
 
 
 # -- statistics and costs ---------------------------------------------------------------
@@ -965,7 +1060,9 @@ class Adaptive:
     key's pre-filter asks only the ListObjects that was narrowest last time: one
     OpenFGA call instead of three, and no CPU spent on the wide lists. With the exact
     decision cache that answer is reused while nothing changes (a per-task permitted
-    superset, refreshed by the change probe): its pre-filter then costs no ListObjects.
+    superset, refreshed by the change probe): its pre-filter then costs no ListObjects,
+    and its exact search starts on that superset while the probe runs (kept only if the
+    probe vouches for the same superset; see :meth:`PreFilter.retrieve`).
     """
 
     name = "adaptive"

@@ -20,13 +20,21 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import jwt
 from langchain_core.embeddings import Embeddings
 
 from connectors.base import VectorStore
-from connectors.fronted import is_fronted, location, open_fronted, open_qdrant, source_config
+from connectors.fronted import (
+    is_fronted,
+    location,
+    open_fronted,
+    open_qdrant,
+    public_config,
+    source_config,
+)
+from connectors.fronted import production_problems as source_production_problems
 from gateway import scim, tracing
 from gateway.audit import AuditRecord, AuditStore, CandidateVerdict, open_audit_store, redact_query
 from gateway.cache import ChangeWatcher, DecisionCache
@@ -91,6 +99,7 @@ from gateway.retrieval import (
 )
 from gateway.settings import Settings
 from gateway.sync import (
+    FrontedStore,
     SourceSync,
     already_synced,
     fronted_fingerprint,
@@ -509,6 +518,10 @@ class Gateway:
         if kind not in SOURCE_KINDS:
             raise InvalidRequest(f"kind must be one of {sorted(SOURCE_KINDS)}")
         config = source_config(kind, config)
+        if self.settings.environment == "production":
+            refused = source_production_problems(kind, config)
+            if refused:
+                raise InvalidRequest(f"production refuses this source: {refused[0]}")
         await self._check_fronting(p.tenant, source_id, kind, config)
         existing = await self.catalog.get_source(p.tenant, source_id)
         if existing is not None:
@@ -519,9 +532,13 @@ class Gateway:
         async with self._admin_mutation(p, "source.register", details):
             await self.fga.write(tuples)
             info = await self.catalog.add_source(p.tenant, source_id, kind, dict(config))
-        return info
+        return _public(info)
 
     async def get_source(self, p: PrincipalContext, source_id: str) -> SourceInfo:
+        """The source as admins see it (secrets of its config masked)."""
+        return _public(await self._active_source(p, source_id))
+
+    async def _active_source(self, p: PrincipalContext, source_id: str) -> SourceInfo:
         await self.require_admin(p)
         validate_id(source_id, "source")
         info = await self.catalog.get_source(p.tenant, source_id)
@@ -531,7 +548,7 @@ class Gateway:
 
     async def list_sources(self, p: PrincipalContext) -> list[SourceInfo]:
         await self.require_admin(p)
-        return await self.catalog.list_sources(p.tenant)
+        return [_public(i) for i in await self.catalog.list_sources(p.tenant)]
 
     async def remove_source(self, p: PrincipalContext, source_id: str) -> dict[str, int]:
         """Remove a source: its tuples, its chunks, then its catalog entries.
@@ -586,7 +603,7 @@ class Gateway:
         The whole request is validated and its names claimed before anything is
         written: a folder or document of another source refuses it all with 409.
         """
-        info = await self.get_source(p, source_id)
+        info = await self._active_source(p, source_id)
         if is_fronted(info.config):
             raise InvalidRequest(f"source {source_id} fronts a collection: sync it instead")
         prepared = prepare(p.tenant, source_id, documents)
@@ -612,7 +629,7 @@ class Gateway:
         return report.summary()
 
     async def delete_document(self, p: PrincipalContext, source_id: str, document_id: str) -> None:
-        info = await self.get_source(p, source_id)
+        info = await self._active_source(p, source_id)
         if is_fronted(info.config):
             raise InvalidRequest(f"source {source_id} fronts a collection: delete upstream, sync")
         validate_id(document_id, "document id")
@@ -661,18 +678,26 @@ class Gateway:
         ``inconsistent`` (documents whose chunks disagree; granted nothing) and
         ``skipped``: a fronted document whose ACL is the one the last sync wrote is not
         read back from OpenFGA unless ``full`` (which also repairs tuples changed there).
+        A fronted source whose mapping names ``updated_at`` is read from the store only
+        where it changed since the last completed sync's high-water mark (``since``),
+        unless ``full`` or there is no mark yet; such a partial read cannot see documents
+        removed upstream (only a full sync forgets them).
         """
-        info = await self.get_source(p, source_id)
+        info = await self._active_source(p, source_id)
         syncer = SourceSync(self.fga, self.catalog)
         tenant = p.tenant
         rows = await self.catalog.source_documents(tenant, source_id)
         fronted = is_fronted(info.config)
         extra: dict[str, Any] = {}
         if fronted:
-            scan = await self.stores.for_source(info).scan_acls()  # type: ignore[attr-defined]
+            since = None if full else await self.catalog.sync_mark(info)
+            store = cast(FrontedStore, self.stores.for_source(info))
+            scan = await store.scan_acls(since)
             acls = [a for i, a in scan.documents.items() if i not in scan.inconsistent]
-            reconcile = sorted({r[0] for r in rows} | set(scan.documents))
+            known = set() if scan.partial else {r[0] for r in rows}
+            reconcile = sorted(known | set(scan.documents))
             extra = {"orphans": scan.orphans, "inconsistent": len(scan.inconsistent)}
+            extra["since"] = since if scan.partial else None
         else:
             # Documents still being written are left to their ingestion.
             complete = [(r[0], r[1], r[2]) for r in rows if r[3] is not None]
@@ -689,6 +714,8 @@ class Gateway:
             tenant, source_id, sorted(wanted.folders), sorted(wanted.documents)
         )
         _, owned_folders = await self.catalog.source_contents(tenant, source_id)
+        if fronted and scan.partial:
+            owned_folders = []  # a partial read knows the folders of what it read only
         docs, folders = await syncer.current(
             tenant, reconcile, sorted(set(wanted.folders) | set(owned_folders))
         )
@@ -715,7 +742,7 @@ class Gateway:
                 )
             await syncer.apply(diff, progress)
             if fronted:
-                gone = sorted({r[0] for r in rows} - set(scan.documents))
+                gone = [] if scan.partial else sorted({r[0] for r in rows} - set(scan.documents))
                 await self.catalog.complete_documents(
                     tenant,
                     [
@@ -728,6 +755,8 @@ class Gateway:
                        for i in sorted(scan.inconsistent)],
                 )  # fmt: skip
                 await self.catalog.forget_documents(tenant, source_id, gone)
+                if scan.high_water is not None:
+                    await self.catalog.set_sync_mark(info, scan.high_water)
         return result
 
     # -- retrieval ---------------------------------------------------------------------
@@ -743,15 +772,19 @@ class Gateway:
     async def _source_handles(
         self, tenant: str, requested: Sequence[str] | None
     ) -> list[SourceHandle]:
-        registered = {s.id: s for s in await self.catalog.list_sources(tenant)}
+        """The requested (or all) active sources, after the directory freshness check:
+        one catalog statement (:meth:`SourceCatalog.retrieval_view`)."""
+        view = await self.catalog.retrieval_view(tenant)
+        _refuse_stale_directory(view.directory)
+        registered = {info.id: (info, count) for info, count in view.sources}
         names = list(requested) if requested else sorted(registered)
         handles = []
         for name in dict.fromkeys(names):
             validate_id(name, "source")
-            info = registered.get(name)
-            if info is None:
+            found = registered.get(name)
+            if found is None:
                 raise NotFound(f"source {name} not found")
-            count = await self.catalog.document_count(tenant, name)
+            info, count = found
             store = self.stores.for_source(info)
             handles.append(SourceHandle(tenant, name, store, count, exact=info.kind == "memory"))
         return handles
@@ -787,7 +820,6 @@ class Gateway:
         outcome = RetrievalOutcome(chosen)
         source_names: list[str] = list(sources or [])
         try:
-            await self.require_fresh_directory(ctx.tenant)
             handles = await self._source_handles(ctx.tenant, sources)
             source_names = [h.id for h in handles]
             with tracing.span("scopegate.embed"):
@@ -1050,6 +1082,8 @@ class Gateway:
                 "batch_rounds": outcome.batch_rounds,
                 "error": error.message if error is not None else None,
                 "error_detail": error.detail if error is not None else None,
+                # As a retrieval's: replays as of the decision start here.
+                "changelog": decision_point(self.changelog, self.fga.store_id, started).to_dict(),
             },
         )
         tracing.annotate(
@@ -1268,12 +1302,7 @@ class Gateway:
         Its lifecycle data may be out of date (a user deactivated upstream and not yet
         here): the tenant fails closed until the directory speaks again.
         """
-        state = await self.catalog.directory(tenant)
-        if state is not None and state.stale(time.time()):
-            raise IdentityStale(
-                "the tenant's directory has been silent past its freshness bound",
-                detail=f"last heard {state.heard_at}, bound {state.max_silence_s} s",
-            )
+        _refuse_stale_directory(await self.catalog.directory(tenant))
 
     # SCIM Users
 
@@ -1830,6 +1859,15 @@ class Gateway:
         return {"openfga": fga_ok, "stores": stores_ok, "audit": audit_ok}
 
 
+def _refuse_stale_directory(state: DirectoryState | None) -> None:
+    """IdentityStale when a declared directory has been silent past its bound."""
+    if state is not None and state.stale(time.time()):
+        raise IdentityStale(
+            "the tenant's directory has been silent past its freshness bound",
+            detail=f"last heard {state.heard_at}, bound {state.max_silence_s} s",
+        )
+
+
 def _decision_cache(settings: Settings, fga: FgaClient) -> ChangeWatcher | None:
     """The optional decision cache and the ReadChanges watcher that keeps it honest."""
     if not settings.decision_cache:
@@ -1842,3 +1880,8 @@ def _decision_cache(settings: Settings, fga: FgaClient) -> ChangeWatcher | None:
     watcher = ChangeWatcher(fga, fga.cache, interval_s=settings.decision_cache_poll_s)
     watcher.start()
     return watcher
+
+
+def _public(info: SourceInfo) -> SourceInfo:
+    """``info`` with the secrets of its config masked (what the API and the CLI show)."""
+    return dataclasses.replace(info, config=public_config(info.config))

@@ -106,8 +106,9 @@ class Settings(BaseSettings):
     # Bounded (off by default; see gateway/cache.py for the staleness bound): replaces
     # the exact cache, reads without a probe.
     # Archive OpenFGA's change log into the audit database for replays as of the
-    # decision (gateway/changelog.py). Off by default until it has run in production.
-    changelog_archive: bool = False
+    # decision (gateway/changelog.py): a background task off the retrieval path; its
+    # failures never affect readiness or retrieval.
+    changelog_archive: bool = True
     decision_cache_exact: bool = True
     decision_cache: bool = False
     decision_cache_bucket_s: float = Field(default=10.0, gt=0)

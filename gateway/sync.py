@@ -13,6 +13,12 @@ Order, so that nothing is ever wider than either the old or the new ACL:
   last of all, so a document no one had synced before becomes visible only once its
   grants are in.
 
+A fronted collection whose mapping names ``updated_at`` is read incrementally: only the
+documents one of whose chunks was written at or after the high-water mark of the last
+completed sync (the newest ``updated_at`` it read, kept in the catalog's sync state),
+all their chunks; the first sync and ``full`` read everything (and only they see
+documents removed upstream).
+
 A fronted document whose chunks disagree on its ACL, or that names no valid id, is
 granted nothing. Principals that are not valid refs are skipped (reported), which only
 narrows. Every folder and document is claimed for the source in the catalog first:
@@ -45,7 +51,7 @@ FOLDER_RELATIONS = frozenset({"tenant", "parent"})
 class FrontedStore(Protocol):
     """What sync needs from a fronted collection's connector."""
 
-    async def scan_acls(self) -> AclScan: ...
+    async def scan_acls(self, since: float | None = None) -> AclScan: ...
 
 
 @dataclass(slots=True)

@@ -14,7 +14,12 @@ status each must get and the state they must leave behind, refusals included:
 - ``DELETE /v1/principals`` removes every relation of the principal and revokes its
   tasks, and re-adding the member later brings none of them back;
 - removing a source (or a document) removes every tuple on its objects, task scopes
-  naming them included, and frees their names for any source.
+  naming them included, and frees their names for any source;
+- a fronted collection (``FRONTED``: one Chroma and one Qdrant collection per tenant,
+  filled by plain client code) states each document's ACL and folder path in its
+  chunks' metadata; a sync makes the tuples of each document it reconciles exactly that
+  ACL (an incremental sync: the documents whose ACL changed upstream since the last
+  sync; a full one: all), and ``a/b`` paths nest folder ``a__b`` under ``a``.
 
 Pure code, no servers: a world's whole program can be planned (and what the generator
 exercises counted) without a gateway.
@@ -25,6 +30,7 @@ from __future__ import annotations
 import copy
 import functools
 import random
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -54,6 +60,23 @@ WORDS = (
 )
 VOCAB = tuple(WORDS.split())
 EMBEDDINGS = HashEmbeddings()  # the oracle's own; the gateway's instance is separate
+# Fronted collections: source id -> (store kind, document ids, folder paths). Their names
+# are their own: the mutations of the program name only the pools above.
+FRONTED = {
+    "cx": ("chroma", ("x0", "x1", "x2", "x3"), ("cf0", "cf0/cf1", "cf0/cf1/cf2", "cf3")),
+    "qx": ("qdrant", ("y0", "y1", "y2", "y3"), ("qf0", "qf0/qf1", "qf2")),
+}
+FRONTED_FOLDERS = tuple(
+    "__".join(path.split("/")) for _, _, paths in FRONTED.values() for path in paths
+)
+FRONTED_DOCS = tuple(d for _, docs, _ in FRONTED.values() for d in docs)
+_POINTS = uuid.UUID("2b7c0f4e-5d1a-4e8b-9c3f-7a6d5e4c3b2a")
+
+
+def fronted_chunk_id(kind: str, doc_id: str, index: int) -> str:
+    """The id the platform team's pipeline gave a chunk (Qdrant wants UUIDs)."""
+    chunk = f"{doc_id}#{index}"
+    return str(uuid.uuid5(_POINTS, chunk)) if kind == "qdrant" else chunk
 
 
 @functools.lru_cache(maxsize=16384)
@@ -187,6 +210,10 @@ class TenantState:
     deprovisioned: dict[str, set[str]] = field(default_factory=dict)
     removed_sources: set[str] = field(default_factory=set)
     freed_folders: set[str] = field(default_factory=set)
+    # Fronted collections: their documents (``acl`` and ``folder`` as upstream states
+    # them now; the tuples live in ``grants`` like any document's) and folder trees.
+    fronted: dict[str, Doc] = field(default_factory=dict)
+    fronted_folders: dict[str, tuple[str, str | None]] = field(default_factory=dict)
 
     @property
     def everyone(self) -> str:
@@ -235,6 +262,27 @@ class TenantState:
             self.docs[d.id] = d
         return skipped
 
+    def all_docs(self) -> dict[str, Doc]:
+        """Every document the gateway serves: ingested ones and fronted ones."""
+        return {**self.docs, **self.fronted}
+
+    def front(self, doc: Doc, path: str | None) -> None:
+        """A fronted document as upstream states it (its tuples come with a sync)."""
+        parent: str | None = None
+        parts = path.split("/") if path else []
+        for depth in range(len(parts)):
+            folder = "__".join(parts[: depth + 1])
+            self.fronted_folders[folder] = (doc.source, parent)
+            parent = folder
+        self.fronted[doc.id] = replace(doc, folder=parent)
+
+    def sync(self, doc_ids: Sequence[str]) -> None:
+        """What a sync of these fronted documents leaves: exactly their upstream ACL."""
+        for doc_id in doc_ids:
+            obj = f"document:{doc_id}"
+            acl = self.fronted[doc_id].acl
+            self.grants = {g for g in self.grants if g[2] != obj} | acl.grants(doc_id)
+
     def forget(self, objects: set[str]) -> None:
         """Every tuple on these objects is gone: grants and the task scopes naming them."""
         self.grants = {g for g in self.grants if g[2] not in objects}
@@ -276,10 +324,13 @@ class TenantState:
         lists): grants, parents, memberships."""
         kind, _, name = obj.partition(":")
         found = {g for g in self.grants if g[2] == obj}
-        if kind == "document" and name in self.docs:
-            doc = self.docs[name]
+        if kind == "document" and name in self.all_docs():
+            doc = self.all_docs()[name]
             parent = f"folder:{doc.folder}" if doc.folder else f"source:{doc.source}"
             found.add((parent, "parent", obj))
+        elif kind == "folder" and name in self.fronted_folders:
+            source, up = self.fronted_folders[name]
+            found.add((f"folder:{up}" if up else f"source:{source}", "parent", obj))
         elif kind == "folder" and name in self.folders:
             found.add((f"source:{self.folders[name]}", "parent", obj))
             if name in self.nesting:
@@ -297,6 +348,8 @@ class TenantState:
             [f"document:{d}" for d in DOC_POOL]
             + [f"folder:{f}" for f in FOLDER_POOL]
             + [f"source:{s}" for s in SOURCE_POOL]
+            + [f"document:{d}" for d in sorted(self.fronted)]
+            + [f"folder:{f}" for f in sorted(self.fronted_folders)]
             + [f"group:{g}" for g in self.groups]
             + [f"tenant:{self.name}"]
         )
@@ -325,7 +378,8 @@ class TenantState:
         folder = doc.folder
         while folder is not None:
             chain.add(f"folder:{folder}")
-            folder = self.nesting.get(folder)
+            up = self.fronted_folders.get(folder)
+            folder = up[1] if up is not None else self.nesting.get(folder)
         return chain
 
     def holds(self, who: str, subject: str, groups: dict[str, set[str]]) -> bool:
@@ -347,7 +401,7 @@ class TenantState:
         """The documents a user (as viewer) or an agent (as agent_viewer) may read, any task."""
         relation = "viewer" if ref.startswith("user:") else "agent_viewer"
         groups = self.group_members()
-        return {d for d, doc in self.docs.items() if self.can(ref, relation, doc, groups)}
+        return {d for d, doc in self.all_docs().items() if self.can(ref, relation, doc, groups)}
 
     def permitted(self, user: str, agent: str, task: Task | None) -> set[str]:
         """The documents user+agent+task may read now (empty for any request-level failure)."""
@@ -360,7 +414,7 @@ class TenantState:
         groups = self.group_members()
         return {
             doc.id
-            for doc in self.docs.values()
+            for doc in self.all_docs().values()
             if set(task.scope) & self.lineage(doc)
             and self.can(f"user:{user}", "viewer", doc, groups)
             and self.can(f"agent:{agent}", "agent_viewer", doc, groups)
@@ -373,12 +427,15 @@ class TenantState:
     def chunks(self, documents: set[str], sources: Sequence[str] | None) -> list[Chunk]:
         """Every chunk of ``documents`` (inside ``sources``), distance not yet known."""
         found = []
+        docs = self.all_docs()
         for doc_id in sorted(documents):
-            doc = self.docs[doc_id]
+            doc = docs[doc_id]
             if sources is not None and doc.source not in sources:
                 continue
+            kind = FRONTED[doc.source][0] if doc_id in self.fronted else "managed"
             for i, text in enumerate(doc.texts(self.name)):
-                found.append(Chunk(f"{doc_id}#{i}", 0.0, text, doc.source, doc.metadata))
+                chunk_id = fronted_chunk_id(kind, doc_id, i)
+                found.append(Chunk(chunk_id, 0.0, text, doc.source, doc.metadata))
         return found
 
 
@@ -470,6 +527,30 @@ def random_acl(state: TenantState, rng: random.Random) -> Acl:
 
 def open_acl(state: TenantState) -> Acl:
     return Acl((state.everyone,), (state.everyone,))
+
+
+def draw_fronted(state: TenantState, rng: random.Random) -> list[tuple[Doc, str | None]]:
+    """What the platform team's pipelines wrote: documents with a path and an ACL."""
+    found = []
+    for source, (_, ids, paths) in FRONTED.items():
+        for doc_id in sorted(rng.sample(ids, rng.randint(2, len(ids)))):
+            doc = Doc(doc_id, source, None, _seeds(rng), random_acl(state, rng))
+            found.append((doc, rng.choice([None, *paths])))
+    return found
+
+
+def upstream_changes(state: TenantState, rng: random.Random) -> list[Doc]:
+    """One or two documents per fronted collection get a new ACL upstream."""
+    changed = []
+    for source in FRONTED:
+        ids = sorted(d for d, doc in state.fronted.items() if doc.source == source)
+        for doc_id in rng.sample(ids, min(len(ids), rng.randint(1, 2))):
+            old = state.fronted[doc_id]
+            acl = random_acl(state, rng)
+            if acl == old.acl:
+                acl = Acl() if old.acl != Acl() else open_acl(state)
+            changed.append(replace(old, acl=acl))
+    return changed
 
 
 def _ingest_call(state: TenantState, source: str, docs: Sequence[Doc]) -> Call:

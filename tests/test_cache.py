@@ -28,6 +28,7 @@ from gateway.cache import (
     CacheRefused,
     Change,
     ChangeProbe,
+    ChangeWatcher,
     DecisionCache,
     check_conditions,
     time_dependent_relations,
@@ -446,3 +447,77 @@ async def test_a_finished_probe_whose_callback_has_not_run_is_not_awaited_foreve
     probe._inflight = (0.0, done)  # started before this request arrived, already over
     assert await asyncio.wait_for(probe.fresh(), timeout=5)
     assert feed.reads == 1  # a probe of its own
+
+
+class _ReadThatSwallowsCancellation(_Feed):
+    """A read that completes just as its task is cancelled returns its answer and drops
+    the cancellation (what asyncio.wait_for, around every OpenFGA call, does on Python
+    3.11); every later read waits forever."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reading = asyncio.Event()
+        self.answer: asyncio.Future[tuple[list[Change], str | None]] | None = None
+
+    async def read_changes(
+        self, start_time: datetime, continuation_token: str | None, page_size: int
+    ) -> tuple[list[Change], str | None]:
+        self.reads += 1
+        answer = self.answer = asyncio.get_running_loop().create_future()
+        self.reading.set()
+        try:
+            return await answer
+        except asyncio.CancelledError:
+            if answer.done() and not answer.cancelled():
+                return answer.result()
+            raise
+
+
+async def test_the_change_watcher_stops_even_when_a_read_swallows_its_cancellation() -> None:
+    feed = _ReadThatSwallowsCancellation()
+    watcher = ChangeWatcher(feed, DecisionCache(load_model()), interval_s=0.01)
+    watcher.start()
+    await feed.reading.wait()
+    assert feed.answer is not None
+    # stop() cancels the task in the same turn of the loop as the read completes: the
+    # read returns its answer, the cancellation is gone, and the loop must end anyway.
+    # A loop that goes on reads again and waits there until the bound cancels stop().
+    stopping = asyncio.ensure_future(watcher.stop())
+    feed.answer.set_result(([], None))
+    await asyncio.wait_for(stopping, timeout=30)
+    assert feed.reads == 1 and watcher.stats.polls == 1
+
+
+async def test_a_search_started_before_the_probe_is_used_only_for_the_vouched_superset(
+    gateway: Gateway, http: httpx.AsyncClient
+) -> None:
+    """A known task's pre-filter starts its exact search on the cached ListObjects
+    answer while the change probe runs; after a change that answer is not used."""
+    from gateway.retrieval import SPECULATION_DROPPED, SPECULATION_USED
+
+    w = await World(gateway, http, "acme").setup(members=["alice"], agents=["bot"])
+    await w.ingest(
+        [
+            doc(f"d{i}", f"{TEXT} Part {i}.", viewers=["user:alice"] if i < 3 else [],
+                agents=["agent:bot"])
+            for i in range(1, 7)
+        ]
+    )
+    task = await w.task("alice", "bot", ["source:docs"])
+    token = w.agent_token("alice", "bot", task)
+
+    async def retrieve() -> tuple[list[str], list[str]]:
+        ctx = gateway.verifier.verify_delegation(token)
+        result = await gateway.retrieve(ctx, "revenue forecast", k=3, strategy="adaptive")
+        assert "prefilter" in result.outcome.strategy
+        return sorted(c.document_id for c in result.chunks), result.outcome.notes
+
+    assert (await retrieve())[0] == ["d1", "d2"]  # a new task: every list is asked
+    found, notes = await retrieve()
+    assert found == ["d1", "d2"] and SPECULATION_USED in notes
+    await w.relationships(
+        writes=[{"user": "user:alice", "relation": "viewer", "object": "document:d3"}]
+    )
+    found, notes = await retrieve()
+    assert found == ["d1", "d2", "d3"]  # the grant counts on the very next request
+    assert SPECULATION_DROPPED in notes and SPECULATION_USED not in notes

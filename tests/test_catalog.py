@@ -133,6 +133,29 @@ async def test_replicas_see_each_others_writes(open_replica: Opener) -> None:
     assert await one.document_count("acme", "docs") == 1
 
 
+async def test_a_retrievals_view_is_read_fresh_across_replicas(open_replica: Opener) -> None:
+    """One statement gives a retrieval the directory state and the active sources: a
+    source removed or a directory declared through another replica counts at once."""
+    one, two = open_replica(), open_replica()
+    empty = await two.retrieval_view("acme")
+    assert empty.directory is None and empty.sources == []
+    await _two_sources(one)
+    claim = await one.claim("acme", "hr", [], ["d1", "d2"])
+    for d in ("d1", "d2"):
+        await one.complete_document("acme", d, chunks=1, fingerprint="f", folder=None, acl={})
+    await one.release(claim)
+    view = await two.retrieval_view("acme")
+    assert [(s.id, n) for s, n in view.sources] == [("hr", 2), ("wiki", 0)]
+    assert view.directory is None
+    await one.mark_removing("acme", "hr")
+    await one.declare_directory("acme", "scim", 60.0)
+    view = await two.retrieval_view("acme")
+    assert [s.id for s, _ in view.sources] == ["wiki"]
+    assert view.directory is not None and view.directory.source == "scim"
+    assert view.directory.max_silence_s == 60.0
+    assert (await two.retrieval_view("globex")).sources == []
+
+
 async def test_replicas_starting_together_migrate_once(open_replica: Opener) -> None:
     replicas = [open_replica() for _ in range(4)]
     await asyncio.gather(*(r.list_sources("acme") for r in replicas))

@@ -173,3 +173,95 @@ async def test_paused_server_times_out(tmp_path: Path) -> None:
 def test_every_upstream_error_is_mapped(error: Exception) -> None:
     with pytest.raises(AuthorizationUnavailable), fga_errors("BatchCheck"):
         raise error
+
+
+async def test_contextual_tuples_and_model_id_reach_openfga(openfga: ManagedOpenFGA) -> None:
+    """BatchCheck is sent as plain JSON: contextual tuples (reviewer what-if) and an
+    explicit model id still travel with every item."""
+    client = await _client(openfga)
+    try:
+        item = _item(1)
+        assert (await client.batch_check([item]))[item].allowed is False
+        what_if = Tuple("user:acme/alice", "viewer", "document:acme/d1")
+        answered = await client.batch_check(
+            [item], contextual=[what_if], model_id=client.model_id
+        )
+        assert answered[item].allowed is True
+        assert (await client.batch_check([item]))[item].allowed is False  # nothing written
+    finally:
+        await client.close()
+
+
+async def test_read_changes_reads_the_probe_fields(openfga: ManagedOpenFGA) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    client = await _client(openfga)
+    try:
+        since = datetime.now(UTC) - timedelta(minutes=1)
+        await client.write([Tuple("user:acme/alice", "viewer", "document:acme/d1")])
+        await client.write(deletes=[Tuple("user:acme/alice", "viewer", "document:acme/d1")])
+        changes, token = await client.read_changes(since, None, 100)
+        assert [(c.operation, c.user, c.relation, c.object) for c in changes] == [
+            ("TUPLE_OPERATION_WRITE", "user:acme/alice", "viewer", "document:acme/d1"),
+            ("TUPLE_OPERATION_DELETE", "user:acme/alice", "viewer", "document:acme/d1"),
+        ]
+        assert all(since < c.timestamp <= datetime.now(UTC) for c in changes) and token
+        assert await client.read_changes(since, token, 100) == ([], token)
+    finally:
+        await client.close()
+
+
+@pytest.mark.parametrize(
+    ("item", "allowed"),
+    [
+        ({"allowed": True}, True),
+        ({"allowed": False}, False),
+        ({}, False),  # OpenFGA may leave out a false "allowed"
+        ({"allowed": True, "error": {"message": "x"}}, None),
+        ({"error": {"input_error": "validation_error", "message": "bad"}}, None),
+        ({"error": "bad"}, None),
+        ({"allowed": "true"}, None),
+        ({"allowed": 1}, None),
+        ("allowed", None),
+        (["allowed"], None),
+        (None, None),
+    ],
+)
+def test_batch_check_items_map_to_outcomes(item: object, allowed: bool | None) -> None:
+    from gateway.fga import _outcome
+
+    outcome = _outcome(item)
+    assert outcome.allowed is allowed
+    assert (outcome.error is None) is (allowed is not None)
+
+
+@pytest.mark.parametrize(
+    "answer", [[], "x", None, {"result": ["allowed"]}, {"result": "x"}, {"result": 1}]
+)
+def test_batch_check_answers_that_are_not_maps_fail_closed(answer: object) -> None:
+    from gateway.fga import _batch_results
+
+    with pytest.raises(AuthorizationUnavailable), fga_errors("BatchCheck"):
+        _batch_results(answer)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        [],
+        {"changes": [{"operation": "TUPLE_OPERATION_WRITE"}]},
+        {"changes": [{"tuple_key": {"user": "u", "relation": "r"}, "operation": "W",
+                      "timestamp": "2026-01-01T00:00:00Z"}]},
+        {"changes": [{"tuple_key": {"user": "u", "relation": "r", "object": 3},
+                      "operation": "W", "timestamp": "2026-01-01T00:00:00Z"}]},
+        {"changes": [{"tuple_key": {"user": "u", "relation": "r", "object": "o"},
+                      "operation": "W", "timestamp": "yesterday"}]},
+        {"changes": "x"},
+        {"changes": [], "continuation_token": 7},
+    ],
+)
+def test_unreadable_change_pages_fail_the_probe(answer: object) -> None:
+    from gateway.fga import _changes
+
+    with pytest.raises(AuthorizationUnavailable), fga_errors("ReadChanges"):
+        _changes(answer)

@@ -131,6 +131,35 @@ async def test_directory_of_mixed_files(
     assert edited["changed"] == 1 and edited["skipped"] == 3
 
 
+async def test_nested_directories_become_nested_folders(
+    world: World, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``eng/runbooks/`` lands in folder ``eng__runbooks`` under folder ``eng``: a grant
+    and a task on ``folder:eng`` reach the runbooks; without the grant, nothing."""
+    w, root = world, tmp_path / "tree"
+    make_tree(root)
+    summary = await ingest(w, root, capsys)
+    assert not [f for f in summary["failed"] if f["path"] == "(folders)"], summary
+    parents = {
+        t.user for t in await w.g.fga.read(object="folder:acme/eng__runbooks")
+        if t.relation == "parent"
+    }  # fmt: skip
+    assert "folder:acme/eng" in parents
+    task = await w.task("alice", "helper", ["folder:eng"])
+    query = "payments database failover"
+    assert await w.retrieved_docs("alice", "helper", task, query, 10) == []
+    await w.relationships(
+        writes=[{"user": "user:alice", "relation": "viewer", "object": "folder:eng"}]
+    )
+    assert set(await w.retrieved_docs("alice", "helper", task, query, 10)) == {
+        "eng__runbooks__failover.md",
+        "eng__oncall.txt",
+    }
+    # Running it again changes nothing and links nothing twice.
+    again = await ingest(w, root, capsys)
+    assert again["skipped"] == 4 and not [f for f in again["failed"] if f["path"] == "(folders)"]
+
+
 def test_html_text_and_collect_of_a_single_file(tmp_path: Path) -> None:
     assert html_text("<p>a <b>b</b></p><script>x()</script><p>c</p>") == "a b\nc"
     single = tmp_path / "note.md"

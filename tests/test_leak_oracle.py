@@ -17,6 +17,16 @@ mutations (:mod:`tests.oracle_model` says what each must do):
 - deprovisioning (``DELETE /v1/principals``) and re-adding the member later, source
   removal and re-registration, grants, groups, tasks and documents coming and going.
 
+One tenant of each world (drawn) also fronts two collections its own pipelines filled
+with plain chromadb and qdrant-client code (``FRONTED``): documents of one to three
+chunks, folder paths ``a/b/c`` and ACLs in each chunk's metadata (Chroma: prefixed
+principals in strings; Qdrant: lists of refs). They are registered, synced, and served
+beside the ingested sources through the whole program (grants on their folders and
+sources, tasks scoped to them, deprovisioning); after the program their ACLs change
+upstream, an incremental sync reconciles exactly the changed documents and a full one
+every document, and after each the tuples and every drawn retrieval equal the oracle
+again.
+
 Every mutation runs while retrievals hammer the gateway; those answers must be safe: each
 returned chunk, with its text, source and metadata, permitted to that request in the
 state before or in the state after the mutation, so new text never reaches a reader
@@ -55,11 +65,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+import chromadb
 import httpx
 import pytest
+from chromadb.config import Settings as ChromaSettings
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
+from qdrant_client import QdrantClient, models
 
 from connectors.chunking import chunk_document
 from connectors.embeddings import HashEmbeddings
@@ -72,16 +85,24 @@ from tests.oracle_model import (
     ADMIN,
     DOC_POOL,
     FOLDER_POOL,
+    FRONTED,
+    FRONTED_DOCS,
+    FRONTED_FOLDERS,
     SOURCE_POOL,
     TENANTS,
     VOCAB,
     Call,
     Chunk,
+    Doc,
     Step,
     Task,
     TenantState,
+    draw_fronted,
+    fronted_chunk_id,
     plan,
     ranking,
+    upstream_changes,
+    vector,
 )
 from tests.world import World, bearer, doc
 
@@ -144,6 +165,9 @@ REQUIRED = {
     "remove_source:lost_reader": 0.1,
     "add_source:reused_name": 0.06,
     "concurrent_answers": 10.0,
+    "fronted:served": 0.5,  # exact comparisons whose top-k holds a fronted chunk
+    "fronted:nested_folder": 0.5,  # fronted documents two folders deep or more
+    "fronted:upstream_changed": 1.0,
 }
 WORLD_HANG_S = 600.0  # a world that has not finished by then is reported as hung
 ENFORCED_FROM = 8  # worlds; fewer (a quick local run) only prints what was exercised
@@ -178,6 +202,9 @@ class WorldSpec:
     program: list[tuple[str, int, int]]  # (mutation, tenant, seed)
     listobjects_max_results: int
     overfetch: int
+    fronting: int = 0  # the tenant that fronts collections
+    fronted: int = 0  # seeds: what upstream holds
+    upstream: int = 0  # ... and how it changes after the program
     log: list[str] = field(default_factory=list)
 
     def __repr__(self) -> str:  # hypothesis prints it; the failure message has the rest
@@ -194,7 +221,7 @@ class WorldSpec:
                 "nesting": t.nesting,
                 "docs": {
                     d.id: [d.source, d.folder, len(d.seeds), d.rev, d.acl.body()]
-                    for d in t.docs.values()
+                    for d in t.all_docs().values()
                 },
                 "grants": sorted(t.grants),
                 "memberships": sorted(t.memberships),
@@ -236,7 +263,8 @@ def tenant_states(draw: st.DrawFn, name: str) -> TenantState:
         for member in draw(st.lists(st.sampled_from(candidates), max_size=3, unique=True)):
             state.memberships.add((member, group))
     # Grants on sources, and on folder names whichever source will own them.
-    objects = [f"source:{s}" for s in sources] + [f"folder:{f}" for f in FOLDER_POOL]
+    objects = [f"source:{s}" for s in [*sources, *FRONTED]]
+    objects += [f"folder:{f}" for f in [*FOLDER_POOL, *FRONTED_FOLDERS]]
     for obj in objects:
         for relation, pool in (
             ("viewer", [*user_refs, *group_refs]),
@@ -248,8 +276,9 @@ def tenant_states(draw: st.DrawFn, name: str) -> TenantState:
             # own ACLs decide, and re-ingestion that narrows them takes readers away.
             if draw(st.integers(0, 9)) < openness * 10 * (0.25 if "folder" in obj else 0.5):
                 state.grants.add((state.everyone, relation, obj))
-    wide = [f"source:{s}" for s in sources]
-    named = wide + [f"folder:{f}" for f in FOLDER_POOL] + [f"document:{d}" for d in DOC_POOL]
+    wide = [f"source:{s}" for s in [*sources, *FRONTED]]
+    named = wide + [f"folder:{f}" for f in [*FOLDER_POOL, *FRONTED_FOLDERS]]
+    named += [f"document:{d}" for d in [*DOC_POOL, *FRONTED_DOCS]]
     for _ in range(draw(st.integers(1, 4))):
         pool = named if draw(st.integers(0, 2)) == 0 else wide
         state.tasks.append(
@@ -310,6 +339,9 @@ def worlds(draw: st.DrawFn) -> WorldSpec:
         draw(programs()),
         draw(st.sampled_from([1, 2, 1000])),
         draw(st.sampled_from([1, 4])),
+        draw(st.integers(0, len(tenants) - 1)),
+        draw(st.integers(0, 10**6)),
+        draw(st.integers(0, 10**6)),
     )
 
 
@@ -359,7 +391,9 @@ def _shape(chunks: list[dict[str, Any]]) -> list[str]:
     for c in chunks:
         if set(c) != {"chunk_id", "document_id", "source", "text", "score", "tokens", "metadata"}:
             problems.append(f"SHAPE: {sorted(c)}")
-        elif c["document_id"] != c["chunk_id"].split("#")[0]:
+        elif c["document_id"] != c["chunk_id"].split("#")[0] and c["chunk_id"] not in {
+            fronted_chunk_id("qdrant", str(c["document_id"]), i) for i in range(3)
+        }:
             problems.append(f"DOCUMENT ID: {c}")
     return problems
 
@@ -434,13 +468,19 @@ class WorldRun:
     """One world against one gateway: loads it, applies its program, checks every answer."""
 
     def __init__(
-        self, g: Gateway, http: httpx.AsyncClient, proxy: FaultProxy, spec: WorldSpec
+        self,
+        g: Gateway,
+        http: httpx.AsyncClient,
+        proxy: FaultProxy,
+        spec: WorldSpec,
+        upstream: Path,
     ) -> None:
         self.g = g
         self.http = http
         self.proxy = proxy
         self.spec = spec
         self.states = [t.copy() for t in spec.tenants]
+        self.upstream = Upstream(upstream)
 
     def fail(self, message: str) -> str:
         return f"{message}\nworld:\n{self.spec.describe(self.states)}"
@@ -529,6 +569,8 @@ class WorldRun:
             await self.apply(t, step)
             self.adopt(t, step)
             await self.check_tuples(t, step.named, f"after {step.what}")
+        if t == self.spec.fronting:
+            await self.load_fronted(t)
         now = datetime.now(UTC)
         for task in self.states[t].tasks:
             call = Call("POST", "/v1/tasks", task.body(now), 201)
@@ -538,6 +580,78 @@ class WorldRun:
             if task.revoked:
                 revoke = Call("DELETE", f"/v1/tasks/{task.id}", status=204)
                 self.expect(revoke, await self.send(t, revoke), Step("load", "revoke", [], s))
+
+    # -- fronted collections ---------------------------------------------------------------
+
+    async def sync(self, t: int, source: str, full: bool = False) -> dict[str, Any]:
+        call = Call("POST", f"/v1/sources/{source}/sync", {"full": full})
+        response = await self.send(t, call)
+        self.expect(call, response, Step("sync", f"sync {source}", [], self.states[t]))
+        return dict(response.json())
+
+    def fronted_objects(self, t: int, docs: list[str] | None = None) -> list[str]:
+        s = self.states[t]
+        found = [f"document:{d}" for d in (sorted(s.fronted) if docs is None else docs)]
+        return found + [f"folder:{f}" for f in sorted(s.fronted_folders)]
+
+    async def load_fronted(self, t: int) -> None:
+        """Fill the tenant's collections with plain client code, register them, sync."""
+        s = self.states[t]
+        for fronted, path in draw_fronted(s, random.Random(self.spec.fronted)):
+            s.front(fronted, path)
+            TALLY.exercised["fronted:nested_folder"] += bool(path and "/" in path)
+        for source, (kind, _, _) in FRONTED.items():
+            docs = [d for d in s.fronted.values() if d.source == source]
+            config = self.upstream.fill(s.name, kind, docs)
+            call = Call("POST", "/v1/sources", {"id": source, "kind": kind, "config": config}, 201)
+            self.expect(call, await self.send(t, call), Step("load", f"front {source}", [], s))
+            answer = await self.sync(t, source)
+            assert (answer["documents"], answer["deletes"], answer["orphans"]) == (
+                len(docs),
+                0,
+                0,
+            ), self.fail(f"first sync of {source}: {answer}")
+        s.sync(sorted(s.fronted))
+        await self.check_tuples(t, self.fronted_objects(t), "after the first sync")
+
+    async def change_upstream(self, t: int) -> None:
+        """New ACLs upstream; an incremental sync reconciles exactly those documents."""
+        s = self.states[t]
+        changed = upstream_changes(s, random.Random(self.spec.upstream))
+        for source, (kind, _, _) in FRONTED.items():
+            if kind == "qdrant":  # local mode: one client per path, the gateway's too
+                info = await self.g.catalog.get_source(s.name, source)
+                assert info is not None
+                self.g.stores.for_source(info).close()  # type: ignore[attr-defined]
+            self.upstream.change(s.name, kind, [d for d in changed if d.source == source])
+        for new in changed:
+            s.fronted[new.id] = new
+        for source in FRONTED:
+            mine = [d.id for d in changed if d.source == source]
+            answer = await self.sync(t, source)
+            total = sum(1 for d in s.fronted.values() if d.source == source)
+            # Chroma reads every document (no updated_at); Qdrant those written since the
+            # last sync's mark (the changed ones, and any stamped at the mark itself).
+            read = total if FRONTED[source][0] == "chroma" else answer["documents"]
+            assert (answer["documents"], answer["skipped"]) == (read, read - len(mine)), self.fail(
+                f"incremental sync of {source} after changing {mine} upstream: {answer}"
+            )
+            if FRONTED[source][0] == "qdrant":
+                assert answer["since"] is not None and read <= len(mine) + 1, answer
+        s.sync([d.id for d in changed])
+        TALLY.exercised["fronted:upstream_changed"] += len(changed)
+        self.spec.log.append(f"{s.name}: upstream ACLs of {[d.id for d in changed]} changed")
+        await self.check_tuples(t, self.fronted_objects(t), "after the incremental sync")
+
+    async def full_sync(self, t: int) -> None:
+        """A full sync: every fronted document's tuples are its upstream ACL again."""
+        s = self.states[t]
+        for source in FRONTED:
+            answer = await self.sync(t, source, full=True)
+            assert answer["skipped"] == 0, self.fail(f"full sync of {source}: {answer}")
+        s.sync(sorted(s.fronted))
+        self.spec.log.append(f"{s.name}: full sync of the fronted collections")
+        await self.check_tuples(t, self.fronted_objects(t), "after the full sync")
 
     # -- retrieving ----------------------------------------------------------------------
 
@@ -614,6 +728,7 @@ class WorldRun:
         TALLY.compared += 1
         TALLY.chunks_returned += len(chunks)
         TALLY.nonempty += bool(expected)
+        TALLY.exercised["fronted:served"] += any(c["source"] in FRONTED for c in chunks)
 
     async def while_running(
         self, t: int, work: Awaitable[T], probes: list[Probe]
@@ -774,6 +889,10 @@ class WorldRun:
         await self.check_retrievals("after the program", pinned=True)
         for t, state in enumerate(self.states):
             await self.check_tuples(t, state.objects(), "after the program")
+        await self.change_upstream(self.spec.fronting)
+        await self.check_retrievals("after upstream ACL changes, synced", pinned=False)
+        await self.full_sync(self.spec.fronting)
+        await self.check_retrievals("after a full sync", pinned=False)
 
 
 CHUNKED: set[str] = set()
@@ -809,10 +928,142 @@ def why_empty(
     return "no grant in scope" if not permitted else "outside the requested sources"
 
 
+#: Fronted collections' field mappings (Chroma: prefixed strings; Qdrant: lists of refs).
+CHROMA_MAPPING = {
+    "document_id": "doc",
+    "folder": "path",
+    "viewers": "readers",
+    "agents": "bots",
+    "owner": "owner",
+    "prefixes": {"usr:": "user:{}", "grp:": "group:{}#member", "bot:": "agent:{}"},
+}
+QDRANT_MAPPING = {  # with updated_at: its syncs read only what changed since the last
+    "document_id": "doc_id",
+    "folder": "folder",
+    "viewers": "readers",
+    "agents": "bots",
+    "owner": "owner",
+    "updated_at": "ts",
+}
+_SHORT = (("user:", "usr:"), ("agent:", "bot:"))
+
+
+def _prefixed(ref: str) -> str:
+    """A ref as the Chroma pipeline writes it (``group:eng#member`` -> ``grp:eng``)."""
+    if ref.startswith("group:") and ref.endswith("#member"):
+        return "grp:" + ref.removeprefix("group:").removesuffix("#member")
+    for long, short in _SHORT:
+        if ref.startswith(long):
+            return short + ref.removeprefix(long)
+    return ref  # tenant:acme#member, as is
+
+
+class Upstream:
+    """The platform team's side: collections written by plain chromadb and qdrant-client."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def fill(self, tenant: str, kind: str, docs: list[Doc]) -> dict[str, Any]:
+        """Write the documents' chunks; the source config that fronts the collection."""
+        if kind == "chroma":
+            kb = self._chroma(tenant).create_collection(
+                f"kb-{tenant}", embedding_function=None, configuration={"hnsw": {"space": "cosine"}}
+            )
+            ids, texts, metas = self._chroma_rows(tenant, docs)
+            kb.add(ids=ids, embeddings=[list(vector(x)) for x in texts], documents=texts,
+                   metadatas=metas)  # fmt: skip
+            path, mapping = self.root / f"chroma-{tenant}", CHROMA_MAPPING
+            return {"collection": f"kb-{tenant}", "path": str(path), "mapping": mapping}
+        client = QdrantClient(path=str(self.root / f"qdrant-{tenant}"))
+        try:
+            size = len(vector("x"))
+            client.create_collection(
+                f"vault-{tenant}",
+                vectors_config=models.VectorParams(size=size, distance=models.Distance.COSINE),
+            )
+            client.upsert(f"vault-{tenant}", points=self._points(tenant, docs))
+        finally:
+            client.close()
+        path, mapping = self.root / f"qdrant-{tenant}", QDRANT_MAPPING
+        return {"collection": f"vault-{tenant}", "path": str(path), "mapping": mapping}
+
+    def change(self, tenant: str, kind: str, docs: list[Doc]) -> None:
+        """New ACL metadata on every chunk of ``docs`` (text and vectors unchanged)."""
+        if not docs:
+            return
+        if kind == "chroma":
+            ids, _, metas = self._chroma_rows(tenant, docs)
+            kb = self._chroma(tenant).get_collection(f"kb-{tenant}", embedding_function=None)
+            kb.update(ids=ids, metadatas=metas)  # type: ignore[arg-type]
+            return
+        client = QdrantClient(path=str(self.root / f"qdrant-{tenant}"))
+        try:
+            for d in docs:
+                ids = [fronted_chunk_id("qdrant", d.id, i) for i in range(len(d.seeds))]
+                payload = {**_qdrant_acl(d), "ts": 1000}
+                client.set_payload(f"vault-{tenant}", payload=payload, points=ids)
+        finally:
+            client.close()
+
+    def _chroma(self, tenant: str) -> Any:
+        return chromadb.PersistentClient(
+            path=str(self.root / f"chroma-{tenant}"),
+            settings=ChromaSettings(anonymized_telemetry=False),
+        )
+
+    @staticmethod
+    def _chroma_rows(
+        tenant: str, docs: list[Doc]
+    ) -> tuple[list[str], list[str], list[dict[str, Any]]]:
+        ids, texts, metas = [], [], []
+        for d in docs:
+            meta: dict[str, Any] = {
+                "doc": d.id,
+                "readers": ",".join(_prefixed(v) for v in d.acl.viewers),
+                "bots": ",".join(_prefixed(a) for a in d.acl.agents),
+                "owner": _prefixed(d.acl.owner) if d.acl.owner else "",
+                **d.metadata,
+            }
+            if d.folder:
+                meta["path"] = d.folder.replace("__", "/")
+            for i, text in enumerate(d.texts(tenant)):
+                ids.append(fronted_chunk_id("chroma", d.id, i))
+                texts.append(text)
+                metas.append(meta)
+        return ids, texts, metas
+
+    @staticmethod
+    def _points(tenant: str, docs: list[Doc]) -> list[models.PointStruct]:
+        points = []
+        for n, d in enumerate(docs):
+            payload: dict[str, Any] = {"doc_id": d.id, **_qdrant_acl(d), **d.metadata}
+            payload["ts"] = 10 + n
+            if d.folder:
+                payload["folder"] = d.folder.replace("__", "/")
+            for i, text in enumerate(d.texts(tenant)):
+                points.append(
+                    models.PointStruct(
+                        id=fronted_chunk_id("qdrant", d.id, i),
+                        vector=list(vector(text)),
+                        payload={**payload, "text": text},
+                    )
+                )
+        return points
+
+
+def _qdrant_acl(doc: Doc) -> dict[str, Any]:
+    return {
+        "readers": list(doc.acl.viewers),
+        "bots": list(doc.acl.agents),
+        "owner": doc.acl.owner or "",
+    }
+
+
 @contextlib.asynccontextmanager
 async def world_gateway(
     proxy: FaultProxy, openfga: ManagedOpenFGA, spec: WorldSpec
-) -> AsyncIterator[tuple[Gateway, httpx.AsyncClient]]:
+) -> AsyncIterator[tuple[Gateway, httpx.AsyncClient, Path]]:
     with tempfile.TemporaryDirectory(prefix="leak-oracle-") as tmp:
         settings = make_settings(
             openfga,
@@ -825,7 +1076,7 @@ async def world_gateway(
         try:
             transport = httpx.ASGITransport(app=create_app(gateway=g))
             async with httpx.AsyncClient(transport=transport, base_url="http://oracle") as http:
-                yield g, http
+                yield g, http, Path(tmp) / "upstream"
         finally:
             await g.close()
             for store in g.stores._stores.values():  # release the embedded Chroma files
@@ -835,8 +1086,8 @@ async def world_gateway(
 
 
 async def run_world(proxy: FaultProxy, openfga: ManagedOpenFGA, spec: WorldSpec) -> None:
-    async with world_gateway(proxy, openfga, spec) as (g, http):
-        run = WorldRun(g, http, proxy, spec)
+    async with world_gateway(proxy, openfga, spec) as (g, http, upstream):
+        run = WorldRun(g, http, proxy, spec, upstream)
         await watchdog(run.run(), spec)
         verified = await g.audit.verify()
         assert verified.ok, verified

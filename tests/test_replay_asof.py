@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import re
+import sqlite3
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 from gateway.audit import ArchivedChange, SqliteAuditStore, open_audit_store
-from gateway.audit_cli import audit_in_process
+from gateway.audit_cli import audit_in_process, verify_audit
 from gateway.cli import build_parser
 from gateway.errors import AuthorizationUnavailable
 from gateway.fga import SCRATCH_STORE_PREFIX
@@ -210,6 +214,63 @@ async def test_a_change_that_lands_between_the_position_and_the_checks_counts(
     assert (d1["was"], d1["then"]) == ("allow", "allow") and d1["then_matches_was"]
 
 
+async def test_an_authzen_evaluation_keeps_its_position_and_replays_as_of_its_decision(
+    gateway: Gateway, http: httpx.AsyncClient
+) -> None:
+    """An AuthZEN evaluation's record is a decision like a retrieval's: it keeps the
+    archive's position, and a replay as of it rebuilds its verdicts and names the
+    change since."""
+    w = await World(gateway, http, "acme").setup(members=["alice", "rita"], agents=["bot"])
+    await w.relationships(
+        writes=[{"user": "user:rita", "relation": "reviewer", "object": "tenant:acme"}]
+    )
+    await w.ingest(
+        [
+            doc("d1", "Quarterly planning memo.", ["user:alice"], ["agent:bot"]),
+            doc("d2", "Salary bands.", [], ["agent:bot"]),
+        ]
+    )
+    task = await w.task("alice", "bot", ["source:docs"])
+    assert gateway.changelog is not None
+    await gateway.changelog.poll_once()
+    body = {
+        "subject": {"type": "user", "id": "alice"},
+        "action": {"name": "read"},
+        "evaluations": [
+            {"resource": {"type": "document", "id": "d1"}},
+            {"resource": {"type": "document", "id": "d2"}},
+        ],
+    }
+    headers = bearer(w.agent_token("alice", "bot", task))
+    response = await http.post("/access/v1/evaluations", json=body, headers=headers)
+    assert response.status_code == 200, response.text
+    assert response.json() == {"evaluations": [{"decision": True}, {"decision": False}]}
+    rid = response.headers["x-request-id"]
+    entry = await gateway.audit.get("acme", rid)
+    assert entry is not None and entry.record.strategy == "authzen"
+    kept = entry.record.extra["changelog"]
+    assert kept["store_id"] == gateway.fga.store_id
+    assert kept["archive_seq"] is not None and kept["archive_seq"] >= 1
+    assert kept["started_at"] <= kept["decided_at"]
+
+    await w.relationships(
+        deletes=[{"user": "user:alice", "relation": "viewer", "object": "document:d1"}]
+    )
+    reviewer = bearer(gateway.mint_token(tenant="acme", user="rita"))
+    replay = await _replay(http, reviewer, rid, {"as_of": "decision"})
+    assert replay["as_of"]["archive_seq"] == kept["archive_seq"]
+    assert replay["as_of"]["exact"] and replay["as_of"]["archive_anchor"] == "ok"
+    assert not any("keeps no change-log position" in note for note in replay["notes"])
+    docs = _by_doc(replay)
+    assert (docs["d1"]["was"], docs["d1"]["then"], docs["d1"]["now"]) == ("allow", "allow", "deny")
+    assert (docs["d2"]["was"], docs["d2"]["then"], docs["d2"]["now"]) == ("deny", "deny", "deny")
+    assert docs["d2"]["then_failed_checks"] == ["user_can_read"]
+    flipped = [c for c in docs["d1"]["changes"] if c["flips"]]
+    assert [(c["operation"], c["user"], c["object"]) for c in flipped] == [
+        ("delete", "user:alice", "document:d1")
+    ]
+
+
 async def test_an_expiry_since_the_decision_is_no_change_of_tuples(
     gateway: Gateway, http: httpx.AsyncClient
 ) -> None:
@@ -236,9 +297,9 @@ async def test_an_expiry_since_the_decision_is_no_change_of_tuples(
 async def test_without_the_background_archive_a_replay_reads_the_log_itself(
     openfga: Any, embeddings: Any, tmp_path: Any
 ) -> None:
-    """Archiving off (the default for now): records carry no position, and an as-of
-    replay brings the archive up to date from OpenFGA's log before placing the record
-    by its decision time."""
+    """Archiving off (``SCOPEGATE_CHANGELOG_ARCHIVE=false``): records carry no
+    position, and an as-of replay brings the archive up to date from OpenFGA's log
+    before placing the record by its decision time."""
     from gateway.api import create_app
     from tests.conftest import make_settings
 
@@ -369,6 +430,69 @@ async def test_archive_status_in_readyz_and_metrics(
     assert float(archived.split()[1]) >= 3
 
 
+async def _until(condition: Any, what: str) -> None:
+    """Wait for a background task to get somewhere (a bound turns a hang into a failure)."""
+    for _ in range(600):
+        if condition():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"never happened: {what}")
+
+
+async def test_the_archive_never_fails_readiness_or_retrievals_and_stops_while_openfga_hangs(
+    openfga: Any, embeddings: Any, tmp_path: Any
+) -> None:
+    """On by default: with OpenFGA's change log failing, then not answering at all, the
+    gateway stays ready, retrievals are answered and recorded, and shutdown does not
+    wait for the log."""
+    from gateway.api import create_app
+    from tests.conftest import make_settings
+    from tests.faultproxy import Fault, FaultProxy
+
+    with FaultProxy(openfga.http_port) as proxy:
+        # Without the exact cache's probe, the archiver is the only reader of the log.
+        settings = make_settings(
+            openfga, tmp_path / "data", openfga_url=proxy.url, decision_cache_exact=False
+        )
+        g = await Gateway.start(settings, embeddings=embeddings)
+        archiver = g.changelog
+        try:
+            assert archiver is not None
+            transport = httpx.ASGITransport(app=create_app(gateway=g))
+            async with httpx.AsyncClient(transport=transport, base_url="http://scopegate") as http:
+                w = await World(g, http, "acme").setup(members=["alice"], agents=["bot"])
+                await w.ingest(
+                    [doc("d1", "Quarterly planning memo.", ["user:alice"], ["agent:bot"])]
+                )
+                task = await w.task("alice", "bot", ["source:docs"])
+                await archiver.sync()
+                failed = archiver.stats.failures
+                proxy.set(Fault.respond(500, {"code": "internal_error"}, path="/changes"))
+                await _until(lambda: archiver.stats.failures > failed, "a failed poll")
+
+                response = await w.retrieve("alice", "bot", task, QUERY, k=5)
+                assert response.status_code == 200, response.text
+                assert [c["document_id"] for c in response.json()["chunks"]] == ["d1"]
+                entry = await g.audit.get("acme", response.json()["request_id"])
+                assert entry is not None
+                assert entry.record.extra["changelog"]["archive_seq"] is not None
+                ready = await http.get("/readyz")
+                assert ready.status_code == 200 and ready.json()["ready"] is True
+                status = ready.json()["changelog"]
+                assert status["running"] and status["failures"] > failed
+                assert status["last_error"]
+
+                # The log stops answering at all: a poll hangs in it.
+                proxy.set(Fault.blackhole(path="/changes"))
+                asked = len(proxy.requests("/changes"))
+                await _until(lambda: len(proxy.requests("/changes")) > asked, "a hanging poll")
+                assert (await w.retrieve("alice", "bot", task, QUERY, k=5)).status_code == 200
+                assert (await http.get("/readyz")).json()["ready"] is True
+        finally:
+            await asyncio.wait_for(g.close(), timeout=30)
+        assert archiver is not None and not archiver.status()["running"]
+
+
 async def test_the_change_log_reads_from_a_start_time_or_a_token(
     gateway: Gateway, http: httpx.AsyncClient
 ) -> None:
@@ -405,6 +529,142 @@ async def test_scratch_stores_left_behind_are_removed(gateway: Gateway) -> None:
     assert await gateway.fga.remove_stale_scratch_stores(older_than_s=0) >= 1
     assert await _scratch_stores(gateway) == []
     assert (await gateway.fga.client.get_store()).id == gateway.fga.store_id  # its own stays
+
+
+async def test_audit_verify_checks_the_archive_chain_and_names_a_tampered_change(
+    gateway: Gateway, http: httpx.AsyncClient, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    w = await World(gateway, http, "acme").setup(members=["alice"], agents=["bot"])
+    await w.relationships(
+        writes=[{"user": "user:alice", "relation": "member", "object": "group:eng"}]
+    )
+    assert gateway.changelog is not None and isinstance(gateway.audit, SqliteAuditStore)
+    await gateway.changelog.sync()
+    store_id = gateway.fga.store_id
+    head = await gateway.audit.archive_head(store_id)
+    assert head is not None and head.seq >= 3
+    assert await verify_audit(gateway.audit) == 0
+    out = capsys.readouterr()
+    report = json.loads(out.out)
+    assert report["ok"] and report["archive"]["ok"]
+    assert report["archive"]["stores"][store_id]["checked"] >= head.seq
+    assert "audit chain intact" in out.err
+    assert re.search(r"archive chain verified: True \((\d+) changes, 1 store\)", out.err)
+
+    tamperings = {
+        "edited": ("UPDATE changelog_archive SET user_ref = 'user:acme/mallory'", "hash does not"),
+        "hidden": ("UPDATE changelog_archive SET user_set = 1 - user_set", "user_set does not"),
+        "deleted": ("DELETE FROM changelog_archive", "change 2 is missing"),
+    }
+    for name, (statement, reason) in tamperings.items():
+        copy = tmp_path / f"{name}.db"
+        with (
+            contextlib.closing(sqlite3.connect(gateway.audit.path)) as src,
+            contextlib.closing(sqlite3.connect(copy)) as dst,
+        ):
+            src.backup(dst)
+        with contextlib.closing(sqlite3.connect(copy)) as conn:
+            conn.execute(f"{statement} WHERE store_id = ? AND seq = 2", (store_id,))
+            conn.commit()
+        store = SqliteAuditStore(copy)
+        try:
+            assert await verify_audit(store) == 1, name
+            out = capsys.readouterr()
+            report = json.loads(out.out)
+            assert report["ok"] is True  # the log itself is intact
+            broken = report["archive"]["stores"][store_id]
+            assert not report["archive"]["ok"] and broken["first_broken_seq"] == 2, name
+            assert broken["checked"] == 1 and reason in broken["reason"], name
+            assert "archive chain verified: False" in out.err
+            assert f"store {store_id}: BROKEN at change 2: {broken['reason']}" in out.err
+            if name == "edited":
+                assert "change 2 now holds: write user:acme/mallory " in out.err
+            if name == "deleted":
+                assert "change 2: no such change" in out.err
+        finally:
+            await store.close()
+    assert (await gateway.audit.verify_archive(store_id)).ok  # the live store was untouched
+
+
+def _rewrite_archive(path: Path, store_id: str, at: int, *, truncate: bool) -> None:
+    """Rewrite the archive as someone with write access to the database would, keeping
+    its chain consistent: change ``at`` names another user (every hash from there on
+    recomputed), or the archive ends before ``at``."""
+    from dataclasses import replace
+
+    from gateway.audit import GENESIS_HASH, archive_hash
+
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        columns = "seq, time_us, operation, user_ref, relation, object, condition"
+        rows = conn.execute(
+            f"SELECT {columns} FROM changelog_archive WHERE store_id = ? ORDER BY seq",
+            (store_id,),
+        ).fetchall()
+        hash_, seq = GENESIS_HASH, 0
+        for row in rows:
+            change = ArchivedChange(*row)
+            if truncate and change.seq >= at:
+                break
+            if change.seq == at:
+                change = replace(change, user="user:acme/mallory")
+            hash_, seq = archive_hash(hash_, store_id, change), change.seq
+            user_set = int("#" in change.user or change.user.endswith(":*"))
+            conn.execute(
+                "UPDATE changelog_archive SET user_ref = ?, user_set = ?, hash = ?"
+                " WHERE store_id = ? AND seq = ?",
+                (change.user, user_set, hash_, store_id, change.seq),
+            )
+        conn.execute(
+            "DELETE FROM changelog_archive WHERE store_id = ? AND seq > ?", (store_id, seq)
+        )
+        conn.execute(
+            "UPDATE changelog_cursor SET head_seq = ?, head_hash = ? WHERE store_id = ?",
+            (seq, hash_, store_id),
+        )
+        conn.commit()
+
+
+async def test_audit_verify_finds_an_archive_rewritten_with_its_hashes_recomputed(
+    gateway: Gateway, http: httpx.AsyncClient, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A history rewritten from some change on, every hash recomputed, is a consistent
+    chain; the hash a (hash-chained) audit record kept at its position gives it away,
+    and so does an archive cut short before a recorded position."""
+    w = await World(gateway, http, "acme").setup(members=["alice"], agents=["bot"])
+    await w.ingest([doc("d1", "Quarterly planning memo.", ["user:alice"], ["agent:bot"])])
+    task = await w.task("alice", "bot", ["source:docs"])
+    assert gateway.changelog is not None and isinstance(gateway.audit, SqliteAuditStore)
+    await gateway.changelog.sync()
+    rid = (await w.retrieve("alice", "bot", task, QUERY, k=5)).json()["request_id"]
+    entry = await gateway.audit.get("acme", rid)
+    assert entry is not None
+    position = entry.record.extra["changelog"]["archive_seq"]
+    assert position is not None and position >= 3
+    store_id = gateway.fga.store_id
+    for name, truncate in (("rewritten", False), ("truncated", True)):
+        copy = tmp_path / f"{name}.db"
+        with (
+            contextlib.closing(sqlite3.connect(gateway.audit.path)) as src,
+            contextlib.closing(sqlite3.connect(copy)) as dst,
+        ):
+            src.backup(dst)
+        _rewrite_archive(copy, store_id, 2, truncate=truncate)
+        store = SqliteAuditStore(copy)
+        try:
+            assert (await store.verify_archive(store_id)).ok, name  # the chain links up
+            assert await verify_audit(store) == 1, name
+            out = capsys.readouterr()
+            broken = json.loads(out.out)["archive"]["stores"][store_id]
+            assert not broken["ok"], name
+            if truncate:
+                assert broken["first_broken_seq"] >= 2
+                assert "is not in the archive" in broken["reason"]
+            else:
+                assert broken["first_broken_seq"] == position
+                assert "recorded another chain hash" in broken["reason"]
+            assert "archive chain verified: False" in out.err
+        finally:
+            await store.close()
 
 
 # -- the archive itself, on both databases ------------------------------------------------
@@ -454,6 +714,18 @@ async def test_archive_skips_what_it_holds_and_chains_every_change(
         assert [c.user for c in only_b] == ["user:acme/b"]
         assert (await store.verify_archive("s1")).ok
         assert (await store.verify_archive("s2")).ok
+        every = await store.verify_archives()
+        assert set(every) == {"s1", "s2"} and every["s1"].checked == 4 and every["s1"].ok
+        # Checked against positions records keep: the hash there, and a store that has
+        # no archive at all.
+        kept = await store.archive_hash_at("s1", 3)
+        assert kept is not None
+        assert (await store.verify_archives({"s1": {3: {kept: 7}}}))["s1"].ok
+        rewritten = (await store.verify_archives({"s1": {3: {"0" * 64: 7}}}))["s1"]
+        assert not rewritten.ok and rewritten.first_broken_seq == 3
+        assert "audit entry 7" in str(rewritten.reason)
+        lost = (await store.verify_archives({"s3": {1: {kept: 9}}}))["s3"]
+        assert not lost.ok and "is not in the archive" in str(lost.reason)
     finally:
         await store.close()
         await other.close()

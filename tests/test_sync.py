@@ -7,6 +7,7 @@ OpenFGA, and every retrieval is compared with an exact oracle over the upstream 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -22,12 +23,14 @@ import pytest
 from chromadb.config import Settings as ChromaSettings
 from qdrant_client import QdrantClient, models
 
+from connectors.embeddings import HashEmbeddings
 from connectors.mapping import folder_chain, parse_mapping
 from gateway.api import create_app
 from gateway.errors import InvalidRequest
 from gateway.fga_server import ManagedOpenFGA
 from gateway.service import Gateway
 from tests.conftest import make_settings
+from tests.faultproxy import Fault, FaultProxy
 from tests.world import World, bearer
 
 TOPICS = [
@@ -399,9 +402,7 @@ async def test_sync_claims_names_and_refuses_another_sources_documents(
     assert removal.status_code in (400, 422)
 
 
-async def test_managed_sync_restores_ingested_acls_and_interrupted_sync_converges(
-    world: World,
-) -> None:
+async def test_managed_sync_restores_ingested_acls(world: World) -> None:
     w = world
     docs = [
         {
@@ -425,26 +426,316 @@ async def test_managed_sync_restores_ingested_acls_and_interrupted_sync_converge
         {"user": "user:bob", "relation": "viewer", "object": "document:m1"}
     ]
 
-    # Interrupt the real sync after its first transaction (the delete), then rerun.
-    original = w.g.fga.write
-    calls: list[int] = []
-
-    async def failing(*args: Any, **kwargs: Any) -> None:
-        calls.append(1)
-        if len(calls) == 2:
-            raise InvalidRequest("interrupted")
-        await original(*args, **kwargs)
-
-    w.g.fga.write = failing  # type: ignore[method-assign]
-    response = await w.http.post("/v1/sources/docs/sync", json={}, headers=bearer(w.admin_token))
-    assert response.status_code >= 400
-    w.g.fga.write = original  # type: ignore[method-assign]
-    resumed = await sync(w, "docs")
-    assert resumed == {**resumed, "deletes": 0, "writes": 1}
+    applied = await sync(w, "docs")
+    assert (applied["writes"], applied["deletes"]) == (1, 1)
     final = await sync(w, "docs")
     assert final["writes"] == 0 and final["deletes"] == 0
     task = await w.task("bob", "helper", ["source:docs"])
     assert await w.retrieved_docs("bob", "helper", task, TOPICS[1]) == []
+
+
+def fill_many(path: Path, count: int) -> dict[str, set[tuple[str, str, str]]]:
+    """Plain chromadb: ``count`` one-chunk documents in nested folders; the tuples each
+    must end up with in OpenFGA (namespaced as the gateway writes them)."""
+    client = chromadb.PersistentClient(
+        path=str(path), settings=ChromaSettings(anonymized_telemetry=False)
+    )
+    kb = client.create_collection(
+        "many", embedding_function=None, configuration={"hnsw": {"space": "cosine"}}
+    )
+    hashed = HashEmbeddings()
+    texts = [f"{TOPICS[i % len(TOPICS)]} number {i}" for i in range(count)]
+    metas: list[Any] = []
+    wanted: dict[str, set[tuple[str, str, str]]] = {}
+    for i in range(count):
+        folder = f"team{i % 3}/sub{i % 2}"
+        metas.append(
+            {"doc": f"m{i}", "path": folder, "readers": f"usr:u{i % 4}", "bots": "agent:helper"}
+        )
+        obj = f"document:acme/m{i}"
+        wanted[obj] = {
+            ("tenant:acme", "tenant", obj),
+            (f"folder:acme/team{i % 3}__sub{i % 2}", "parent", obj),
+            (f"user:acme/u{i % 4}", "viewer", obj),
+            ("agent:acme/helper", "agent_viewer", obj),
+        }
+    kb.add(
+        ids=[f"m{i}-0" for i in range(count)],
+        embeddings=hashed.embed_documents(texts),
+        documents=texts,
+        metadatas=metas,
+    )
+    return wanted
+
+
+@pytest.mark.parametrize("cut", ["reset", "answer_lost"])
+async def test_sync_cut_off_from_openfga_part_way_converges_on_rerun(
+    openfga: ManagedOpenFGA, tmp_path: Path, cut: str
+) -> None:
+    """The connection to OpenFGA is cut (a real TCP reset, or the write applied and its
+    answer lost) after the first of several write transactions: the sync fails, nothing
+    is claimed done, a rerun through a healthy connection writes exactly what is
+    missing, the tuple set is exact, and a third run writes nothing."""
+    wanted = fill_many(tmp_path / "up", 60)
+    with FaultProxy(openfga.http_port) as proxy:
+        settings = make_settings(openfga, tmp_path / "data", openfga_url=proxy.url)
+        g = await Gateway.start(settings, embeddings=HashEmbeddings())
+        try:
+            transport = httpx.ASGITransport(app=create_app(gateway=g))
+            async with httpx.AsyncClient(transport=transport, base_url="http://sg") as http:
+                w = await World(g, http, "acme").setup(members=["u0"], agents=["helper"])
+                config = {
+                    "collection": "many",
+                    "path": str(tmp_path / "up"),
+                    "mapping": CHROMA_MAPPING,
+                }
+                await w.admin_call(
+                    "POST", "/v1/sources", {"id": "many", "kind": "chroma", "config": config}
+                )
+                preview = await sync(w, "many", dry_run=True)
+                assert preview["writes"] > 200  # three transactions of at most 100
+                fault = Fault.reset() if cut == "reset" else Fault.truncate(0)
+                earlier = len(proxy.requests("/write"))
+                proxy.set(Fault.after(1, dataclasses.replace(fault, path="/write")))
+                cut_off = await http.post(
+                    "/v1/sources/many/sync", json={}, headers=bearer(w.admin_token)
+                )
+                assert cut_off.status_code == 503, cut_off.text
+                assert cut_off.json()["error"]["code"] == "authorization_unavailable"
+                writes = [s.fault for s in proxy.requests("/write")[earlier:]]
+                assert writes[:2] == ["none", "reset" if cut == "reset" else "truncate"]
+                proxy.clear()
+                rerun = await sync(w, "many")
+                if cut == "reset":
+                    assert rerun["writes"] == preview["writes"] - 100
+                else:  # the second transaction was applied too, its answer lost
+                    assert rerun["writes"] == preview["writes"] - 200
+                assert rerun["deletes"] == 0
+                third = await sync(w, "many")
+                assert (third["writes"], third["deletes"]) == (0, 0)
+                full = await http.post(
+                    "/v1/sources/many/sync", json={"full": True}, headers=bearer(w.admin_token)
+                )
+                assert (full.json()["writes"], full.json()["deletes"]) == (0, 0)
+                for obj, expected in wanted.items():
+                    found = {(t.user, t.relation, t.object) for t in await g.fga.read(object=obj)}
+                    assert found == expected, obj
+                for top in range(3):
+                    for sub in range(2):
+                        obj = f"folder:acme/team{top}__sub{sub}"
+                        parents = {
+                            t.user for t in await g.fga.read(object=obj) if t.relation == "parent"
+                        }
+                        assert parents == {f"folder:acme/team{top}"}
+        finally:
+            await g.close()
+
+
+async def test_grant_on_a_parent_folder_reaches_documents_in_nested_folders(
+    world: World, tmp_path: Path, embeddings: Any
+) -> None:
+    """``eng/runbooks`` in the folder field: a grant on ``folder:eng`` reaches the
+    runbooks over HTTP; without it, nothing; a task scoped to ``folder:eng`` covers them."""
+    w, up = world, Upstream(embeddings)
+    fill_chroma(tmp_path / "upstream-chroma", up)
+    config = {
+        "collection": "team-kb",
+        "path": str(tmp_path / "upstream-chroma"),
+        "mapping": {"document_id": "doc", "folder": "path", "agents": "bots"},  # no viewers
+    }
+    await w.admin_call("POST", "/v1/sources", {"id": "wiki", "kind": "chroma", "config": config})
+    await sync(w, "wiki")
+    task = await w.task("carol", "helper", ["folder:eng"])
+    runbooks = {f"c{i}" for i in range(4)}  # eng/runbooks; c4..c7 are in sales
+    assert await w.retrieved_docs("carol", "helper", task, QUERIES[0], 10) == []
+    await w.relationships(
+        writes=[{"user": "user:carol", "relation": "viewer", "object": "folder:eng"}]
+    )
+    found = {d for q in QUERIES for d in await w.retrieved_docs("carol", "helper", task, q, 10)}
+    assert found == runbooks
+    wide = await w.task("carol", "helper", ["source:wiki"])
+    found = {d for q in QUERIES for d in await w.retrieved_docs("carol", "helper", wide, q, 10)}
+    assert found == runbooks  # the sales folder has no grant for carol
+    await w.relationships(
+        deletes=[{"user": "user:carol", "relation": "viewer", "object": "folder:eng"}]
+    )
+    assert await w.retrieved_docs("carol", "helper", task, QUERIES[0], 10) == []
+
+
+async def test_qdrant_server_config_keeps_its_api_key_secret(
+    world: World, openfga: ManagedOpenFGA, tmp_path: Path
+) -> None:
+    w = world
+    secret = "qd-secret-4f1c9a"
+    config = {
+        "collection": "vault",
+        "url": "http://qdrant.internal:6333",
+        "api_key": secret,
+        "mapping": QDRANT_MAPPING,
+    }
+    await w.admin_call("POST", "/v1/sources", {"id": "vault", "kind": "qdrant", "config": config})
+    await w.admin_call("POST", "/v1/sources", {"id": "managed", "kind": "qdrant", "config": {
+        "url": "https://qdrant.internal:6333", "api_key": secret}})  # fmt: skip
+    for path in ("/v1/sources", "/v1/sources/vault", "/v1/sources/managed"):
+        response = await w.http.get(path, headers=bearer(w.admin_token))
+        assert response.status_code == 200 and secret not in response.text, response.text
+        assert '"api_key":"***"' in response.text.replace(" ", "")
+    # The store is built with the key (kept in the catalog for the store's client).
+    info = await w.g.catalog.get_source("acme", "vault")
+    assert info is not None and info.config["api_key"] == secret
+    records = [e.record async for e in w.g.audit.iter_all("acme")]
+    assert not any(secret in json.dumps(r.extra, default=str) for r in records)
+    bad = [
+        {"url": "http://q:6333", "path": str(tmp_path)},
+        {"path": str(tmp_path), "api_key": "k"},
+        {"url": "ftp://q"},
+        {"url": "http://q:6333", "api_key": ""},
+        {"url": "http://q:6333", "token": "k"},
+    ]
+    for i, cfg in enumerate(bad):
+        response = await w.http.post(
+            "/v1/sources",
+            json={"id": f"bad{i}", "kind": "qdrant", "config": cfg},
+            headers=bearer(w.admin_token),
+        )
+        assert response.status_code == 422, (cfg, response.text)
+    # Production refuses local mode (and embedded Chroma fronting), like embedded Chroma.
+    settings = make_settings(openfga, tmp_path / "prod")
+    prod = await Gateway.start(settings, embeddings=HashEmbeddings())
+    try:
+        prod.settings = prod.settings.model_copy(update={"environment": "production"})
+        await prod.create_tenant("acme", "admin")
+        from gateway.identity import PrincipalContext
+
+        p = PrincipalContext("acme", "admin", "t")
+        for kind, cfg in (
+            ("qdrant", {"path": str(tmp_path / "q")}),
+            ("qdrant", {}),
+            ("chroma", {"collection": "c", "path": str(tmp_path), "mapping": {"document_id": "d"}}),
+        ):
+            with pytest.raises(InvalidRequest, match="production"):
+                await prod.register_source(p, "s", kind, cfg)
+        await prod.register_source(p, "s", "qdrant", {"url": "https://q:6333", "api_key": "k"})
+    finally:
+        await prod.close()
+
+
+class Stamped:
+    """A collection whose pipeline stamps every chunk with ``ts`` (plain client code)."""
+
+    def __init__(self, kind: str, path: Path, embeddings: Any) -> None:
+        self.kind, self.path, self.embeddings = kind, path, embeddings
+        self.texts = [f"{topic} (stamped)" for topic in TOPICS[:6]]
+
+    def config(self) -> dict[str, Any]:
+        mapping = {"document_id": "doc", "viewers": "readers", "agents": "bots", "updated_at": "ts"}
+        return {"collection": "stamped", "path": str(self.path), "mapping": mapping}
+
+    def fill(self) -> None:
+        vectors = [list(map(float, v)) for v in self.embeddings.embed_documents(self.texts)]
+        if self.kind == "chroma":
+            kb = self._chroma().create_collection(
+                "stamped", embedding_function=None, configuration={"hnsw": {"space": "cosine"}}
+            )
+            kb.add(
+                ids=[f"s{i}" for i in range(6)],
+                embeddings=vectors,
+                documents=self.texts,
+                metadatas=[self._meta(i, "user:alice", 100 + i) for i in range(6)],
+            )
+            return
+        client = QdrantClient(path=str(self.path))
+        client.create_collection(
+            "stamped", vectors_config=models.VectorParams(size=384, distance=models.Distance.COSINE)
+        )
+        client.upsert(
+            "stamped",
+            points=[
+                models.PointStruct(
+                    id=i + 1,
+                    vector=vectors[i],
+                    payload={**self._meta(i, "user:alice", 100 + i), "text": self.texts[i]},
+                )
+                for i in range(6)
+            ],
+        )
+        client.close()
+
+    def change(self, i: int, reader: str, ts: int) -> None:
+        if self.kind == "chroma":
+            self._chroma().get_collection("stamped").update(
+                ids=[f"s{i}"], metadatas=[self._meta(i, reader, ts)]
+            )
+            return
+        client = QdrantClient(path=str(self.path))
+        client.set_payload("stamped", payload=self._meta(i, reader, ts), points=[i + 1])
+        client.close()
+
+    def remove(self, i: int) -> None:
+        if self.kind == "chroma":
+            self._chroma().get_collection("stamped").delete(ids=[f"s{i}"])
+            return
+        client = QdrantClient(path=str(self.path))
+        client.delete("stamped", points_selector=models.PointIdsList(points=[i + 1]))
+        client.close()
+
+    def _chroma(self) -> Any:
+        return chromadb.PersistentClient(
+            path=str(self.path), settings=ChromaSettings(anonymized_telemetry=False)
+        )
+
+    @staticmethod
+    def _meta(i: int, reader: str, ts: int) -> dict[str, Any]:
+        return {"doc": f"u{i}", "readers": reader, "bots": "agent:helper", "ts": ts}
+
+
+@pytest.mark.parametrize("kind", ["chroma", "qdrant"])
+async def test_incremental_sync_reads_only_what_changed_since_the_last_one(
+    world: World, tmp_path: Path, embeddings: Any, kind: str
+) -> None:
+    """With ``updated_at`` mapped, a sync reads the documents written at or after the
+    last sync's high-water mark; removals upstream wait for a full sync."""
+    w = world
+    up = Stamped(kind, tmp_path / "stamped", embeddings)
+    up.fill()
+    await w.admin_call("POST", "/v1/sources", {"id": "st", "kind": kind, "config": up.config()})
+    first = await sync(w, "st")  # no mark yet: everything is read
+    assert (first["documents"], first["since"], first["deletes"]) == (6, None, 0)
+
+    def release() -> None:  # Qdrant local mode: one client per path at a time
+        if kind == "qdrant":
+            for store in w.g.stores._stores.values():
+                store.close()  # type: ignore[attr-defined]
+
+    release()
+    up.change(2, "user:bob", 200)
+    up.remove(4)
+    changed = await sync(w, "st")
+    # u2 (changed) and u5 (written at the mark itself, read again and skipped) only.
+    assert changed["since"] == 105 and changed["documents"] == 2 and changed["skipped"] == 1
+    assert (changed["writes"], changed["deletes"]) == (1, 1)  # bob in, alice out
+    viewers = {
+        t.user for t in await w.g.fga.read(object="document:acme/u2") if t.relation == "viewer"
+    }
+    assert viewers == {"user:acme/bob"}
+    # The removal upstream is not seen by a partial read: u4 keeps its tuples...
+    assert await w.g.fga.read(object="document:acme/u4") != []
+    again = await sync(w, "st")
+    assert (again["since"], again["documents"], again["writes"], again["deletes"]) == (200, 1, 0, 0)
+    # ... until a full sync, which reads everything and forgets it.
+    response = await w.http.post(
+        "/v1/sources/st/sync", json={"full": True}, headers=bearer(w.admin_token)
+    )
+    full = response.json()
+    assert (full["since"], full["documents"], full["writes"]) == (None, 5, 0)
+    assert full["deletes"] == 4  # u4's stamp, parent, viewer and agent grant
+    assert await w.g.fga.read(object="document:acme/u4") == []
+    bob = await w.task("bob", "helper", ["source:st"])
+    alice = await w.task("alice", "helper", ["source:st"])
+    assert set(await w.retrieved_docs("bob", "helper", bob, TOPICS[2], 10)) == {"u2"}
+    assert set(await w.retrieved_docs("alice", "helper", alice, TOPICS[2], 10)) == {
+        "u0", "u1", "u3", "u5"
+    }  # fmt: skip
 
 
 def test_mapping_is_validated_and_folders_nest() -> None:
