@@ -50,7 +50,10 @@ def running_url(data_dir: Path) -> str | None:
 
 @contextlib.asynccontextmanager
 async def local_gateway(data_dir: Path) -> AsyncIterator[Gateway]:
-    gateway = await Gateway.start(load_settings(data_dir=data_dir))
+    """The embedded gateway for one command. It runs no change-log archiver: archiving
+    is the long-running ``serve``'s work (a replay as of a decision reads the log
+    itself when no archiver runs), and a command should not wait for a first poll."""
+    gateway = await Gateway.start(load_settings(data_dir=data_dir, changelog_archive=False))
     try:
         yield gateway
     finally:
