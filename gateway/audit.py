@@ -806,7 +806,22 @@ def _archived_query(
     return f"SELECT {_CHANGE_COLUMNS} FROM changelog_archive WHERE {where}", params  # noqa: S608
 
 
-class _ArchiveWalk:
+class _Walk:
+    """Steps through stored rows in chain order; subclasses say how one row fits."""
+
+    def step(self, row: Row) -> VerifyResult | None:
+        raise NotImplementedError
+
+    def run(self, rows: Iterable[Row]) -> VerifyResult | None:
+        """Step through ``rows``; the first break, or None."""
+        for row in rows:
+            broken = self.step(row)
+            if broken is not None:
+                return broken
+        return None
+
+
+class _ArchiveWalk(_Walk):
     """Follows one store's archive chain from the start (rows of ``_SELECT_ARCHIVE_CHAIN``)."""
 
     def __init__(self, store_id: str, anchors: Mapping[int, Mapping[str, int]] | None = None):
@@ -835,14 +850,6 @@ class _ArchiveWalk:
                 )
                 return VerifyResult(False, self.seq, change.seq, reason)
         self.seq, self.hash = change.seq, expected
-        return None
-
-    def run(self, rows: Iterable[Row]) -> VerifyResult | None:
-        """Step through ``rows``; the first break, or None."""
-        for row in rows:
-            broken = self.step(row)
-            if broken is not None:
-                return broken
         return None
 
     def finish(self, head: ArchiveHead | None) -> VerifyResult:
@@ -973,7 +980,7 @@ def _indexes_match(text: str, columns: Row) -> bool:
         return False
 
 
-class _ChainWalk:
+class _ChainWalk(_Walk):
     """Follows the chain from a checkpoint, one stored row (``_WALK_COLUMNS``) at a time."""
 
     def __init__(self, seq: int, hash_: str) -> None:
@@ -988,14 +995,6 @@ class _ChainWalk:
             return VerifyResult(False, self.checked, problem[0], problem[1])
         self.seq, self.hash = row[0], row[2]
         self.checked += 1
-        return None
-
-    def run(self, rows: Iterable[Row]) -> VerifyResult | None:
-        """Step through ``rows``; the first break, or None."""
-        for row in rows:
-            broken = self.step(row)
-            if broken is not None:
-                return broken
         return None
 
     def finish(self, head_seq: int, head_hash: str) -> VerifyResult:

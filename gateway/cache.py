@@ -339,16 +339,11 @@ class DecisionCache:
     # -- ListObjects (exact mode) -------------------------------------------------------
 
     def get_list(self, key: ListKey) -> frozenset[str] | None:
-        entry = self._lists.get(key)
-        if (
-            entry is None
-            or entry.generation != self.generation
-            or self._clock() - entry.created > self.ttl_s
-        ):
-            return None
-        self._lists.move_to_end(key)
-        self.stats.list_hits += 1
-        return entry.ids
+        ids = self.peek_list(key)
+        if ids is not None:
+            self._lists.move_to_end(key)
+            self.stats.list_hits += 1
+        return ids
 
     def peek_list(self, key: ListKey) -> frozenset[str] | None:
         """What :meth:`get_list` would answer now, without counting or reordering: for
