@@ -108,9 +108,10 @@ class FrontedChromaStore:
         if since is not None and self.mapping.updated_at is not None:
             return await self._scan_since(since)
         scan = AclScan()
-        async for meta in self._pages(None):
-            scan.add(acl_of(meta, self.mapping))
-            scan.stamp(meta, self.mapping)
+        async for page in self._pages(None):
+            scan.stamp(page, self.mapping)
+            for meta in page:
+                scan.add(acl_of(meta, self.mapping))
         return scan
 
     async def healthy(self) -> bool:
@@ -215,26 +216,24 @@ class FrontedChromaStore:
         assert self.mapping.updated_at is not None
         scan = AclScan(partial=True, high_water=since)
         changed: set[str] = set()
-        async for meta in self._pages({self.mapping.updated_at: {"$gte": since}}):
-            scan.stamp(meta, self.mapping)
-            document = document_id_of(meta, self.mapping)
-            if document is not None:
-                changed.add(document)
+        async for page in self._pages({self.mapping.updated_at: {"$gte": since}}):
+            scan.stamp(page, self.mapping)
+            changed.update(d for d in (document_id_of(m, self.mapping) for m in page) if d)
         for part in _batches(sorted(changed), 500):
-            async for meta in self._pages({self.mapping.document_id: {"$in": part}}):
+            async for page in self._pages({self.mapping.document_id: {"$in": part}}):
                 # Re-read through the mapping: the filter is the store's, the rule ours.
-                if document_id_of(meta, self.mapping) in changed:
-                    scan.add(acl_of(meta, self.mapping))
+                for meta in page:
+                    if document_id_of(meta, self.mapping) in changed:
+                        scan.add(acl_of(meta, self.mapping))
         return scan
 
-    async def _pages(self, where: Any) -> AsyncIterator[Mapping[str, Any] | None]:
+    async def _pages(self, where: Any) -> AsyncIterator[list[Mapping[str, Any] | None]]:
         """Every chunk's metadata (matching ``where``), a page per call: the timeout
         bounds one page, not a scan of the whole collection."""
         offset = 0
         while True:
             count, metas = await self._run("scan", self._page, where, offset)
-            for meta in metas:
-                yield meta
+            yield metas
             if count < SCAN_PAGE:
                 return
             offset += SCAN_PAGE

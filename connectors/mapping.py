@@ -140,14 +140,27 @@ class AclScan:
     chunks: dict[str, int] = field(default_factory=dict)
     #: only the documents changed since a mark were read (removals are not seen)
     partial: bool = False
-    #: the newest ``updated_at`` read (the next incremental sync's mark)
+    #: the next incremental sync's mark: the newest ``updated_at`` of the first page
     high_water: float | None = None
+    #: pages of chunks :meth:`stamp` was given
+    pages: int = 0
 
-    def stamp(self, metadata: Mapping[str, Any] | None, mapping: FieldMapping) -> None:
-        """Raise :attr:`high_water` to the chunk's ``updated_at``, if it has a number."""
-        value = updated_at_of(metadata, mapping)
-        if value is not None and (self.high_water is None or value > self.high_water):
-            self.high_water = value
+    def stamp(self, page: Sequence[Mapping[str, Any] | None], mapping: FieldMapping) -> None:
+        """Take the mark from the scan's first page: the newest ``updated_at`` in it.
+
+        A scan of several pages is no snapshot: a chunk rewritten while it runs, in a
+        page already read, can be stamped below what a later page shows, and a mark
+        taken from the whole scan would leave it unread by every incremental sync.
+        Whatever is written after the first page was read is stamped at or after that
+        page's newest ``updated_at`` (the pipeline's clock does not go back), so the next
+        sync, reading from it, misses nothing; it may read a few documents again.
+        """
+        if self.pages == 0:
+            for metadata in page:
+                value = updated_at_of(metadata, mapping)
+                if value is not None and (self.high_water is None or value > self.high_water):
+                    self.high_water = value
+        self.pages += 1
 
     def add(self, acl: DocumentAcl | None) -> None:
         if acl is None:

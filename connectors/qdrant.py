@@ -212,9 +212,10 @@ class QdrantStore:
         if since is not None and self.mapping.updated_at is not None:
             return await self._scan_since(since)
         scan = AclScan()
-        async for payload in self._payloads(None):
-            scan.add(acl_of(payload, self.mapping, lists=True))
-            scan.stamp(payload, self.mapping)
+        async for page in self._payloads(None):
+            scan.stamp(page, self.mapping)
+            for payload in page:
+                scan.add(acl_of(payload, self.mapping, lists=True))
         return scan
 
     def close(self) -> None:
@@ -351,29 +352,27 @@ class QdrantStore:
             must=[models.FieldCondition(key=self.mapping.updated_at, range=models.Range(gte=since))]
         )
         changed: set[str] = set()
-        async for payload in self._payloads(newer):
-            scan.stamp(payload, self.mapping)
-            document = document_id_of(payload, self.mapping)
-            if document is not None:
-                changed.add(document)
+        async for page in self._payloads(newer):
+            scan.stamp(page, self.mapping)
+            changed.update(d for d in (document_id_of(p, self.mapping) for p in page) if d)
         ordered = sorted(changed)
         for start in range(0, len(ordered), PAGE):
             part = ordered[start : start + PAGE]
-            async for payload in self._payloads(_document_filter(self.mapping.document_id, part)):
-                if document_id_of(payload, self.mapping) in changed:
-                    scan.add(acl_of(payload, self.mapping, lists=True))
+            async for page in self._payloads(_document_filter(self.mapping.document_id, part)):
+                for payload in page:
+                    if document_id_of(payload, self.mapping) in changed:
+                        scan.add(acl_of(payload, self.mapping, lists=True))
         return scan
 
     async def _payloads(
         self, where: models.Filter | None
-    ) -> AsyncIterator[Mapping[str, Any] | None]:
+    ) -> AsyncIterator[list[Mapping[str, Any] | None]]:
         """Every point's payload (matching ``where``), a page per call: the timeout
         bounds one page, not a scan of the whole collection."""
         offset: Any = None
         while True:
             points, offset = await self._run("scan", self._page, where, offset)
-            for p in points:
-                yield p.payload
+            yield [p.payload for p in points]
             if offset is None:
                 return
 

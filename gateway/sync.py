@@ -15,9 +15,10 @@ Order, so that nothing is ever wider than either the old or the new ACL:
 
 A fronted collection whose mapping names ``updated_at`` is read incrementally: only the
 documents one of whose chunks was written at or after the high-water mark of the last
-completed sync (the newest ``updated_at`` it read, kept in the catalog's sync state),
-all their chunks; the first sync and ``full`` read everything (and only they see
-documents removed upstream).
+completed sync (the newest ``updated_at`` of the first page it read, kept in the
+catalog's sync state: see :meth:`connectors.mapping.AclScan.stamp`), all their chunks;
+the first sync and ``full`` read everything (and only they see documents removed
+upstream).
 
 A fronted document whose chunks disagree on its ACL, or that names no valid id, is
 granted nothing. Principals that are not valid refs are skipped (reported), which only

@@ -661,15 +661,17 @@ class Stamped:
         )
         client.close()
 
-    def change(self, i: int, reader: str, ts: int) -> None:
+    def change(self, i: int, reader: str, ts: int, client: QdrantClient | None = None) -> None:
+        """New ACL on chunk ``i`` (Qdrant: through ``client`` when the path's is open)."""
         if self.kind == "chroma":
             self._chroma().get_collection("stamped").update(
                 ids=[f"s{i}"], metadatas=[self._meta(i, reader, ts)]
             )
             return
-        client = QdrantClient(path=str(self.path))
-        client.set_payload("stamped", payload=self._meta(i, reader, ts), points=[i + 1])
-        client.close()
+        qdrant = client or QdrantClient(path=str(self.path))
+        qdrant.set_payload("stamped", payload=self._meta(i, reader, ts), points=[i + 1])
+        if client is None:
+            qdrant.close()
 
     def remove(self, i: int) -> None:
         if self.kind == "chroma":
@@ -736,6 +738,54 @@ async def test_incremental_sync_reads_only_what_changed_since_the_last_one(
     assert set(await w.retrieved_docs("alice", "helper", alice, TOPICS[2], 10)) == {
         "u0", "u1", "u3", "u5"
     }  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["chroma", "qdrant"])
+async def test_a_chunk_rewritten_in_a_page_a_sync_already_read_is_read_by_the_next(
+    world: World, tmp_path: Path, embeddings: Any, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scan of several pages is no snapshot: the pipeline revokes alice on u0 after the
+    sync read u0's page, then rewrites u4, read later with a newer ``updated_at``. The
+    mark is the first page's newest stamp, not u4's, so the next incremental sync reads
+    u0 again and takes alice's grant away (a mark from the whole scan never would)."""
+    monkeypatch.setattr("connectors.chroma_fronted.SCAN_PAGE", 2)
+    monkeypatch.setattr("connectors.qdrant.PAGE", 2)
+    w = world
+    up = Stamped(kind, tmp_path / "stamped", embeddings)
+    up.fill()
+    await w.admin_call("POST", "/v1/sources", {"id": "st", "kind": kind, "config": up.config()})
+    info = await w.g.catalog.get_source("acme", "st")
+    assert info is not None
+    store = w.g.stores.for_source(info)
+    read_page = store._page  # type: ignore[attr-defined]
+    pages_read = 0
+
+    def page_then_pipeline_writes(*args: Any) -> Any:
+        nonlocal pages_read
+        found = read_page(*args)
+        pages_read += 1
+        if pages_read == 1:  # u0 and u1 read: the pipeline writes while the scan goes on
+            client = store._connected() if kind == "qdrant" else None  # type: ignore[attr-defined]
+            up.change(0, "user:bob", 200, client)
+            up.change(4, "user:alice", 201, client)
+        return found
+
+    monkeypatch.setattr(store, "_page", page_then_pipeline_writes)
+    first = await sync(w, "st")
+    assert pages_read >= 3 and (first["documents"], first["since"]) == (6, None)
+
+    async def viewers(doc: str) -> set[str]:
+        tuples = await w.g.fga.read(object=f"document:acme/{doc}")
+        return {t.user for t in tuples if t.relation == "viewer"}
+
+    assert await viewers("u0") == {"user:acme/alice"}  # read before the revocation upstream
+    monkeypatch.setattr(store, "_page", read_page)
+    second = await sync(w, "st")
+    assert await viewers("u0") == {"user:acme/bob"}, second
+    assert second["since"] == 101  # the first page's newest, not u4's 201
+    assert (second["writes"], second["deletes"]) == (1, 1)  # bob in, alice out, on u0
+    alice = await w.task("alice", "helper", ["source:st"])
+    assert "u0" not in await w.retrieved_docs("alice", "helper", alice, TOPICS[0], 10)
 
 
 def test_mapping_is_validated_and_folders_nest() -> None:
