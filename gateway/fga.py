@@ -739,16 +739,21 @@ class FgaClient:
         or malformed fails the probe (AuthorizationUnavailable), which then vouches for
         nothing.
         """
+        with fga_errors("ReadChanges"):
+            return _changes(await self._changes_page(start_time, continuation_token, page_size))
+
+    async def _changes_page(
+        self, start_time: datetime | None, continuation_token: str | None, page_size: int
+    ) -> Any:
+        """One ReadChanges page, decoded JSON (read by :func:`_page`)."""
         params = {"page_size": str(page_size)}
         if continuation_token:
             params["continuation_token"] = continuation_token
-        else:
+        elif start_time is not None:
             params["start_time"] = _stamp(start_time)
-        with fga_errors("ReadChanges"):
-            answer = await self._call_json(
-                "ReadChanges", "GET", "changes", self.timeout_s, params=params, traced=False
-            )
-            return _changes(answer)
+        return await self._call_json(
+            "ReadChanges", "GET", "changes", self.timeout_s, params=params, traced=False
+        )
 
     # -- the change log archive and as-of replays (gateway/changelog.py, replay.py) ---
 
@@ -766,22 +771,11 @@ class FgaClient:
         back unchanged when there is nothing newer. Unlike :meth:`read_changes` this
         keeps each written tuple's condition.
         """
-        params = {"page_size": str(page_size)}
-        if continuation_token:
-            params["continuation_token"] = continuation_token
-        elif start_time is not None:
-            params["start_time"] = _stamp(start_time)
         with fga_errors("ReadChanges"):
-            answer = await self._call_json(
-                "ReadChanges", "GET", "changes", self.timeout_s, params=params, traced=False
+            entries, token = _page(
+                await self._changes_page(start_time, continuation_token, page_size)
             )
-            if not isinstance(answer, dict):
-                raise ValueError("ReadChanges answer is not an object")
-            changes = [_logged_change(c) for c in answer.get("changes") or []]
-            token = answer.get("continuation_token")
-            if token is not None and not isinstance(token, str):
-                raise ValueError("ReadChanges: malformed continuation token")
-            return changes, token or None
+            return [_logged_change(e) for e in entries], token
 
     def detached(self) -> FgaClient:
         """A client on the same store and model with its own connection pool.
@@ -1028,24 +1022,32 @@ def _batch_results(answer: Any) -> dict[str, Any]:
     return result
 
 
-def _changes(answer: Any) -> tuple[list[Change], str | None]:
-    """A ReadChanges answer as (changes, continuation token); ValueError, KeyError or
-    TypeError when it is not one."""
+def _page(answer: Any) -> tuple[list[Any], str | None]:
+    """A ReadChanges answer's entries and continuation token (ValueError when the
+    answer or the token is malformed)."""
     if not isinstance(answer, dict):
         raise ValueError("ReadChanges answer is not an object")
-    changes: list[Change] = []
-    for entry in answer.get("changes") or []:
-        key = entry["tuple_key"]
-        fields_ = (key["user"], key["relation"], key["object"], entry["operation"])
-        if not all(isinstance(f, str) and f for f in fields_):
-            raise ValueError("ReadChanges: malformed change")
-        changes.append(
-            Change(_utc(entry["timestamp"]), fields_[3], fields_[0], fields_[1], fields_[2])
-        )
     token = answer.get("continuation_token")
     if token is not None and not isinstance(token, str):
         raise ValueError("ReadChanges: malformed continuation token")
-    return changes, token or None
+    return list(answer.get("changes") or []), token or None
+
+
+def _changes(answer: Any) -> tuple[list[Change], str | None]:
+    """A ReadChanges answer as the decision cache reads it: (changes, continuation
+    token); ValueError, KeyError or TypeError when it is not one."""
+    entries, token = _page(answer)
+    return [_change(e) for e in entries], token
+
+
+def _change(entry: Any) -> Change:
+    """One ReadChanges entry as the decision cache reads it (ValueError, KeyError or
+    TypeError when it is not one)."""
+    key = entry["tuple_key"]
+    fields_ = (key["user"], key["relation"], key["object"], entry["operation"])
+    if not all(isinstance(f, str) and f for f in fields_):
+        raise ValueError("ReadChanges: malformed change")
+    return Change(_utc(entry["timestamp"]), fields_[3], fields_[0], fields_[1], fields_[2])
 
 
 def _outcome(result: Any) -> CheckOutcome:
