@@ -41,23 +41,33 @@ WINDOWS = (80, 250, 500, 1000)
 
 def measure(path: str, neighbours: int, construction: int, size: int, queries: int) -> None:
     client = chromadb.PersistentClient(path=path, settings=Settings(anonymized_telemetry=False))
-    hnsw = {"space": "cosine", "ef_search": HNSW_EF_SEARCH, "ef_construction": construction,
-            "max_neighbors": neighbours}
-    collection = client.create_collection(f"graph-{neighbours}-{construction}",
-                                          configuration={"hnsw": hnsw}, embedding_function=None)
+    hnsw = {
+        "space": "cosine",
+        "ef_search": HNSW_EF_SEARCH,
+        "ef_construction": construction,
+        "max_neighbors": neighbours,
+    }
+    collection = client.create_collection(
+        f"graph-{neighbours}-{construction}", configuration={"hnsw": hnsw}, embedding_function=None
+    )
     corpus = corpus_generator.build_corpus(size, 7)
     started = time.monotonic()
     for i in range(0, size, 5000):
-        collection.add(ids=corpus.chunk_ids[i : i + 5000],
-                       embeddings=corpus.vectors[i : i + 5000],
-                       metadatas=[{"n": j} for j in range(i, min(size, i + 5000))])
+        collection.add(
+            ids=corpus.chunk_ids[i : i + 5000],
+            embeddings=corpus.vectors[i : i + 5000],
+            metadatas=[{"n": j} for j in range(i, min(size, i + 5000))],
+        )
     built = time.monotonic() - started
     rng = np.random.default_rng(7 + 100 + size)  # the retrieval benchmark's queries
-    vectors = (corpus.centers[rng.integers(0, corpus_generator.CLUSTERS, queries)]
-               + corpus_generator.NOISE * rng.normal(size=(queries, corpus_generator.DIM)))
+    vectors = corpus.centers[
+        rng.integers(0, corpus_generator.CLUSTERS, queries)
+    ] + corpus_generator.NOISE * rng.normal(size=(queries, corpus_generator.DIM))
     unit = corpus.vectors / np.linalg.norm(corpus.vectors, axis=1, keepdims=True)
-    print(f"{neighbours} neighbours, ef_construction {construction}, ef_search "
-          f"{HNSW_EF_SEARCH}: indexed {size:,} chunks in {built:.0f} s")
+    print(
+        f"{neighbours} neighbours, ef_construction {construction}, ef_search "
+        f"{HNSW_EF_SEARCH}: indexed {size:,} chunks in {built:.0f} s"
+    )
     for n in WINDOWS:
         recalls, ms = [], []
         for q in vectors.astype(np.float32):
@@ -68,9 +78,11 @@ def measure(path: str, neighbours: int, construction: int, size: int, queries: i
             wanted = {corpus.chunk_ids[j] for j in exact}
             recalls.append(len(wanted & set(found["ids"][0])) / len(wanted))
         misses = sum(1 for r in recalls if r < 1.0)
-        print(f"  window {n:>4}: exact top {n // 2} found {statistics.fmean(recalls):.3f} "
-              f"(worst query {min(recalls):.3f}, {misses} of {queries} queries miss one); "
-              f"query p50 {statistics.median(ms):.1f} ms")
+        print(
+            f"  window {n:>4}: exact top {n // 2} found {statistics.fmean(recalls):.3f} "
+            f"(worst query {min(recalls):.3f}, {misses} of {queries} queries miss one); "
+            f"query p50 {statistics.median(ms):.1f} ms"
+        )
 
 
 def main() -> None:

@@ -104,8 +104,16 @@ OTHER_TENANT_SHARE = 0.05
 EPS = 1e-5
 TENANT = "acme"
 OTHER = "globex"
-METHODS = ("raw", "naive", "floor", "anchor", "postfilter", "prefilter", "adaptive",
-           "adaptive-nocache")
+METHODS = (
+    "raw",
+    "naive",
+    "floor",
+    "anchor",
+    "postfilter",
+    "prefilter",
+    "adaptive",
+    "adaptive-nocache",
+)
 STRATEGIES = ("postfilter", "prefilter", "adaptive", "adaptive-nocache")
 #: The baseline's package (its own virtualenv: it pins langchain-core < 0.4 and
 #: openfga-sdk < 0.10) and the chromadb it reads the gateway's collections with.
@@ -226,11 +234,17 @@ def relationship_tuples(corpus: Corpus, seed: int) -> list[Tuple]:
             out.append(Tuple(f"agent:{tenant}/agent{a}", "member", t))
         for g in range(GROUPS):
             for top in rng.choice(TOP_FOLDERS, size=3, replace=False):
-                out.append(Tuple(f"group:{tenant}/group{g}#member", "viewer",
-                                 f"folder:{tenant}/top{top}"))
+                out.append(
+                    Tuple(f"group:{tenant}/group{g}#member", "viewer", f"folder:{tenant}/top{top}")
+                )
             for lf in rng.choice(leaves, size=10, replace=False):
-                out.append(Tuple(f"group:{tenant}/group{g}#member", "agent_viewer",
-                                 f"folder:{tenant}/leaf{lf}"))
+                out.append(
+                    Tuple(
+                        f"group:{tenant}/group{g}#member",
+                        "agent_viewer",
+                        f"folder:{tenant}/leaf{lf}",
+                    )
+                )
     out += profile_tuples(corpus)
     return out
 
@@ -248,28 +262,42 @@ def profile_tuples(corpus: Corpus) -> list[Tuple]:
     out: list[Tuple] = []
     p50, p10, p1, p01 = profiles()
     for p in (p50, p10, p1, p01):
-        user, agent, task = (f"user:{TENANT}/{p.user}", f"agent:{TENANT}/{p.agent}",
-                             f"task:{TENANT}/{p.task}")
+        user, agent, task = (
+            f"user:{TENANT}/{p.user}",
+            f"agent:{TENANT}/{p.agent}",
+            f"task:{TENANT}/{p.task}",
+        )
         out += [
-            Tuple(user, "member", t), Tuple(agent, "member", t),
-            Tuple(t, "tenant", task), Tuple(t, "live", task),
-            Tuple(user, "delegator", task), Tuple(agent, "executor", task),
+            Tuple(user, "member", t),
+            Tuple(agent, "member", t),
+            Tuple(t, "tenant", task),
+            Tuple(t, "live", task),
+            Tuple(user, "delegator", task),
+            Tuple(agent, "executor", task),
         ]
     # 50%: group grant on 25 top folders; the agent reads the source; task = source.
     group = f"group:{TENANT}/half"
     out.append(Tuple(f"user:{TENANT}/{p50.user}", "member", group))
     out += [Tuple(f"{group}#member", "viewer", top(i)) for i in range(25)]
-    out += [Tuple(f"agent:{TENANT}/{p50.agent}", "agent_viewer", source),
-            Tuple(f"task:{TENANT}/{p50.task}", "scoped_task", source)]
+    out += [
+        Tuple(f"agent:{TENANT}/{p50.agent}", "agent_viewer", source),
+        Tuple(f"task:{TENANT}/{p50.task}", "scoped_task", source),
+    ]
     # 10% and 0.1%: user and agent read the whole source; the task narrows.
     for p in (p10, p01):
-        out += [Tuple(f"user:{TENANT}/{p.user}", "viewer", source),
-                Tuple(f"agent:{TENANT}/{p.agent}", "agent_viewer", source)]
+        out += [
+            Tuple(f"user:{TENANT}/{p.user}", "viewer", source),
+            Tuple(f"agent:{TENANT}/{p.agent}", "agent_viewer", source),
+        ]
     out += [Tuple(f"task:{TENANT}/{p10.task}", "scoped_task", top(i)) for i in range(5, 10)]
     # 1%: the user through 5 top folders, the agent through 20 leaves; task = source.
     out += [Tuple(f"user:{TENANT}/{p1.user}", "viewer", top(i)) for i in range(10, 15)]
-    out += [Tuple(f"agent:{TENANT}/{p1.agent}", "agent_viewer", lf(i)) for i in sorted(
-        {leaf(10 + i % 5, i) for i in range(10)} | {leaf(30 + i % 5, i) for i in range(10)})]
+    out += [
+        Tuple(f"agent:{TENANT}/{p1.agent}", "agent_viewer", lf(i))
+        for i in sorted(
+            {leaf(10 + i % 5, i) for i in range(10)} | {leaf(30 + i % 5, i) for i in range(10)}
+        )
+    ]
     out.append(Tuple(f"task:{TENANT}/{p1.task}", "scoped_task", source))
     # 0.1%: the task on one leaf folder.
     out.append(Tuple(f"task:{TENANT}/{p01.task}", "scoped_task", lf(leaf(40, 7))))
@@ -300,38 +328,63 @@ async def load_chroma(store: ChromaStore, corpus: Corpus, seed: int) -> float:
     batch = 5000
     for i in range(0, corpus.size, batch):
         rows = range(i, min(corpus.size, i + batch))
-        await store.upsert(TENANT, corpus.source, [
-            ChunkRecord(corpus.chunk_ids[r], corpus.chunk_ids[r].split("#")[0], TENANT,
-                        corpus.source, f"chunk {corpus.chunk_ids[r]}", corpus.vectors[r].tolist())
-            for r in rows
-        ])
+        await store.upsert(
+            TENANT,
+            corpus.source,
+            [
+                ChunkRecord(
+                    corpus.chunk_ids[r],
+                    corpus.chunk_ids[r].split("#")[0],
+                    TENANT,
+                    corpus.source,
+                    f"chunk {corpus.chunk_ids[r]}",
+                    corpus.vectors[r].tolist(),
+                )
+                for r in rows
+            ],
+        )
     rng = np.random.default_rng(seed + 2)
     other = corpus.centers[rng.integers(0, CLUSTERS, corpus.other)] + NOISE * rng.normal(
         size=(corpus.other, DIM)
     ).astype(np.float32)
     for i in range(0, corpus.other, batch):
-        await store.upsert(OTHER, corpus.source, [
-            ChunkRecord(f"d{r // 5:06d}#{r % 5}", f"d{r // 5:06d}", OTHER, corpus.source,
-                        "other tenant", other[r].tolist())
-            for r in range(i, min(corpus.other, i + batch))
-        ])
+        await store.upsert(
+            OTHER,
+            corpus.source,
+            [
+                ChunkRecord(
+                    f"d{r // 5:06d}#{r % 5}",
+                    f"d{r // 5:06d}",
+                    OTHER,
+                    corpus.source,
+                    "other tenant",
+                    other[r].tolist(),
+                )
+                for r in range(i, min(corpus.other, i + batch))
+            ],
+        )
     return time.monotonic() - started
 
 
-async def prepare(args: argparse.Namespace, size: int, url: str, chroma: ChromaStore,
-                  log: Callable[[str], None]) -> tuple[Corpus, FgaClient, dict[str, Any]]:
+async def prepare(
+    args: argparse.Namespace, size: int, url: str, chroma: ChromaStore, log: Callable[[str], None]
+) -> tuple[Corpus, FgaClient, dict[str, Any]]:
     corpus = build_corpus(size, args.seed)
     name = f"bench-{size}-{args.seed}-v{VERSION}"
     manifest_path = Path(args.data_dir) / f"{name}.json"
     fga = FgaClient(url, timeout_s=60.0)  # generous while loading (a busy machine)
     await fga.ensure_store_and_model(name)
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-    chunks_ok = (await chroma.count(TENANT, corpus.source) == size
-                 and manifest.get("index_version", 1) == INDEX_VERSION)
+    chunks_ok = (
+        await chroma.count(TENANT, corpus.source) == size
+        and manifest.get("index_version", 1) == INDEX_VERSION
+    )
     tuples_ok = bool(manifest.get("fga_loaded"))
     if not (chunks_ok and tuples_ok):
-        log(f"loading {size} chunks into Chroma ({'cached' if chunks_ok else 'new'}) and "
-            f"their tuples into OpenFGA ({'cached' if tuples_ok else 'new'}) ...")
+        log(
+            f"loading {size} chunks into Chroma ({'cached' if chunks_ok else 'new'}) and "
+            f"their tuples into OpenFGA ({'cached' if tuples_ok else 'new'}) ..."
+        )
         tuples = relationship_tuples(corpus, args.seed)
 
         async def chunks() -> float:
@@ -343,9 +396,14 @@ async def prepare(args: argparse.Namespace, size: int, url: str, chroma: ChromaS
             asyncio.sleep(0, manifest.get("fga_load_s")) if tuples_ok else load_fga(fga, tuples),
             asyncio.sleep(0, manifest.get("chroma_load_s")) if chunks_ok else chunks(),
         )
-        manifest = {"fga_loaded": True, "tuples": len(tuples), "fga_load_s": round(fga_s, 1),
-                    "chroma_load_s": round(chroma_s, 1), "store_id": fga.store_id,
-                    "index_version": INDEX_VERSION}
+        manifest = {
+            "fga_loaded": True,
+            "tuples": len(tuples),
+            "fga_load_s": round(fga_s, 1),
+            "chroma_load_s": round(chroma_s, 1),
+            "store_id": fga.store_id,
+            "index_version": INDEX_VERSION,
+        }
         manifest_path.write_text(json.dumps(manifest))
         log(f"loaded: {len(tuples)} tuples in {fga_s:.0f}s, chunks in {chroma_s:.0f}s")
     await fga.close()
@@ -391,10 +449,25 @@ class Anchor:
 
     def __init__(self, python: Path, chroma_dir: Path, corpus: Corpus, fga: FgaClient) -> None:
         self.process = subprocess.Popen(
-            [str(python), str(ROOT / "bench" / "anchor.py"), "--chroma", str(chroma_dir),
-             "--collection", collection_name(TENANT, corpus.source), "--fga-url", fga.api_url,
-             "--store", fga.store_id, "--model", fga.model_id, "--tenant", TENANT],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            [
+                str(python),
+                str(ROOT / "bench" / "anchor.py"),
+                "--chroma",
+                str(chroma_dir),
+                "--collection",
+                collection_name(TENANT, corpus.source),
+                "--fga-url",
+                fga.api_url,
+                "--store",
+                fga.store_id,
+                "--model",
+                fga.model_id,
+                "--tenant",
+                TENANT,
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         ready = self._read()
         if not ready.get("ready"):
@@ -410,8 +483,9 @@ class Anchor:
 
     async def retrieve(self, user: str, vector: np.ndarray, k: int) -> dict[str, Any]:
         assert self.process.stdin is not None
-        self.process.stdin.write(json.dumps({"user": user, "vector": vector.tolist(),
-                                             "k": k}) + "\n")
+        self.process.stdin.write(
+            json.dumps({"user": user, "vector": vector.tolist(), "k": k}) + "\n"
+        )
         self.process.stdin.flush()
         return await asyncio.to_thread(self._read)
 
@@ -453,17 +527,20 @@ class Oracle:
         return float(1.0 - self.unit[row] @ (query / np.linalg.norm(query)))
 
 
-def recall(oracle: Oracle, query: np.ndarray, permitted: set[str], k: int,
-           returned: Sequence[str], expected: tuple[list[str], float]) -> tuple[float, int]:
+def recall(
+    oracle: Oracle,
+    query: np.ndarray,
+    permitted: set[str],
+    k: int,
+    returned: Sequence[str],
+    expected: tuple[list[str], float],
+) -> tuple[float, int]:
     """(tie-aware recall@k, chunks returned that are not permitted)."""
     ids, kth = expected
     leaks = sum(1 for c in returned if c not in permitted)
     if not ids:
         return 1.0, leaks
-    good = sum(
-        1 for c in returned[:k]
-        if c in permitted and oracle.distance(query, c) <= kth + EPS
-    )
+    good = sum(1 for c in returned[:k] if c in permitted and oracle.distance(query, c) <= kth + EPS)
     return min(1.0, good / len(ids)), leaks
 
 
@@ -497,8 +574,14 @@ class Budget:
 
 
 class Bench:
-    def __init__(self, fga: FgaClient, chroma: ChromaStore, corpus: Corpus, k: int,
-                 anchor: Anchor | None = None) -> None:
+    def __init__(
+        self,
+        fga: FgaClient,
+        chroma: ChromaStore,
+        corpus: Corpus,
+        k: int,
+        anchor: Anchor | None = None,
+    ) -> None:
         self.fga = fga
         self.chroma = chroma
         self.corpus = corpus
@@ -514,7 +597,9 @@ class Bench:
         post = PostFilter(fga, DEFAULTS["overfetch"].default, DEFAULTS["max_candidates"].default)
         pre = PreFilter(fga, post, DEFAULTS["listobjects_max_results"].default)
         self.strategies: dict[str, Any] = {
-            "postfilter": post, "prefilter": pre, "adaptive": Adaptive(post, pre),
+            "postfilter": post,
+            "prefilter": pre,
+            "adaptive": Adaptive(post, pre),
             # Its own statistics: what it learns must not steer the cached one.
             "adaptive-nocache": Adaptive(post, pre),
         }
@@ -591,10 +676,17 @@ async def attempt(run: Run, query: np.ndarray) -> tuple[list[str], int, str, str
     return ids, rounds, label, None
 
 
-async def measure(bench: Bench, oracle: Oracle, profile: Profile, queries: np.ndarray,
-                  warmup: int, concurrency: Sequence[int], budget: Budget,
-                  log: Callable[[str], None],
-                  methods: Sequence[str] = METHODS) -> dict[str, dict[str, Any]]:
+async def measure(
+    bench: Bench,
+    oracle: Oracle,
+    profile: Profile,
+    queries: np.ndarray,
+    warmup: int,
+    concurrency: Sequence[int],
+    budget: Budget,
+    log: Callable[[str], None],
+    methods: Sequence[str] = METHODS,
+) -> dict[str, dict[str, Any]]:
     ctx = DelegationContext(TENANT, profile.user, profile.agent, profile.task, "bench", 0)
     mask = np.isin(bench.corpus.leaf_of_chunk, list(profile.leaves))
     permitted = set(np.asarray(bench.corpus.chunk_ids)[mask].tolist())
@@ -626,8 +718,19 @@ async def measure(bench: Bench, oracle: Oracle, profile: Profile, queries: np.nd
             r, leaks = recall(oracle, q, permitted, bench.k, ids, exp)
             checks = bench.anchor_checks if name == "anchor" else spent.checks_sent
             calls = 1 if name == "anchor" else spent.batch_check_calls + spent.list_objects_calls
-            samples.append(Sample(ms, r, leaks, rounds, calls, checks, label, error,
-                                  spent.cache_hits + spent.list_cache_hits))
+            samples.append(
+                Sample(
+                    ms,
+                    r,
+                    leaks,
+                    rounds,
+                    calls,
+                    checks,
+                    label,
+                    error,
+                    spent.cache_hits + spent.list_cache_hits,
+                )
+            )
         # One client: the sequential run above, requests per second of busy time.
         qps: dict[int, float] = {1: 1000 * len(samples) / sum(s.ms for s in samples)}
         errors = {1: sum(1 for s in samples if s.error)}
@@ -640,12 +743,13 @@ async def measure(bench: Bench, oracle: Oracle, profile: Profile, queries: np.nd
         results[name] = summarize(samples, qps, errors)
         names = sorted({n for spent in phases for n in spent})
         where = " ".join(
-            f"{n}={statistics.median(spent.get(n, 0.0) for spent in phases):.1f}"
-            for n in names
+            f"{n}={statistics.median(spent.get(n, 0.0) for spent in phases):.1f}" for n in names
         )
-        log(f"  {profile.name} {name}: n={len(samples)} p50={results[name]['p50']:.1f}ms "
+        log(
+            f"  {profile.name} {name}: n={len(samples)} p50={results[name]['p50']:.1f}ms "
             f"recall={results[name]['recall']:.3f} errors={errors} "
-            f"({time.monotonic() - started:.0f}s)" + (f" phases p50 ms: {where}" if where else ""))
+            f"({time.monotonic() - started:.0f}s)" + (f" phases p50 ms: {where}" if where else "")
+        )
     return results
 
 
@@ -685,12 +789,18 @@ async def revoke_trials(bench: Bench, queries: np.ndarray, trials: int) -> dict[
                 stale += 1
         finally:
             await bench.fga.write(writes=[grant])
-    return {"trials": trials, "stale": stale, "p50": statistics.median(firsts),
-            "max": max(firsts), "hits": statistics.median(hits)}
+    return {
+        "trials": trials,
+        "stale": stale,
+        "p50": statistics.median(firsts),
+        "max": max(firsts),
+        "hits": statistics.median(hits),
+    }
 
 
-async def throughput(run: Run, queries: np.ndarray, clients: int,
-                     budget: Budget) -> tuple[float, int]:
+async def throughput(
+    run: Run, queries: np.ndarray, clients: int, budget: Budget
+) -> tuple[float, int]:
     """``clients`` closed-loop clients over the queries: (requests/s, failed requests)."""
     total = max(budget.queries, clients)
     issued = done = errors = 0
@@ -717,8 +827,9 @@ def pct(values: Sequence[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(p * len(ordered)) - 1))]
 
 
-def summarize(samples: list[Sample], qps: dict[int, float],
-              errors: dict[int, int]) -> dict[str, Any]:
+def summarize(
+    samples: list[Sample], qps: dict[int, float], errors: dict[int, int]
+) -> dict[str, Any]:
     ms = [s.ms for s in samples]
     failures = Counter(s.error for s in samples if s.error)
     return {
@@ -780,21 +891,27 @@ def machine_notes(load_before: tuple[float, float, float]) -> list[str]:
 
 def table(size: int, res: Results, k: int, concurrency: Sequence[int]) -> list[str]:
     qps_head = " | ".join(f"QPS c={c}" for c in concurrency)
-    head = (f"| selectivity | method | n | recall@{k} (min) | errors | p50 ms | p95 ms "
-            f"| FGA rounds (max) | FGA calls | checks | cached | {qps_head} | x floor | x raw "
-            "| chosen |")
+    head = (
+        f"| selectivity | method | n | recall@{k} (min) | errors | p50 ms | p95 ms "
+        f"| FGA rounds (max) | FGA calls | checks | cached | {qps_head} | x floor | x raw "
+        "| chosen |"
+    )
     lines = [f"### {size:,} chunks", "", head, "|" + "---|" * (14 + len(concurrency))]
     for sel, methods in res.items():
         floor, raw = methods["floor"]["p50"], methods["raw"]["p50"]
         for name, m in methods.items():
-            chosen = ", ".join(f"{s.split(':')[-1]} {n}" for s, n in m["strategies"].items()) \
-                if name in STRATEGIES else ""
+            chosen = (
+                ", ".join(f"{s.split(':')[-1]} {n}" for s, n in m["strategies"].items())
+                if name in STRATEGIES
+                else ""
+            )
             rec = f"{m['recall']:.3f} ({m['recall_min']:.3f})"
             if m["leaks"]:
                 rec += f", {m['leaks']} leaked"
             errors = "/".join(str(m["errors"][c]) for c in concurrency)
-            qps = " | ".join("n/a" if math.isnan(m["qps"][c]) else f"{m['qps'][c]:.1f}"
-                             for c in concurrency)
+            qps = " | ".join(
+                "n/a" if math.isnan(m["qps"][c]) else f"{m['qps'][c]:.1f}" for c in concurrency
+            )
             lines.append(
                 f"| {sel} | {name} | {m['n']} | {rec} | {errors} | {m['p50']:.1f} | "
                 f"{m['p95']:.1f} | {m['rounds']:g} ({m['rounds_max']}) | {m['calls']:g} | "
@@ -817,44 +934,58 @@ def targets(all_res: dict[int, Results], revoke: dict[str, Any] | None = None) -
             if "anchor" not in m:
                 continue
             mine, anchor = m["adaptive"], m["anchor"]
-            ok = (mine["p50"] <= anchor["p50"] and mine["recall_min"] >= 1.0
-                  and mine["leaks"] == 0)
-            out.append(f"- {size:,} {sel}: as fast as the anchor with full recall: adaptive p50 "
-                       f"{mine['p50']:.1f} ms (recall {mine['recall_min']:.3f}, {mine['leaks']} "
-                       f"leaked, {mine['checks']:g} checks) vs anchor {anchor['p50']:.1f} ms "
-                       f"(recall {anchor['recall']:.3f}, {anchor['leaks']} leaked, "
-                       f"{anchor['checks']:g} checks) = {mine['p50'] / anchor['p50']:.2f}x: "
-                       f"{verdict(ok)}")
+            ok = mine["p50"] <= anchor["p50"] and mine["recall_min"] >= 1.0 and mine["leaks"] == 0
+            out.append(
+                f"- {size:,} {sel}: as fast as the anchor with full recall: adaptive p50 "
+                f"{mine['p50']:.1f} ms (recall {mine['recall_min']:.3f}, {mine['leaks']} "
+                f"leaked, {mine['checks']:g} checks) vs anchor {anchor['p50']:.1f} ms "
+                f"(recall {anchor['recall']:.3f}, {anchor['leaks']} leaked, "
+                f"{anchor['checks']:g} checks) = {mine['p50'] / anchor['p50']:.2f}x: "
+                f"{verdict(ok)}"
+            )
         for sel, m in res.items():
             ratio = m["adaptive"]["p50"] / m["floor"]["p50"]
-            out.append(f"- {size:,} {sel}: adaptive p50 {m['adaptive']['p50']:.1f} ms = "
-                       f"{ratio:.2f}x the floor {m['floor']['p50']:.1f} ms (target <= 1.5x; "
-                       f"checks {m['adaptive']['checks']:g} vs {m['floor']['checks']:g}): "
-                       f"{verdict(ratio <= 1.5)}")
+            out.append(
+                f"- {size:,} {sel}: adaptive p50 {m['adaptive']['p50']:.1f} ms = "
+                f"{ratio:.2f}x the floor {m['floor']['p50']:.1f} ms (target <= 1.5x; "
+                f"checks {m['adaptive']['checks']:g} vs {m['floor']['checks']:g}): "
+                f"{verdict(ratio <= 1.5)}"
+            )
         for name in (n for n in STRATEGIES if all(n in m for m in res.values())):
             worst = min(m[name]["recall_min"] for m in res.values())
             leaks = sum(m[name]["leaks"] for m in res.values())
             failed = sum(m[name]["errors"][1] for m in res.values())
-            where = ", ".join(f"{sel} {m[name]['recall_min']:.3f}" for sel, m in res.items()
-                              if m[name]["recall_min"] < 1.0)
-            out.append(f"- {size:,}: recall@k = 1.000 for every {name} query: worst "
-                       f"{worst:.3f}{f' ({where})' if where else ''}, {leaks} leaked, "
-                       f"{failed} failed closed: {verdict(worst >= 1.0)}")
+            where = ", ".join(
+                f"{sel} {m[name]['recall_min']:.3f}"
+                for sel, m in res.items()
+                if m[name]["recall_min"] < 1.0
+            )
+            out.append(
+                f"- {size:,}: recall@k = 1.000 for every {name} query: worst "
+                f"{worst:.3f}{f' ({where})' if where else ''}, {leaks} leaked, "
+                f"{failed} failed closed: {verdict(worst >= 1.0)}"
+            )
         for sel, limit in (("50%", 1.5), ("10%", 1.5), ("1%", 3.0), ("0.1%", 3.0)):
             ratio = a[sel]["p50"] / res[sel]["raw"]["p50"]
             floor = a[sel]["p50"] / res[sel]["floor"]["p50"]
-            out.append(f"- {size:,} {sel}: adaptive p50 {a[sel]['p50']:.1f} ms = {ratio:.1f}x raw "
-                       f"(target <= {limit}x): {verdict(ratio <= limit)}; {floor:.2f}x the floor")
+            out.append(
+                f"- {size:,} {sel}: adaptive p50 {a[sel]['p50']:.1f} ms = {ratio:.1f}x raw "
+                f"(target <= {limit}x): {verdict(ratio <= limit)}; {floor:.2f}x the floor"
+            )
         for sel in ("50%", "10%"):
             m = a[sel]
-            out.append(f"- {size:,} {sel}: adaptive OpenFGA round trips per request (sequential) "
-                       f"median {m['rounds']:g}, max {m['rounds_max']}, "
-                       f"{m['rounds_within_2']} of {m['n']} within 2 (target <= 2): "
-                       f"{verdict(m['rounds_max'] <= 2)}; HTTP calls median {m['calls']:g}, "
-                       f"max {m['calls_max']}")
+            out.append(
+                f"- {size:,} {sel}: adaptive OpenFGA round trips per request (sequential) "
+                f"median {m['rounds']:g}, max {m['rounds_max']}, "
+                f"{m['rounds_within_2']} of {m['n']} within 2 (target <= 2): "
+                f"{verdict(m['rounds_max'] <= 2)}; HTTP calls median {m['calls']:g}, "
+                f"max {m['calls_max']}"
+            )
         ratio = a["0.1%"]["p95"] / a["10%"]["p95"]
-        out.append(f"- {size:,}: adaptive p95 at 0.1% / p95 at 10% = {a['0.1%']['p95']:.1f} / "
-                   f"{a['10%']['p95']:.1f} ms = {ratio:.2f} (target <= 3): {verdict(ratio <= 3)}")
+        out.append(
+            f"- {size:,}: adaptive p95 at 0.1% / p95 at 10% = {a['0.1%']['p95']:.1f} / "
+            f"{a['10%']['p95']:.1f} ms = {ratio:.2f} (target <= 3): {verdict(ratio <= 3)}"
+        )
     sizes = sorted(all_res)
     if len(sizes) > 1:
         small, big = all_res[sizes[0]], all_res[sizes[-1]]
@@ -862,38 +993,51 @@ def targets(all_res: dict[int, Results], revoke: dict[str, Any] | None = None) -
         for sel in small:
             r = big[sel]["adaptive"]["p50"] / small[sel]["adaptive"]["p50"]
             raw = big[sel]["raw"]["p50"] / small[sel]["raw"]["p50"]
-            out.append(f"- {sizes[0]:,} -> {sizes[-1]:,} chunks ({grow:g}x) at {sel}: adaptive "
-                       f"p50 x{r:.2f} (raw query x{raw:.2f}): {verdict(r < grow)} (sub-linear)")
+            out.append(
+                f"- {sizes[0]:,} -> {sizes[-1]:,} chunks ({grow:g}x) at {sel}: adaptive "
+                f"p50 x{r:.2f} (raw query x{raw:.2f}): {verdict(r < grow)} (sub-linear)"
+            )
     if revoke is not None:
-        out.append(f"- revoke -> first denial, default configuration (exact cache): "
-                   f"{revoke['trials']} trials, {revoke['stale']} stale requests (target 0), "
-                   f"first request after the revoke answered in median {revoke['p50']:.1f} ms "
-                   f"(max {revoke['max']:.1f} ms) with {revoke['hits']:g} cache hits before "
-                   f"the revoke: {verdict(revoke['stale'] == 0)}")
+        out.append(
+            f"- revoke -> first denial, default configuration (exact cache): "
+            f"{revoke['trials']} trials, {revoke['stale']} stale requests (target 0), "
+            f"first request after the revoke answered in median {revoke['p50']:.1f} ms "
+            f"(max {revoke['max']:.1f} ms) with {revoke['hits']:g} cache hits before "
+            f"the revoke: {verdict(revoke['stale'] == 0)}"
+        )
     return out
 
 
-def write_report(path: Path, command: str, notes: list[str], sections: list[str],
-                 target_lines: list[str], summary: str, elapsed_s: float) -> None:
-    block = "\n".join([
-        BEGIN,
-        f"Command: `{command}`  ",
-        f"Run: {time.strftime('%Y-%m-%d %H:%M %Z')}, {elapsed_s / 60:.1f} minutes end to end "
-        "(corpora cached from earlier runs are reused)",
-        "",
-        *notes,
-        "",
-        *sections,
-        "Targets, evaluated by the script from the figures above:",
-        "",
-        *target_lines,
-        "",
-        f"Summary: `{summary}`",
-        END,
-    ])
+def write_report(
+    path: Path,
+    command: str,
+    notes: list[str],
+    sections: list[str],
+    target_lines: list[str],
+    summary: str,
+    elapsed_s: float,
+) -> None:
+    block = "\n".join(
+        [
+            BEGIN,
+            f"Command: `{command}`  ",
+            f"Run: {time.strftime('%Y-%m-%d %H:%M %Z')}, {elapsed_s / 60:.1f} minutes end to end "
+            "(corpora cached from earlier runs are reused)",
+            "",
+            *notes,
+            "",
+            *sections,
+            "Targets, evaluated by the script from the figures above:",
+            "",
+            *target_lines,
+            "",
+            f"Summary: `{summary}`",
+            END,
+        ]
+    )
     text = path.read_text() if path.exists() else f"# Retrieval benchmarks\n\n{BEGIN}\n{END}\n"
     if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END) :]
     else:
         text += "\n" + block + "\n"
     path.write_text(text)
@@ -906,12 +1050,13 @@ def one_line(all_res: dict[int, Results], k: int) -> str:
         worst = "/".join(f"{min(m[s]['recall_min'] for m in res.values()):.3f}" for s in ran)
         cells = " ".join(
             f"{sel}={m['adaptive']['p50']:.0f}ms/{m['adaptive']['p50'] / m['floor']['p50']:.1f}"
-            "xfloor" + (f"/{m['adaptive']['p50'] / m['anchor']['p50']:.2f}xanchor"
-                        if "anchor" in m else "")
+            "xfloor"
+            + (f"/{m['adaptive']['p50'] / m['anchor']['p50']:.2f}xanchor" if "anchor" in m else "")
             for sel, m in res.items()
         )
-        parts.append(f"{size // 1000}k: recall@{k} min {'/'.join(ran)} {worst}, "
-                     f"adaptive p50 {cells}")
+        parts.append(
+            f"{size // 1000}k: recall@{k} min {'/'.join(ran)} {worst}, adaptive p50 {cells}"
+        )
     return "bench: " + "; ".join(parts)
 
 
@@ -923,23 +1068,33 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="10k chunks only, fewer queries")
     parser.add_argument("--sizes", default=None, help="comma-separated chunk counts")
     parser.add_argument("--queries", type=int, default=None, help="measured queries per cell")
-    parser.add_argument("--cell-seconds", type=float, default=None,
-                        help="stop a cell's sequential or concurrent run after this long "
-                             "(at least 5 sequential queries are measured)")
+    parser.add_argument(
+        "--cell-seconds",
+        type=float,
+        default=None,
+        help="stop a cell's sequential or concurrent run after this long "
+        "(at least 5 sequential queries are measured)",
+    )
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--concurrency", default="1,8")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--data-dir", default=str(ROOT / "bench" / "results" / "data"))
-    parser.add_argument("--methods", default=",".join(METHODS),
-                        help="methods to measure (raw, floor and adaptive always run)")
-    parser.add_argument("--revoke-trials", type=int, default=10,
-                        help="revoke -> first denial trials (0: none)")
+    parser.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help="methods to measure (raw, floor and adaptive always run)",
+    )
+    parser.add_argument(
+        "--revoke-trials", type=int, default=10, help="revoke -> first denial trials (0: none)"
+    )
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     args = parser.parse_args()
     sizes = [int(s) for s in (args.sizes or ("10000" if args.quick else "10000,100000")).split(",")]
-    budget = Budget(args.queries or (10 if args.quick else 30),
-                    args.cell_seconds or (8.0 if args.quick else 20.0))
+    budget = Budget(
+        args.queries or (10 if args.quick else 30),
+        args.cell_seconds or (8.0 if args.quick else 20.0),
+    )
     concurrency = [int(c) for c in args.concurrency.split(",")]
     if 1 not in concurrency:
         concurrency.insert(0, 1)
@@ -947,8 +1102,9 @@ def main() -> None:
     asyncio.run(run(args, sizes, concurrency, budget, command))
 
 
-async def run(args: argparse.Namespace, sizes: list[int], concurrency: list[int],
-              budget: Budget, command: str) -> None:
+async def run(
+    args: argparse.Namespace, sizes: list[int], concurrency: list[int], budget: Budget, command: str
+) -> None:
     started = time.monotonic()
     load_before = os.getloadavg()
     data = Path(args.data_dir)
@@ -975,20 +1131,32 @@ async def run(args: argparse.Namespace, sizes: list[int], concurrency: list[int]
                 oracle = Oracle(corpus)
                 rng = np.random.default_rng(args.seed + 100 + size)
                 n = budget.queries + args.warmup
-                queries = (corpus.centers[rng.integers(0, CLUSTERS, n)]
-                           + NOISE * rng.normal(size=(n, DIM))).astype(np.float32)
+                queries = (
+                    corpus.centers[rng.integers(0, CLUSTERS, n)] + NOISE * rng.normal(size=(n, DIM))
+                ).astype(np.float32)
                 anchor = Anchor(python, data / "chroma", corpus, fga) if python else None
                 bench = Bench(fga, chroma, corpus, args.k, anchor)
                 await chroma.search(TENANT, corpus.source, queries[0], args.k)  # open index
                 res: Results = {}
                 for profile in profiles():
                     log(f"{size}: profile {profile.name}")
-                    res[profile.name] = await measure(bench, oracle, profile, queries,
-                                                      args.warmup, concurrency, budget, log,
-                                                      methods)
+                    res[profile.name] = await measure(
+                        bench,
+                        oracle,
+                        profile,
+                        queries,
+                        args.warmup,
+                        concurrency,
+                        budget,
+                        log,
+                        methods,
+                    )
                 all_res[size] = res
-                sections += [*table(size, res, args.k, concurrency), corpus_note(corpus, manifest),
-                             ""]
+                sections += [
+                    *table(size, res, args.k, concurrency),
+                    corpus_note(corpus, manifest),
+                    "",
+                ]
                 if revoke is None and args.revoke_trials:
                     revoke = await revoke_trials(bench, queries, args.revoke_trials)
                     log(f"revoke -> first denial: {revoke}")
@@ -1000,8 +1168,15 @@ async def run(args: argparse.Namespace, sizes: list[int], concurrency: list[int]
         chroma.close()
         await asyncio.to_thread(server.stop)
     summary = one_line(all_res, args.k)
-    write_report(Path(args.out), command, machine_notes(load_before), sections,
-                 targets(all_res, revoke), summary, time.monotonic() - started)
+    write_report(
+        Path(args.out),
+        command,
+        machine_notes(load_before),
+        sections,
+        targets(all_res, revoke),
+        summary,
+        time.monotonic() - started,
+    )
     print(summary)
 
 

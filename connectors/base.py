@@ -52,7 +52,9 @@ class VectorStore(Protocol):
 
     async def upsert(self, tenant: str, source: str, chunks: Sequence[ChunkRecord]) -> None: ...
 
-    async def delete_document(self, tenant: str, source: str, document_id: str) -> int: ...
+    async def delete_documents(self, tenant: str, source: str, document_ids: Sequence[str]) -> int:
+        """Remove every chunk stamped with one of ``document_ids``; return how many."""
+        ...
 
     async def search(
         self, tenant: str, source: str, embedding: Sequence[float], n: int

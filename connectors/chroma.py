@@ -154,9 +154,12 @@ class ChromaStore:
         if chunks:
             await self._write("upsert", self._upsert, tenant, source, list(chunks))
 
-    async def delete_document(self, tenant: str, source: str, document_id: str) -> int:
-        """Remove the chunks stamped with ``document_id``; return how many there were."""
-        return await self._write("delete", self._delete_document, tenant, source, document_id)
+    async def delete_documents(self, tenant: str, source: str, document_ids: Sequence[str]) -> int:
+        """Remove the chunks stamped with ``document_ids``; return how many there were."""
+        if not document_ids:
+            return 0
+        wanted = list(dict.fromkeys(document_ids))
+        return await self._write("delete", self._delete_documents, tenant, source, wanted)
 
     async def search(
         self, tenant: str, source: str, embedding: Sequence[float], n: int
@@ -310,22 +313,26 @@ class ChromaStore:
                 ],
             )
 
-    def _delete_document(self, tenant: str, source: str, document_id: str) -> int:
+    def _delete_documents(self, tenant: str, source: str, document_ids: list[str]) -> int:
         pair = self._open_pair(tenant, source)
         if pair is None:
             return 0
         collection, index = pair
+        wanted = set(document_ids)
         with self._write_lock:
-            listed = _listed_chunk_ids(index, [document_id]).get(document_id, [])
-            stored = _records(collection, listed, ["metadatas"], self._batch)
+            listed = _listed_chunk_ids(index, document_ids)
+            if not listed:
+                return 0  # none of them is stored: nothing to read or delete
+            chunk_ids = list(dict.fromkeys(cid for ids in listed.values() for cid in ids))
+            stored = _records(collection, chunk_ids, ["metadatas"], self._batch)
+            # The index may still list a chunk that has moved to another document.
             owned = [
-                cid
-                for cid, (_, meta) in stored.items()
-                if _stamp(meta, "document_id") == document_id
+                cid for cid, (_, meta) in stored.items() if _stamp(meta, "document_id") in wanted
             ]
             for batch in _batches(owned, self._batch):
                 collection.delete(ids=batch)
-            index.delete(ids=[document_id])
+            for batch in _batches(list(listed), self._batch):
+                index.delete(ids=batch)
         return len(owned)
 
     def _search(

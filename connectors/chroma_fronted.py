@@ -126,7 +126,7 @@ class FrontedChromaStore:
     async def upsert(self, tenant: str, source: str, chunks: Sequence[ChunkRecord]) -> None:
         raise InvalidRequest(READ_ONLY)
 
-    async def delete_document(self, tenant: str, source: str, document_id: str) -> int:
+    async def delete_documents(self, tenant: str, source: str, document_ids: Sequence[str]) -> int:
         raise InvalidRequest(READ_ONLY)
 
     async def drop(self, tenant: str, source: str) -> None:

@@ -122,9 +122,10 @@ class LangChainStore:
                 ids.discard(c.chunk_id)
             index.setdefault(c.document_id, set()).add(c.chunk_id)
 
-    async def delete_document(self, tenant: str, source: str, document_id: str) -> int:
+    async def delete_documents(self, tenant: str, source: str, document_ids: Sequence[str]) -> int:
         key = (tenant, source)
-        ids = sorted(self._index.get(key, {}).pop(document_id, set()))
+        index = self._index.get(key, {})
+        ids = sorted({cid for d in document_ids for cid in index.pop(d, set())})
         if ids:
             with langchain_errors("delete"):
                 await asyncio.to_thread(self._store(key).delete, ids)

@@ -130,11 +130,12 @@ class InMemoryStore:
         for chunk in chunks:
             space.put(_stored(chunk))
 
-    async def delete_document(self, tenant: str, source: str, document_id: str) -> int:
-        """Remove the chunks stamped with ``document_id``; return how many there were."""
+    async def delete_documents(self, tenant: str, source: str, document_ids: Sequence[str]) -> int:
+        """Remove the chunks stamped with ``document_ids``; return how many there were."""
         self._check_available()
         space = self._spaces.get((tenant, source), _Space())
-        doomed = [cid for cid, s in space.chunks.items() if s.candidate.document_id == document_id]
+        wanted = set(document_ids)
+        doomed = [cid for cid, s in space.chunks.items() if s.candidate.document_id in wanted]
         space.remove(doomed)
         return len(doomed)
 

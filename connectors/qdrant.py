@@ -159,9 +159,12 @@ class QdrantStore:
         if chunks:
             await self._run("upsert", self._upsert, tenant, source, list(chunks))
 
-    async def delete_document(self, tenant: str, source: str, document_id: str) -> int:
+    async def delete_documents(self, tenant: str, source: str, document_ids: Sequence[str]) -> int:
         self._writable()
-        return await self._run("delete", self._delete_document, tenant, source, document_id)
+        if not document_ids:
+            return 0
+        wanted = list(dict.fromkeys(document_ids))
+        return await self._run("delete", self._delete_documents, tenant, source, wanted)
 
     async def search(
         self, tenant: str, source: str, embedding: Sequence[float], n: int
@@ -293,12 +296,12 @@ class QdrantStore:
                 ],
             )
 
-    def _delete_document(self, tenant: str, source: str, document_id: str) -> int:
+    def _delete_documents(self, tenant: str, source: str, document_ids: list[str]) -> int:
         client = self._connected()
         name = collection_name(tenant, source)
         if not client.collection_exists(name):
             return 0
-        where = _document_filter("document_id", [document_id])
+        where = _document_filter("document_id", document_ids)
         count = client.count(name, count_filter=where, exact=True).count
         client.delete(name, points_selector=models.FilterSelector(filter=where))
         return int(count)

@@ -182,8 +182,7 @@ class Ingestor:
         hide = list(dict.fromkeys(t for plan in plans for t in plan.hide))
         if hide:
             await self.fga.write(deletes=hide)
-        for doc in recontent:
-            await store.delete_document(tenant, claim.source, doc.id)
+        await store.delete_documents(tenant, claim.source, [doc.id for doc in recontent])
         chunks = [c for doc in recontent for c in records[doc.id]]
         if chunks:
             await store.upsert(tenant, claim.source, chunks)

@@ -644,7 +644,9 @@ class Gateway:
                 # Tuples first (the stamp leading): once gone nothing can be served.
                 tuples.sort(key=lambda t: t.relation != "tenant")
                 await self.fga.write(deletes=tuples)
-                await self.stores.for_source(info).delete_document(p.tenant, source_id, document_id)
+                await self.stores.for_source(info).delete_documents(
+                    p.tenant, source_id, [document_id]
+                )
                 await self.catalog.forget_document(p.tenant, document_id)
             finally:
                 await self.catalog.release(claim)

@@ -498,8 +498,12 @@ async def test_a_search_started_before_the_probe_is_used_only_for_the_vouched_su
     w = await World(gateway, http, "acme").setup(members=["alice"], agents=["bot"])
     await w.ingest(
         [
-            doc(f"d{i}", f"{TEXT} Part {i}.", viewers=["user:alice"] if i < 3 else [],
-                agents=["agent:bot"])
+            doc(
+                f"d{i}",
+                f"{TEXT} Part {i}.",
+                viewers=["user:alice"] if i < 3 else [],
+                agents=["agent:bot"],
+            )
             for i in range(1, 7)
         ]
     )

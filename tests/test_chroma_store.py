@@ -150,7 +150,7 @@ async def test_tenants_with_colliding_ids_are_physically_separate(store):
         assert_matches(hits, oracle(chunks, query, 10))
         by_document = await store.search_documents(tenant, "docs", query, 10, ["d1"])
         assert_matches(by_document, oracle(chunks, query, 10))
-    assert await store.delete_document("globex", "docs", "d1") == 3
+    assert await store.delete_documents("globex", "docs", ["d1"]) == 3
     assert await store.count("acme", "docs") == 3
     assert await store.search("globex", "docs", vector(1), 5) == []
 
@@ -179,9 +179,9 @@ async def test_search_documents_equals_the_brute_force_oracle(store):
 async def test_delete_document_removes_its_chunks_and_index_entry(store):
     chunks = corpus()
     await store.upsert("acme", "docs", chunks)
-    assert await store.delete_document("acme", "docs", "d3") == 4
-    assert await store.delete_document("acme", "docs", "d3") == 0
-    assert await store.delete_document("acme", "never", "d3") == 0
+    assert await store.delete_documents("acme", "docs", ["d3"]) == 4
+    assert await store.delete_documents("acme", "docs", ["d3"]) == 0
+    assert await store.delete_documents("acme", "never", ["d3"]) == 0
     assert await store.count("acme", "docs") == len(chunks) - 4
     assert await store.search_documents("acme", "docs", vector(1), 5, ["d3"]) == []
     hits = await store.search("acme", "docs", vector(1), 100)
@@ -196,7 +196,7 @@ async def test_a_chunk_moved_to_another_document_belongs_to_that_one_only(store)
     assert [c.chunk_id for c in in_a] == ["a#0"]
     in_b = await store.search_documents("acme", "docs", vector(9), 5, ["b"])
     assert [(c.chunk_id, c.text) for c in in_b] == [("a#1", "now in b")]
-    assert await store.delete_document("acme", "docs", "a") == 1
+    assert await store.delete_documents("acme", "docs", ["a"]) == 1
     assert await store.count("acme", "docs") == 1
 
 
@@ -208,7 +208,7 @@ async def test_upsert_is_idempotent_and_replaces_by_id(store):
     await store.upsert("acme", "docs", [ChunkRecord("d1#0", "d1", "acme", "docs", "v2", vector(4))])
     (hit,) = await store.search("acme", "docs", vector(4), 1)
     assert (hit.chunk_id, hit.text) == ("d1#0", "v2")
-    assert await store.delete_document("acme", "docs", "d1") == 3
+    assert await store.delete_documents("acme", "docs", ["d1"]) == 3
 
 
 async def test_data_survives_reopening(path):
@@ -428,7 +428,7 @@ async def test_http_round_trip_then_the_server_dies(chroma_server):
         assert_matches(await store.search("acme", "docs", query, 4), oracle(chunks, query, 4))
         found = await store.search_documents("acme", "docs", query, 4, ["d1", "d4"])
         assert_matches(found, oracle(chunks, query, 4, ["d1", "d4"]))
-        assert await store.delete_document("acme", "docs", "d1") == 3
+        assert await store.delete_documents("acme", "docs", ["d1"]) == 3
         assert await store.count("acme", "docs") == len(chunks) - 3
         assert await store.count("globex", "docs") == 2
         assert await store.count("acme", "never") == 0
@@ -462,7 +462,7 @@ async def test_a_collection_recreated_by_another_replica_is_reopened(chroma_serv
 
         assert_matches(await b.search("acme", "docs", query, 3), oracle(new, query, 3))
         assert await b.count("acme", "docs") == 3
-        assert await b.delete_document("acme", "docs", "n1") == 3
+        assert await b.delete_documents("acme", "docs", ["n1"]) == 3
         assert await a.count("acme", "docs") == 0
     finally:
         a.close()

@@ -21,8 +21,9 @@ from tests.world import doc
 
 
 def sg(*args: str, data: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([SCOPEGATE, *args, "--data-dir", str(data)], capture_output=True,
-                            text=True, timeout=180)
+    result = subprocess.run(
+        [SCOPEGATE, *args, "--data-dir", str(data)], capture_output=True, text=True, timeout=180
+    )
     if check:
         assert result.returncode == 0, result.stderr
     return result
@@ -33,24 +34,59 @@ def _setup(data: Path, tmp_path: Path) -> str:
     admin = ["--tenant", "acme", "--as", "carol"]
     sg("sources", "add", "docs", *admin, data=data)
     docs = tmp_path / "docs.jsonl"
-    docs.write_text("\n".join(json.dumps(d) for d in [
-        {"id": "rev", "text": "Quarterly revenue forecast grows eight percent.",
-         "acl": {"viewers": ["user:alice"], "agents": ["agent:bot"]}},
-        {"id": "pay", "text": "Salary bands for engineers, revenue unrelated.",
-         "acl": {"viewers": ["user:bob"], "agents": ["agent:bot"]}},
-    ]) + "\n")
+    docs.write_text(
+        "\n".join(
+            json.dumps(d)
+            for d in [
+                {
+                    "id": "rev",
+                    "text": "Quarterly revenue forecast grows eight percent.",
+                    "acl": {"viewers": ["user:alice"], "agents": ["agent:bot"]},
+                },
+                {
+                    "id": "pay",
+                    "text": "Salary bands for engineers, revenue unrelated.",
+                    "acl": {"viewers": ["user:bob"], "agents": ["agent:bot"]},
+                },
+            ]
+        )
+        + "\n"
+    )
     out = sg("ingest", "docs", str(docs), *admin, data=data)
     assert '"documents": 2' in out.stdout
     # alice and the bot must be tenant members for retrieval to be allowed.
-    return sg("task", "create", "--user", "user:alice", "--agent", "agent:bot",
-              "--scope", "source:docs", *admin, data=data).stdout
+    return sg(
+        "task",
+        "create",
+        "--user",
+        "user:alice",
+        "--agent",
+        "agent:bot",
+        "--scope",
+        "source:docs",
+        *admin,
+        data=data,
+    ).stdout
 
 
 def test_embedded_cli_round_trip(tmp_path: Path) -> None:
     data = tmp_path / "data"
     task = json.loads(_setup(data, tmp_path))["task_id"]
-    token = sg("token", "issue", "--user", "alice", "--tenant", "acme", "--agent", "bot",
-               "--task", task, "--ttl", "5m", data=data).stdout.strip()
+    token = sg(
+        "token",
+        "issue",
+        "--user",
+        "alice",
+        "--tenant",
+        "acme",
+        "--agent",
+        "bot",
+        "--task",
+        task,
+        "--ttl",
+        "5m",
+        data=data,
+    ).stdout.strip()
     assert token.count(".") == 2
     # Not yet members: nothing is returned, and the decision is audited.
     out = json.loads(sg("retrieve", "revenue", "--token", token, data=data).stdout)
@@ -71,22 +107,37 @@ def test_embedded_cli_round_trip(tmp_path: Path) -> None:
 def test_cli_over_url_uses_running_server(tmp_path: Path) -> None:
     data = tmp_path / "data"
     port = _free_port()
-    proc = subprocess.Popen([SCOPEGATE, "serve", "--data-dir", str(data), "--port", str(port),
-                             "--metrics-port", "0"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [SCOPEGATE, "serve", "--data-dir", str(data), "--port", str(port), "--metrics-port", "0"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         _wait_ready(f"http://127.0.0.1:{port}")
         # runtime.json makes plain commands talk to the running server over HTTP.
         task = json.loads(_setup(data, tmp_path))["task_id"]
         url = f"http://127.0.0.1:{port}"
         sg("tenant", "create", "globex", "--admin", "grace", "--url", url, data=data)
-        token = sg("token", "issue", "--user", "alice", "--tenant", "acme", "--agent", "bot",
-                   "--task", task, data=data).stdout.strip()
-        out = json.loads(sg("retrieve", "revenue", "--token", token, "--url", url,
-                            data=data).stdout)
+        token = sg(
+            "token",
+            "issue",
+            "--user",
+            "alice",
+            "--tenant",
+            "acme",
+            "--agent",
+            "bot",
+            "--task",
+            task,
+            data=data,
+        ).stdout.strip()
+        out = json.loads(
+            sg("retrieve", "revenue", "--token", token, "--url", url, data=data).stdout
+        )
         assert out["chunks"] == []
-        bad = sg("retrieve", "revenue", "--token", "not-a-token", "--url", url, data=data,
-                 check=False)
+        bad = sg(
+            "retrieve", "revenue", "--token", "not-a-token", "--url", url, data=data, check=False
+        )
         assert bad.returncode == 2 and "invalid_token" in bad.stderr
     finally:
         proc.send_signal(signal.SIGINT)
@@ -150,22 +201,47 @@ def _admin_round_trip(cli: Cli, tmp_path: Path) -> None:
         json.dumps({"user": "user:bob", "relation": "member", "object": "group:fin"}) + "\n"
     )
     written = cli.json(
-        "relationships", "write", *ADMIN,
-        "--user", "agent:bot", "--relation", "member", "--object", "tenant:acme",
-        "--tuple", "user:alice,member,tenant:acme", "user:bob member tenant:acme",
-        "--file", str(members),
+        "relationships",
+        "write",
+        *ADMIN,
+        "--user",
+        "agent:bot",
+        "--relation",
+        "member",
+        "--object",
+        "tenant:acme",
+        "--tuple",
+        "user:alice,member,tenant:acme",
+        "user:bob member tenant:acme",
+        "--file",
+        str(members),
     )
     assert written == {"written": 4, "deleted": 0}
 
     # Ingest in batches of two; a second run finds every document unchanged.
     docs = tmp_path / "docs.jsonl"
-    docs.write_text("".join(json.dumps(d) + "\n" for d in [
-        doc("rev", "Quarterly revenue forecast grows eight percent.",
-            viewers=["user:alice"], agents=["agent:bot"]),
-        doc("pay", "Salary bands for engineers.", viewers=["user:bob"], agents=["agent:bot"]),
-        doc("fin", "Finance budget for next year.",
-            viewers=["group:fin#member"], agents=["agent:bot"]),
-    ]))
+    docs.write_text(
+        "".join(
+            json.dumps(d) + "\n"
+            for d in [
+                doc(
+                    "rev",
+                    "Quarterly revenue forecast grows eight percent.",
+                    viewers=["user:alice"],
+                    agents=["agent:bot"],
+                ),
+                doc(
+                    "pay", "Salary bands for engineers.", viewers=["user:bob"], agents=["agent:bot"]
+                ),
+                doc(
+                    "fin",
+                    "Finance budget for next year.",
+                    viewers=["group:fin#member"],
+                    agents=["agent:bot"],
+                ),
+            ]
+        )
+    )
     first = cli.json("ingest", "docs", str(docs), "--batch", "2", *ADMIN)
     assert (first["documents"], first["skipped"]) == (3, 0) and first["chunks"] >= 3
     assert cli.json("ingest", "docs", str(docs), "--batch", "2", *ADMIN)["skipped"] == 3
@@ -180,20 +256,32 @@ def _admin_round_trip(cli: Cli, tmp_path: Path) -> None:
     assert grant not in on_pay
     cli("relationships", "write", "--tuple", "user:alice,viewer,document:pay", *ADMIN)
     assert grant in cli.json("relationships", "list", "--user", "user:alice", *ADMIN)
-    deleted = cli.json("relationships", "delete", "--tuple", "user:alice,viewer,document:pay",
-                       *ADMIN)
+    deleted = cli.json(
+        "relationships", "delete", "--tuple", "user:alice,viewer,document:pay", *ADMIN
+    )
     assert deleted == {"written": 0, "deleted": 1}
     assert grant not in cli.json("relationships", "list", "--object", "document:pay", *ADMIN)
 
     # bob's agent reads pay and fin, not rev; a what-if grant on rev would allow it.
-    task = cli.json("task", "create", "--user", "user:bob", "--agent", "agent:bot",
-                    "--scope", "source:docs", *ADMIN)["task_id"]
-    token = cli("token", "issue", "--user", "bob", "--tenant", "acme", "--agent", "bot",
-                "--task", task).out.strip()
+    task = cli.json(
+        "task",
+        "create",
+        "--user",
+        "user:bob",
+        "--agent",
+        "agent:bot",
+        "--scope",
+        "source:docs",
+        *ADMIN,
+    )["task_id"]
+    token = cli(
+        "token", "issue", "--user", "bob", "--tenant", "acme", "--agent", "bot", "--task", task
+    ).out.strip()
     found = cli.json("retrieve", QUERY, "--token", token, "-k", "10")
     assert {c["document_id"] for c in found["chunks"]} == {"pay", "fin"}
-    replay = cli.json("audit", "replay", found["request_id"], *ADMIN,
-                      "--what-if", "user:bob,viewer,document:rev")
+    replay = cli.json(
+        "audit", "replay", found["request_id"], *ADMIN, "--what-if", "user:bob,viewer,document:rev"
+    )
     assert replay["what_if"]["would_allow"] == ["rev"]
     assert replay["what_if"]["persisted"] is False
     plain = cli.json("audit", "replay", found["request_id"], *ADMIN)
@@ -226,8 +314,9 @@ def _admin_round_trip(cli: Cli, tmp_path: Path) -> None:
     assert short.code == 2 and "is not USER,RELATION,OBJECT" in short.err
     partial = cli("relationships", "write", "--user", "user:alice", *ADMIN, ok=False)
     assert partial.code == 2 and "--user, --relation and --object go together" in partial.err
-    refused = cli("relationships", "write", "--tuple", "user:alice,viewer,tenant:acme", *ADMIN,
-                  ok=False)
+    refused = cli(
+        "relationships", "write", "--tuple", "user:alice,viewer,tenant:acme", *ADMIN, ok=False
+    )
     assert refused.code == 2 and "scopegate: invalid_request: relation 'viewer'" in refused.err
     assert len(refused.err.strip().splitlines()) == 1
 

@@ -158,8 +158,12 @@ def test_relationships_removal_and_deprovisioning(acme: Served) -> None:
         assert admin.write_relationships(writes=members) == {"written": 2, "deleted": 0}
         admin.register_source("notes")
         notes = [
-            doc(f"n{i}", f"Meeting notes {i} on revenue.", viewers=["user:dana"],
-                agents=["agent:summarizer"])
+            doc(
+                f"n{i}",
+                f"Meeting notes {i} on revenue.",
+                viewers=["user:dana"],
+                agents=["agent:summarizer"],
+            )
             for i in (1, 2)
         ]
         first = admin.ingest("notes", notes, batch_size=1)

@@ -149,12 +149,19 @@ async def test_search_documents_is_exact_and_restricted(store: VectorStore) -> N
 async def test_delete_document_and_replace(store: VectorStore) -> None:
     chunks = corpus()
     await store.upsert("t1", "s", chunks)
-    assert await store.delete_document("t1", "s", "d2") == 4
-    assert await store.delete_document("t1", "s", "d2") == 0
+    assert await store.delete_documents("t1", "s", ["d2"]) == 4
+    assert await store.delete_documents("t1", "s", ["d2"]) == 0
     assert await store.count("t1", "s") == 16
     found = await store.search("t1", "s", query(), 20)
     assert "d2" not in {c.document_id for c in found}
     assert await store.search_documents("t1", "s", query(), 5, ["d2"]) == []
+    # Several documents at once, unknown ones and repeats counted once; others untouched.
+    assert await store.delete_documents("t1", "s", ["d1", "nope", "d3", "d1"]) == 8
+    assert await store.delete_documents("t1", "s", []) == 0
+    assert await store.count("t1", "s") == 8
+    left = {c.document_id for c in await store.search("t1", "s", query(), 20)}
+    assert left == {c.document_id for c in chunks} - {"d1", "d2", "d3"}
+    await store.upsert("t1", "s", [c for c in chunks if c.document_id in {"d1", "d3"}])
     # Upserting by chunk id replaces the chunk, never duplicates it.
     moved = ChunkRecord("d0#0", "d0", "t1", "s", "new text", chunks[0].embedding, {})
     await store.upsert("t1", "s", [moved])
@@ -277,7 +284,7 @@ async def test_fronted_missing_or_malformed_ids_and_scope(
         with pytest.raises(InvalidRequest):
             await store.upsert("t1", "s", corpus()[:1])
         with pytest.raises(InvalidRequest):
-            await store.delete_document("t1", "s", "d1")
+            await store.delete_documents("t1", "s", ["d1"])
         await store.drop("t1", "s")  # never drops what it did not create
         assert await store.count("t1", "s") == 4
     finally:

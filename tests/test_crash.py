@@ -63,8 +63,16 @@ class Serve:
     def start(self, timeout_s: float = 120.0) -> None:
         log = (self.data_dir.parent / "serve.log").open("ab")
         self.process = subprocess.Popen(
-            [*SCOPEGATE, "serve", "--data-dir", str(self.data_dir), "--port", str(self.port),
-             "--metrics-port", "0"],
+            [
+                *SCOPEGATE,
+                "serve",
+                "--data-dir",
+                str(self.data_dir),
+                "--port",
+                str(self.port),
+                "--metrics-port",
+                "0",
+            ],
             stdout=log,
             stderr=log,
             stdin=subprocess.DEVNULL,

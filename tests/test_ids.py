@@ -17,10 +17,26 @@ from gateway.ids import (
 from gateway.relationships import admin_tuple, document_tuples, task_tuples
 
 BAD_IDS = [
-    "", "a#b", "a:b", "a@b", "a/b", "../x", "a/..", "..", "a b", "a\tb", "a\nb", "a\x00b",
-    "a\x7fb", "\u0430lice",  # Cyrillic a
+    "",
+    "a#b",
+    "a:b",
+    "a@b",
+    "a/b",
+    "../x",
+    "a/..",
+    "..",
+    "a b",
+    "a\tb",
+    "a\nb",
+    "a\x00b",
+    "a\x7fb",
+    "\u0430lice",  # Cyrillic a
     "\uff441",  # full-width d
-    "e\u0301", "x" * 129, "-lead", ".hidden", "a..b",
+    "e\u0301",
+    "x" * 129,
+    "-lead",
+    ".hidden",
+    "a..b",
 ]
 
 
@@ -54,22 +70,28 @@ def test_refs_are_namespaced_and_other_tenants_refused() -> None:
 
 
 def test_admin_tuple_vocabulary() -> None:
-    t = admin_tuple("acme", {"user": "group:eng#member", "relation": "viewer",
-                             "object": "folder:f"})
+    t = admin_tuple(
+        "acme", {"user": "group:eng#member", "relation": "viewer", "object": "folder:f"}
+    )
     assert (t.user, t.relation, t.object) == ("group:acme/eng#member", "viewer", "folder:acme/f")
     with pytest.raises(InvalidRequest):
         admin_tuple("acme", {"user": "user:a", "relation": "scoped_task", "object": "document:d"})
     with pytest.raises(InvalidRequest):
         admin_tuple("acme", {"user": "user:a", "relation": "owner", "object": "folder:f"})
     with pytest.raises(Forbidden):
-        admin_tuple("acme", {"user": "tenant:globex#member", "relation": "viewer",
-                             "object": "document:d"})
+        admin_tuple(
+            "acme", {"user": "tenant:globex#member", "relation": "viewer", "object": "document:d"}
+        )
 
 
 def test_document_and_task_tuples() -> None:
-    tuples = document_tuples("acme", "docs", "d1", "eng",
-                             {"viewers": ["user:alice"], "agents": ["agent:bot"],
-                              "owner": "user:bob"})
+    tuples = document_tuples(
+        "acme",
+        "docs",
+        "d1",
+        "eng",
+        {"viewers": ["user:alice"], "agents": ["agent:bot"], "owner": "user:bob"},
+    )
     keys = {(t.user, t.relation, t.object) for t in tuples}
     assert ("tenant:acme", "tenant", "document:acme/d1") in keys
     assert ("folder:acme/eng", "parent", "document:acme/d1") in keys

@@ -71,9 +71,7 @@ def _text(result: Any) -> str:
 # -- stdio ----------------------------------------------------------------------------------
 
 
-async def test_stdio_returns_only_permitted_chunks(
-    acme: Served, command: list[Path | str]
-) -> None:
+async def test_stdio_returns_only_permitted_chunks(acme: Served, command: list[Path | str]) -> None:
     async with _stdio(command, acme.url, acme.agent_token("alice")) as client:
         tools = {t.name: t for t in (await client.list_tools()).tools}
         assert set(tools) == {"retrieve", "list_sources"}

@@ -93,7 +93,7 @@ async def test_tenants_and_sources_are_separate_spaces():
     for tenant, source in [("acme", "docs"), ("globex", "docs"), ("acme", "wiki")]:
         hits = await store.search(tenant, source, vector(1), 10)
         assert [(h.tenant, h.source) for h in hits] == [(tenant, source)]
-    assert await store.delete_document("globex", "docs", "d1") == 1
+    assert await store.delete_documents("globex", "docs", ["d1"]) == 1
     assert await store.count("acme", "docs") == 1
     assert await store.search("nobody", "docs", vector(1), 5) == []
 
@@ -109,8 +109,8 @@ async def test_search_documents_matches_the_oracle(store):
 
 
 async def test_delete_document_counts_what_it_removed(store):
-    assert await store.delete_document("acme", "docs", "d2") == 4
-    assert await store.delete_document("acme", "docs", "d2") == 0
+    assert await store.delete_documents("acme", "docs", ["d2"]) == 4
+    assert await store.delete_documents("acme", "docs", ["d2"]) == 0
     assert await store.count("acme", "docs") == 20
     assert await store.search_documents("acme", "docs", vector(1), 5, ["d2"]) == []
 
@@ -168,7 +168,7 @@ async def test_an_unavailable_store_fails_every_call(store):
     store.unavailable = True
     calls = [
         store.upsert("acme", "docs", [chunk("d9", 0)]),
-        store.delete_document("acme", "docs", "d1"),
+        store.delete_documents("acme", "docs", ["d1"]),
         store.search("acme", "docs", vector(1), 3),
         store.search_documents("acme", "docs", vector(1), 3, ["d1"]),
         store.count("acme", "docs"),

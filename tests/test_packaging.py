@@ -71,8 +71,18 @@ def _build_wheel(
     wheels = tmp_path / "wheels"
     # No build isolation: the development environment's setuptools, nothing downloaded.
     out = _run(
-        sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "--no-build-isolation",
-        "--no-index", "-w", wheels, src, cwd=tmp_path,
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "-v",
+        "--no-deps",
+        "--no-build-isolation",
+        "--no-index",
+        "-w",
+        wheels,
+        src,
+        cwd=tmp_path,
     )
     assert "BuildBackendWarning" not in out and "SetuptoolsDeprecationWarning" not in out, out
     (wheel,) = wheels.glob(f"{name.replace('-', '_')}-*.whl")
@@ -99,8 +109,16 @@ def _fresh_venv(tmp_path: Path, wheels: Iterable[Path], dependencies: Path | Non
     seen = dependencies or Path(sysconfig.get_path("purelib"))
     (site / "dependencies.pth").write_text(f"{seen}\n")
     _run(
-        sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index",
-        *wheels, cwd=tmp_path,
+        sys.executable,
+        "-m",
+        "pip",
+        "--python",
+        python,
+        "install",
+        "--no-deps",
+        "--no-index",
+        *wheels,
+        cwd=tmp_path,
     )
     return venv
 
@@ -171,10 +189,12 @@ def test_wheel_serves_the_reviewer_page_from_a_fresh_virtualenv(
     elsewhere = tmp_path / "elsewhere"  # a cwd without the sources in it
     elsewhere.mkdir()
     probe = _run(
-        venv / "bin" / "python", "-c",
+        venv / "bin" / "python",
+        "-c",
         "import gateway, gateway.fga, scopegate_client; print(gateway.__file__);"
         " print(gateway.fga.MODEL_PATH); print(scopegate_client.__file__)",
-        cwd=elsewhere, env=_clean_env(),
+        cwd=elsewhere,
+        env=_clean_env(),
     ).splitlines()
     for path in probe[-3:]:
         assert Path(path).is_relative_to(venv), f"{path} is not the installed wheel"
@@ -185,9 +205,20 @@ def test_wheel_serves_the_reviewer_page_from_a_fresh_virtualenv(
         SCOPEGATE_OPENFGA_STORE_NAME=f"wheel-{uuid.uuid4().hex[:12]}",
     )
     serve = subprocess.Popen(
-        [venv / "bin" / "scopegate", "serve", "--data-dir", tmp_path / "data",
-         "--port", str(port), "--metrics-port", "0"],
-        cwd=elsewhere, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        [
+            venv / "bin" / "scopegate",
+            "serve",
+            "--data-dir",
+            tmp_path / "data",
+            "--port",
+            str(port),
+            "--metrics-port",
+            "0",
+        ],
+        cwd=elsewhere,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     try:
         url = f"http://127.0.0.1:{port}"
@@ -244,7 +275,11 @@ def test_client_alone_retrieves_without_the_server_dependencies(
     tmp_path: Path, acme: Served
 ) -> None:
     venv = _client_venv(tmp_path, extras=())
-    out = _probe(venv, tmp_path, acme, """
+    out = _probe(
+        venv,
+        tmp_path,
+        acme,
+        """
         import asyncio
         import scopegate_client
         from scopegate_client import AsyncScopegateClient, InvalidToken, ScopegateClient
@@ -274,7 +309,8 @@ def test_client_alone_retrieves_without_the_server_dependencies(
             "texts": [c.text for c in found.chunks],
             "rejected": rejected,
         }))
-        """)
+        """,
+    )
     assert Path(out[-2]).is_relative_to(venv), f"{out[-2]} is not the installed wheel"
     answer = json.loads(out[-1])
     assert set(answer["documents"]) == set(answer["async"]) == ALICE_DOCS
@@ -285,7 +321,11 @@ def test_client_integrations_install_without_the_server_dependencies(
     tmp_path: Path, acme: Served
 ) -> None:
     venv = _client_venv(tmp_path, extras=("langchain", "llamaindex", "openai-agents", "mcp"))
-    out = _probe(venv, tmp_path, acme, """
+    out = _probe(
+        venv,
+        tmp_path,
+        acme,
+        """
         import scopegate_client.mcp_server, scopegate_client.openai_agents
         from scopegate_client.langchain import ScopegateRetriever, scopegate_tool
         from scopegate_client.llamaindex import ScopegateRetriever as NodeRetriever
@@ -299,7 +339,8 @@ def test_client_integrations_install_without_the_server_dependencies(
             "texts": [d.page_content for d in docs] + [n.node.get_content() for n in nodes],
             "tools": [scopegate_tool(ScopegateRetriever(url=URL, token=TOKEN)).name, tool.name],
         }))
-        """)
+        """,
+    )
     answer = json.loads(out[-1])
     assert set(answer["langchain"]) == set(answer["llamaindex"]) == ALICE_DOCS
     assert DENIED_TEXT not in answer["texts"]
