@@ -34,9 +34,11 @@ serve: setup
 cluster: setup system-deps
 	scripts/cluster up
 
+# Two pytest workers (the tests wait on servers as much as they compute); a test file
+# runs whole on one worker, with its own OpenFGA and PostgreSQL.
 test: setup system-deps
 	$(VENV)/bin/fga model test --tests 'fga_models/scopegate/*.fga.yaml'
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
 check: setup lint types
 

@@ -82,6 +82,8 @@ def serve(args: argparse.Namespace) -> int:
             data_dir=Path(args.data_dir),
             openfga_url=args.openfga_url,
             openfga_store_name=args.store,
+            openfga_check_cache_ttl_s=args.check_cache_ttl,
+            openfga_request_timeout_s=args.request_timeout,
         )
         embeddings = HashEmbeddings() if args.embeddings == "hash" else None
         g = await Gateway.start(settings, embeddings=embeddings)
@@ -124,7 +126,12 @@ def serve(args: argparse.Namespace) -> int:
 
 class ServerProcess:
     def __init__(
-        self, data_dir: Path, openfga_url: str, embeddings: str, profile: Path | None = None
+        self,
+        data_dir: Path,
+        openfga_url: str,
+        embeddings: str,
+        profile: Path | None = None,
+        server_cache: tuple[float, float] | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.port = free_port()
@@ -145,6 +152,16 @@ class ServerProcess:
             embeddings,
             *(x for t in TENANTS for x in ("--tenant", t)),
             *(("--profile", str(profile)) if profile is not None else ()),
+            *(
+                (
+                    "--check-cache-ttl",
+                    str(server_cache[0]),
+                    "--request-timeout",
+                    str(server_cache[1]),
+                )
+                if server_cache is not None
+                else ()
+            ),
         ]
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -635,6 +652,7 @@ async def run_load(
     data_dir: Path | None = None,
     max_shed_fraction: float = 0.0,
     profile: Path | None = None,
+    openfga_cache: bool = True,
 ) -> Report:
     """Start what is needed, load the world, drive the load, check it; return the report."""
     with contextlib.ExitStack() as stack:
@@ -642,14 +660,21 @@ async def run_load(
             stack.enter_context(tempfile.TemporaryDirectory(prefix="scopegate-load-"))
         )
         fga_pid: int | None = None
+        server_cache: tuple[float, float] | None = None
         if openfga_url is None:
-            from gateway.fga_server import ManagedOpenFGA
+            from gateway.fga_server import CHECK_CACHE_TTL_S, ManagedOpenFGA
 
-            fga = ManagedOpenFGA(work / "openfga")
+            # The managed OpenFGA as the gateway would run it (its check cache on), or
+            # with the cache off (--no-openfga-cache) for a side-by-side comparison.
+            fga = ManagedOpenFGA(
+                work / "openfga", check_cache_ttl_s=CHECK_CACHE_TTL_S if openfga_cache else 0
+            )
             openfga_url = fga.start()
             stack.callback(fga.stop)
             fga_pid = fga.process.pid if fga.process is not None else None
-        server = ServerProcess(work / "gateway", openfga_url, embeddings, profile)
+            if openfga_cache:
+                server_cache = (fga.check_cache_ttl_s, fga.request_timeout_s)
+        server = ServerProcess(work / "gateway", openfga_url, embeddings, profile, server_cache)
         server.start()
         stack.callback(server.stop)
         rng = random.Random(seed)
@@ -698,6 +723,8 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--embeddings", choices=["hash", "minilm"], default="hash")
     srv.add_argument("--tenant", action="append", default=[])
     srv.add_argument("--profile", default=None)
+    srv.add_argument("--check-cache-ttl", type=float, default=None)
+    srv.add_argument("--request-timeout", type=float, default=5.0)
     parser.add_argument("--duration", type=float, default=30.0, help="seconds of load (default 30)")
     parser.add_argument("--requests", type=int, default=None, help="stop after this many requests")
     parser.add_argument(
@@ -714,6 +741,11 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=0.0,
         help="fraction of requests allowed to fail closed with a 503 (default 0)",
+    )
+    parser.add_argument(
+        "--no-openfga-cache",
+        action="store_true",
+        help="run the managed OpenFGA without its check cache (docs/cache.md)",
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the report here")
     parser.add_argument(
@@ -740,6 +772,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             max_shed_fraction=args.max_shed,
             profile=args.profile.resolve() if args.profile else None,
+            openfga_cache=not args.no_openfga_cache,
         )
     )
     print(report.summary())

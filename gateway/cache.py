@@ -512,6 +512,12 @@ class ChangeProbe:
     OpenFGA) or drops everything. Answers may be stored by any request: an answer is
     stored only if no invalidation happened while it was fetched, and a change
     committed after it was computed is dropped by a later probe.
+
+    The probe also keeps ``quiet_since``: a time (the gateway's clock) at or after
+    every change commit it knows of — the end of the last probe that found anything
+    new, of the first probe (which knows nothing older), or of one that found too many.
+    :meth:`quiet_for` is how long since then; OpenFGA's check cache is trusted only
+    after a quiet time longer than its TTL plus its request timeout (docs/cache.md).
     """
 
     def __init__(
@@ -535,7 +541,14 @@ class ChangeProbe:
         self._horizon: datetime | None = None
         self._seen: set[Change] = set()
         self._inflight: tuple[float, asyncio.Future[bool]] | None = None
+        self.quiet_since: float | None = None
         self.stats = ProbeStats()
+
+    def quiet_for(self) -> float:
+        """Seconds since ``quiet_since`` (0 before the first successful probe)."""
+        if self.quiet_since is None:
+            return 0.0
+        return max(0.0, self._clock() - self.quiet_since)
 
     async def fresh(self) -> bool:
         """True when this request may read the cache (never raises)."""
@@ -576,10 +589,14 @@ class ChangeProbe:
             self.cache.invalidate()
             fresh = []
             self._seen.clear()
+            self.quiet_since = self._clock()
         except Exception as exc:  # any failure: this probe vouches for nothing
             self.stats.failures += 1
             logger.warning("decision cache: change probe failed: %s", exc)
             return False
+        if fresh or self.quiet_since is None:
+            # Every change this read found committed before now.
+            self.quiet_since = self._clock()
         self._remember(fresh, started)
         self.stats.changes_seen += len(fresh)
         return True

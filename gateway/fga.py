@@ -44,7 +44,13 @@ from openfga_sdk.models.write_authorization_model_request import (
 )
 
 from gateway import tracing
-from gateway.cache import Change, ChangeProbe, DecisionCache, ListKey
+from gateway.cache import (
+    Change,
+    ChangeProbe,
+    DecisionCache,
+    ListKey,
+    time_dependent_relations,
+)
 from gateway.decision import CheckItem, CheckOutcome
 from gateway.errors import AuthorizationUnavailable, ConfigurationError, InvalidRequest
 
@@ -223,6 +229,7 @@ class FgaClient:
         listobjects_max_results: int = 1000,
         cache: DecisionCache | None = None,
         exact_cache: bool = False,
+        server_cache_quiet_s: float | None = None,
     ) -> None:
         credentials = None
         if api_token:
@@ -249,6 +256,13 @@ class FgaClient:
         if cache is None and exact_cache:
             cache = DecisionCache(load_model(), exact=True)
         self.cache = cache
+        # OpenFGA's own check query cache: after this long with no change in the store,
+        # every entry it holds was computed after the last change (docs/cache.md).
+        # None: never ask for it.
+        self.server_cache_quiet_s = server_cache_quiet_s
+        # Checks of relations that can never reach a conditional tuple are sent without
+        # the clock, so OpenFGA's cache can reuse their answers across requests.
+        self._timed = time_dependent_relations(load_model())
         self._probe: ChangeProbe | None = None
         self._api_token = api_token
         self._parallel = asyncio.Semaphore(max_parallel_batches)
@@ -274,6 +288,14 @@ class FgaClient:
         if self._probe is None or self._probe.cache is not cache:
             self._probe = ChangeProbe(self, cache)
         return self._probe
+
+    def server_cache_ready(self) -> bool:
+        """Whether OpenFGA's check cache can hold no answer older than the last change:
+        the exact cache's probe has seen no change for ``server_cache_quiet_s``. Only
+        for a request that its own probe has just vouched for."""
+        quiet = self.server_cache_quiet_s
+        probe = self._probe
+        return quiet is not None and probe is not None and probe.quiet_for() >= quiet
 
     @property
     def model_id(self) -> str:
@@ -370,6 +392,7 @@ class FgaClient:
         contextual: Sequence[Tuple] = (),
         deadline: float | None = None,
         fresh: bool = False,
+        server_cache: bool = False,
     ) -> dict[CheckItem, CheckOutcome]:
         """Check every item; return an outcome for each (errors included).
 
@@ -383,7 +406,9 @@ class FgaClient:
         vouched for this request (answers are stored either way). ``contextual`` tuples
         are for reviewer what-if replays only: they are built by the gateway from a
         reviewer's request and never come from agents.
-        ``deadline`` (monotonic seconds) bounds every call.
+        ``deadline`` (monotonic seconds) bounds every call. ``server_cache`` asks
+        OpenFGA for ``MINIMIZE_LATENCY`` (its check cache) unless ``consistency`` is
+        given: only when :meth:`server_cache_ready` said so for this request.
         Raises AuthorizationUnavailable when a whole BatchCheck call fails.
         """
         wanted = list(items)
@@ -404,8 +429,13 @@ class FgaClient:
                     answers[question] = CheckOutcome(hit)
             self.stats.cache_hits += len(answers)
         missing = [q for q in unique if q not in answers]
+        # The gateway's own clock, at its own model, is left out of the checks that
+        # cannot depend on it; a caller's context or another model keeps it everywhere.
+        timeless = context is None and model_id in (None, self.model_id) and not contextual
+        if consistency is None and server_cache:
+            consistency = "MINIMIZE_LATENCY"
         fetched = await self._send(
-            missing, sent_context, model_id, consistency, contextual, deadline
+            missing, sent_context, model_id, consistency, contextual, deadline, timeless
         )
         answers.update(fetched)
         if cache is not None:
@@ -456,6 +486,7 @@ class FgaClient:
         consistency: str | None,
         contextual: Sequence[Tuple],
         deadline: float | None,
+        timeless: bool = False,
     ) -> dict[Question, CheckOutcome]:
         chunks = [
             questions[i : i + MAX_CHECKS_PER_BATCH]
@@ -463,7 +494,7 @@ class FgaClient:
         ]
         results = await asyncio.gather(
             *(
-                self._batch(chunk, context, model_id, consistency, contextual, deadline)
+                self._batch(chunk, context, model_id, consistency, contextual, deadline, timeless)
                 for chunk in chunks
             )
         )
@@ -480,6 +511,7 @@ class FgaClient:
         consistency: str | None,
         contextual: Sequence[Tuple],
         deadline: float | None,
+        timeless: bool = False,
     ) -> dict[Question, CheckOutcome]:
         """One BatchCheck call as plain JSON on the client's connection pool: building
         and parsing the SDK's request and response models cost more CPU than the call."""
@@ -497,9 +529,10 @@ class FgaClient:
         for cid, (user, relation, obj) in by_id.items():
             check: dict[str, Any] = {
                 "tuple_key": {"user": user, "relation": relation, "object": obj},
-                "context": dict(context),
                 "correlation_id": cid,
             }
+            if not timeless or (obj.partition(":")[0], relation) in self._timed:
+                check["context"] = dict(context)
             if extra is not None:
                 check["contextual_tuples"] = extra
             checks.append(check)

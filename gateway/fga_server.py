@@ -26,6 +26,22 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 _PR_SET_PDEATHSIG = 1
 LISTOBJECTS_DEADLINE_S = 3
 LISTOBJECTS_MAX_RESULTS = 1000
+#: The managed server's check query cache TTL (0 turns the cache off) and its request
+#: timeout, which bounds how long after a change a stale sub-result can still be cached.
+CHECK_CACHE_TTL_S = 10.0
+REQUEST_TIMEOUT_S = 5.0
+#: Slack for scheduling and clock rate when trusting OpenFGA's check cache.
+CACHE_QUIET_MARGIN_S = 1.0
+
+
+def cache_quiet_s(check_cache_ttl_s: float | None, request_timeout_s: float) -> float | None:
+    """How long the change log must be quiet before OpenFGA's check cache can hold no
+    answer older than the last change (docs/cache.md); None when there is no cache. A
+    stale entry was written at most one request timeout after the change it missed,
+    and lives one TTL."""
+    if not check_cache_ttl_s:
+        return None
+    return check_cache_ttl_s + request_timeout_s + CACHE_QUIET_MARGIN_S
 
 
 def find_openfga_binary(configured: str | None = None) -> str:
@@ -51,6 +67,11 @@ def _free_port() -> int:
         return port
 
 
+def _duration(seconds: float) -> str:
+    """A Go duration flag value, in milliseconds (never rounded up to a longer one)."""
+    return f"{max(1, int(seconds * 1000))}ms"
+
+
 def _die_with_parent() -> None:
     # Runs in the child between fork and exec: ask the kernel to SIGTERM it when
     # the parent dies, however the parent dies.
@@ -62,9 +83,20 @@ def _die_with_parent() -> None:
 class ManagedOpenFGA:
     """Start/stop an OpenFGA child process whose datastore lives in ``data_dir``."""
 
-    def __init__(self, data_dir: Path, binary: str | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        binary: str | None = None,
+        *,
+        check_cache_ttl_s: float = CHECK_CACHE_TTL_S,
+        request_timeout_s: float = REQUEST_TIMEOUT_S,
+    ) -> None:
+        if check_cache_ttl_s < 0 or request_timeout_s <= 0:
+            raise ValueError("check_cache_ttl_s must be >= 0 and request_timeout_s > 0")
         self.data_dir = data_dir
         self.binary = find_openfga_binary(binary)
+        self.check_cache_ttl_s = check_cache_ttl_s
+        self.request_timeout_s = request_timeout_s
         self.process: subprocess.Popen[bytes] | None = None
         self.http_port = 0
         self._log_path = data_dir / "openfga.log"
@@ -113,6 +145,8 @@ class ManagedOpenFGA:
             f"{LISTOBJECTS_DEADLINE_S}s",
             "--listObjects-max-results",
             str(LISTOBJECTS_MAX_RESULTS),
+            f"--request-timeout={_duration(self.request_timeout_s)}",
+            *self._cache_args(),
         ]
         log = self._log_path.open("ab")
         self.process = subprocess.Popen(
@@ -122,6 +156,18 @@ class ManagedOpenFGA:
         self._wait_healthy(timeout_s)
         (self.data_dir / "openfga.pid").write_text(str(self.process.pid))
         return self.url
+
+    def _cache_args(self) -> list[str]:
+        """The check query cache only: its entries are written by the request that
+        computed them, so the request timeout bounds their age. (The iterator cache is
+        left off: it drains iterators in the background, past any request's end.)"""
+        if self.check_cache_ttl_s == 0:
+            return []
+        return [
+            "--check-query-cache-enabled=true",
+            f"--check-query-cache-ttl={_duration(self.check_cache_ttl_s)}",
+            "--cache-ttl-jitter-percentage=0",
+        ]
 
     def _wait_healthy(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s

@@ -90,6 +90,8 @@ REFILL_MARGIN = 2.0
 #: answer while the change probe ran (see :meth:`PreFilter.retrieve`).
 SPECULATION_USED = "exact search started while the change probe ran; the probe vouched"
 SPECULATION_DROPPED = "exact search started while the change probe ran; dropped"
+#: Note of a request whose checks OpenFGA could answer from its check cache.
+OPENFGA_CACHE_NOTE = "OpenFGA check cache allowed: no change for longer than its TTL"
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,10 +294,14 @@ class RequestChecks:
         fresh = [d for d in dict.fromkeys(document_ids) if d not in self.verdicts]
         if fresh:
             items = plan_checks(self.ctx, fresh, include_request=not self._request_planned)
-            known = self.fga.cached(items) if await self.cache_fresh() else {}
+            vouched = await self.cache_fresh()
+            known = self.fga.cached(items) if vouched else {}
             send = _still_needed(items, {**self.outcomes, **known})
+            # OpenFGA's own check cache, only once the change log shows it holds nothing
+            # older than the last change (docs/cache.md).
+            server_cache = vouched and self.fga.server_cache_ready()
             try:
-                answered = await self._ask(send, len(fresh), outcome) if send else {}
+                answered = await self._ask(send, len(fresh), outcome, server_cache) if send else {}
             except BaseException:
                 outcome.verdicts.update(decide(self.ctx, fresh, {**self.outcomes, **known}))
                 raise
@@ -321,7 +327,11 @@ class RequestChecks:
         outcome.batch_rounds = self.rounds
 
     async def _ask(
-        self, items: list[CheckItem], documents: int, outcome: RetrievalOutcome
+        self,
+        items: list[CheckItem],
+        documents: int,
+        outcome: RetrievalOutcome,
+        server_cache: bool = False,
     ) -> dict[CheckItem, CheckOutcome]:
         """One BatchCheck round trip (the exact cache was consulted already)."""
         attributes = {
@@ -339,9 +349,12 @@ class RequestChecks:
                     model_id=self.model_id,
                     consistency=self.options.consistency,
                     deadline=self.options.deadline,
+                    server_cache=server_cache,
                 ),
                 None,
             )
+        if server_cache and OPENFGA_CACHE_NOTE not in outcome.notes:
+            outcome.notes.append(OPENFGA_CACHE_NOTE)
         self.rounds += 1
         return answered
 

@@ -59,7 +59,7 @@ from gateway.errors import (
     ScopegateError,
 )
 from gateway.fga import FgaClient, Tuple, load_model
-from gateway.fga_server import ManagedOpenFGA
+from gateway.fga_server import CHECK_CACHE_TTL_S, ManagedOpenFGA, cache_quiet_s
 from gateway.identity import (
     DelegationContext,
     PrincipalContext,
@@ -88,6 +88,7 @@ from gateway.relationships import (
     task_tuples,
 )
 from gateway.retrieval import (
+    OPENFGA_CACHE_NOTE,
     Adaptive,
     PostFilter,
     PreFilter,
@@ -221,8 +222,15 @@ class Gateway:
         data_dir.mkdir(parents=True, exist_ok=True)
         managed = None
         url = settings.openfga_url
+        cache_ttl = settings.openfga_check_cache_ttl_s
         if url is None:
-            managed = ManagedOpenFGA(data_dir / "openfga", settings.openfga_binary)
+            cache_ttl = CHECK_CACHE_TTL_S if cache_ttl is None else cache_ttl
+            managed = ManagedOpenFGA(
+                data_dir / "openfga",
+                settings.openfga_binary,
+                check_cache_ttl_s=cache_ttl,
+                request_timeout_s=settings.openfga_request_timeout_s,
+            )
             url = await asyncio.to_thread(managed.start)
         fga = FgaClient(
             url,
@@ -233,6 +241,7 @@ class Gateway:
             consistency=settings.openfga_consistency,
             api_token=settings.openfga_api_token,
             exact_cache=settings.decision_cache_exact,
+            server_cache_quiet_s=cache_quiet_s(cache_ttl, settings.openfga_request_timeout_s),
         )
         try:
             await fga.ensure_store_and_model(settings.openfga_store_name)
@@ -916,6 +925,8 @@ class Gateway:
         consistency: str,
     ) -> None:
         returned = {c.chunk_id for c in packed}
+        if outcome is not None and OPENFGA_CACHE_NOTE in outcome.notes:
+            consistency += "+openfga-cache"  # some checks went out as MINIMIZE_LATENCY
         candidates = []
         if outcome is not None:
             for doc_id, verdict in outcome.verdicts.items():

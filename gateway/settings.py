@@ -69,6 +69,12 @@ class Settings(BaseSettings):
     openfga_timeout_s: float = Field(default=2.0, gt=0)
     openfga_max_parallel_batches: int = Field(default=4, ge=1, le=32)
     openfga_consistency: Literal["HIGHER_CONSISTENCY", "MINIMIZE_LATENCY"] = "HIGHER_CONSISTENCY"
+    # OpenFGA's check query cache, used only when the change log shows it cannot hold a
+    # stale answer (docs/cache.md). The managed server runs it with this TTL (unset:
+    # 10 s; 0: off). An external server's cache is used only when its TTL is declared
+    # here (never more than the server's) with the server's --request-timeout.
+    openfga_check_cache_ttl_s: float | None = Field(default=None, ge=0)
+    openfga_request_timeout_s: float = Field(default=5.0, gt=0)
 
     # Identity.
     token_issuer: str = "scopegate"

@@ -12,6 +12,7 @@ keyed by time bucket, so a cached allow never outlives a task expiry.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import itertools
 import time
@@ -35,6 +36,7 @@ from gateway.cache import (
 )
 from gateway.fga import load_model
 from gateway.fga_server import ManagedOpenFGA
+from gateway.retrieval import Adaptive
 from gateway.service import Gateway
 from tests.conftest import make_settings
 from tests.world import World, bearer, doc
@@ -160,9 +162,20 @@ async def test_exact_cache_denies_a_revoked_task_on_the_very_next_request(
     assert await _docs(w) == []
 
 
+def _patient_lists(g: Gateway) -> None:
+    """Keep adaptive on the pre-filter on a busy test machine: a ListObjects time budget
+    it never runs out of, and post-filter costs it never prefers. These tests are about
+    which answers the pre-filter reuses, not about choosing it."""
+    adaptive = g.strategies["adaptive"]
+    assert isinstance(adaptive, Adaptive)
+    adaptive.pre.list_budget_s = 30.0
+    adaptive.costs.post_ms = lambda *args: 1e9  # type: ignore[method-assign]
+
+
 async def test_adaptive_reuses_list_objects_answers_until_a_change(
     gateway: Gateway, http: httpx.AsyncClient
 ) -> None:
+    _patient_lists(gateway)
     w = await World(gateway, http, "acme").setup(members=["alice"], agents=["bot"])
     await w.ingest(
         [
@@ -378,6 +391,30 @@ async def test_change_probe_drops_entries_on_a_change_and_keeps_them_otherwise()
     assert await probe.fresh() and cache.get(key) is True  # the same change, seen before
 
 
+async def test_change_probe_knows_how_long_the_store_has_been_quiet() -> None:
+    feed = _Feed()
+    now = [100.0]
+    probe = ChangeProbe(feed, DecisionCache(load_model(), exact=True), clock=lambda: now[0])
+    assert probe.quiet_for() == 0.0  # nothing known yet: not quiet
+    assert await probe.fresh()
+    now[0] = 130.0
+    assert probe.quiet_for() == 30.0  # counted from the first probe, which knows no past
+    assert await probe.fresh()  # nothing new: still quiet
+    now[0] = 140.0
+    assert probe.quiet_for() == 40.0
+    feed.changes.append(_change(datetime.now(UTC)))
+    assert await probe.fresh()
+    assert probe.quiet_for() == 0.0  # a change: the quiet time starts again at this probe
+    now[0] = 145.0
+    assert await probe.fresh() and probe.quiet_for() == 5.0  # the same change, seen before
+    feed.changes.append(_change(datetime.now(UTC)))
+    feed.fail = True
+    assert not await probe.fresh()  # a failed probe vouches for nothing; nothing is reset
+    feed.fail = False
+    now[0] = 150.0
+    assert await probe.fresh() and probe.quiet_for() == 0.0  # the change, once read
+
+
 async def test_change_probe_that_fails_vouches_for_nothing() -> None:
     feed = _Feed()
     cache = DecisionCache(load_model(), exact=True)
@@ -495,6 +532,7 @@ async def test_a_search_started_before_the_probe_is_used_only_for_the_vouched_su
     answer while the change probe runs; after a change that answer is not used."""
     from gateway.retrieval import SPECULATION_DROPPED, SPECULATION_USED
 
+    _patient_lists(gateway)
     w = await World(gateway, http, "acme").setup(members=["alice"], agents=["bot"])
     await w.ingest(
         [
@@ -525,3 +563,95 @@ async def test_a_search_started_before_the_probe_is_used_only_for_the_vouched_su
     found, notes = await retrieve()
     assert found == ["d1", "d2", "d3"]  # the grant counts on the very next request
     assert SPECULATION_DROPPED in notes and SPECULATION_USED not in notes
+
+
+# -- OpenFGA's own check cache, trusted only after a quiet time ----------------------------
+
+SERVER_TTL_S = 2.0
+SERVER_TIMEOUT_S = 2.0
+
+
+@contextlib.asynccontextmanager
+async def _behind_cached_openfga(
+    tmp_path: Path, embeddings: Any, ttl_s: float
+) -> AsyncIterator[tuple[Gateway, httpx.AsyncClient]]:
+    """A gateway in front of a real OpenFGA whose check query cache is on."""
+    server = ManagedOpenFGA(
+        tmp_path / "fga", check_cache_ttl_s=ttl_s, request_timeout_s=SERVER_TIMEOUT_S
+    )
+    server.start()
+    settings = make_settings(
+        server,
+        tmp_path / "data",
+        openfga_check_cache_ttl_s=ttl_s,
+        openfga_request_timeout_s=SERVER_TIMEOUT_S,
+    )
+    g = await Gateway.start(settings, embeddings=embeddings)
+    transport = httpx.ASGITransport(app=create_app(gateway=g))
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://scopegate") as http:
+            yield g, http
+    finally:
+        await g.close()
+        server.stop()
+
+
+@pytest.fixture
+async def server_cached(
+    tmp_path: Path, embeddings: Any
+) -> AsyncIterator[tuple[Gateway, httpx.AsyncClient]]:
+    async with _behind_cached_openfga(tmp_path, embeddings, SERVER_TTL_S) as pair:
+        yield pair
+
+
+async def _latest_consistency(g: Gateway) -> str:
+    records = [e.record async for e in g.audit.iter_all("acme") if e.record.kind == "retrieve"]
+    return records[-1].consistency
+
+
+async def test_openfga_cache_is_trusted_only_when_no_change_can_be_in_it(
+    server_cached: tuple[Gateway, httpx.AsyncClient],
+) -> None:
+    g, http = server_cached
+    assert g.fga.server_cache_quiet_s is not None
+    quiet = g.fga.server_cache_quiet_s
+    w = await _exact_world(g, http)
+    assert sorted(await _docs(w)) == ["d1", "d2"]
+    assert not (await _latest_consistency(g)).endswith("+openfga-cache")  # writes just now
+    await asyncio.sleep(quiet + 0.3)
+    assert sorted(await _docs(w)) == ["d1", "d2"]
+    assert (await _latest_consistency(g)).endswith("+openfga-cache")
+    # OpenFGA now holds alice's allow on d1 for its TTL; a revoke must not meet it.
+    await w.relationships(
+        deletes=[{"user": "user:alice", "relation": "viewer", "object": "document:d1"}]
+    )
+    assert await _docs(w) == ["d2"]
+    assert not (await _latest_consistency(g)).endswith("+openfga-cache")
+    await asyncio.sleep(quiet + 0.3)
+    assert await _docs(w) == ["d2"]  # trusted again, and it has no stale allow
+    assert (await _latest_consistency(g)).endswith("+openfga-cache")
+
+
+async def test_without_the_quiet_time_openfga_cache_would_serve_a_revoked_grant(
+    tmp_path: Path, embeddings: Any
+) -> None:
+    """The hazard the quiet time guards against, shown on the real server (TTL 60 s):
+    the same check, sent as MINIMIZE_LATENCY right after a revoke, is still allowed.
+    It also shows that a check sent without the clock is reused across requests."""
+    from gateway.decision import CheckItem, CheckName
+
+    async with _behind_cached_openfga(tmp_path, embeddings, 60.0) as (g, http):
+        w = await _exact_world(g, http)
+        item = CheckItem(
+            CheckName.USER_CAN_READ, "user:acme/alice", "user_can_read", "document:acme/d1", "d1"
+        )
+        assert (await g.fga.batch_check([item], server_cache=True))[item].allowed is True
+        await w.relationships(
+            deletes=[{"user": "user:alice", "relation": "viewer", "object": "document:d1"}]
+        )
+        stale = await g.fga.batch_check([item], server_cache=True)
+        fresh = await g.fga.batch_check([item])
+        assert (stale[item].allowed, fresh[item].allowed) == (True, False)
+        # The gateway itself would not have asked OpenFGA's cache now.
+        assert g.fga.change_probe is not None and await g.fga.change_probe.fresh()
+        assert not g.fga.server_cache_ready()
