@@ -112,7 +112,8 @@ class FgaStats:
     ``checks_requested`` counts items handed to :meth:`FgaClient.batch_check`;
     ``checks_sent`` the ones that reached OpenFGA after de-duplication and the cache;
     ``list_cache_hits`` ListObjects answers taken from the exact cache (not counted in
-    ``list_objects_calls``).
+    ``list_objects_calls``); ``server_cache_checks`` checks sent as ``MINIMIZE_LATENCY``
+    under the quiet-time rule (OpenFGA's check cache may answer them).
     """
 
     batch_check_calls: int = 0
@@ -121,6 +122,7 @@ class FgaStats:
     cache_hits: int = 0
     list_objects_calls: int = 0
     list_cache_hits: int = 0
+    server_cache_checks: int = 0
 
     def snapshot(self) -> FgaStats:
         return replace(self)
@@ -434,6 +436,7 @@ class FgaClient:
         timeless = context is None and model_id in (None, self.model_id) and not contextual
         if consistency is None and server_cache:
             consistency = "MINIMIZE_LATENCY"
+            self.stats.server_cache_checks += len(missing)
         fetched = await self._send(
             missing, sent_context, model_id, consistency, contextual, deadline, timeless
         )

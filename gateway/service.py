@@ -926,7 +926,8 @@ class Gateway:
     ) -> None:
         returned = {c.chunk_id for c in packed}
         if outcome is not None and OPENFGA_CACHE_NOTE in outcome.notes:
-            consistency += "+openfga-cache"  # some checks went out as MINIMIZE_LATENCY
+            # Some checks went out as MINIMIZE_LATENCY (OpenFGA's cache could answer).
+            consistency = consistency.removesuffix("+cache") + "+openfga-cache+cache"
         candidates = []
         if outcome is not None:
             for doc_id, verdict in outcome.verdicts.items():

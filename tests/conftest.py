@@ -33,9 +33,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items[:] = [i for i in items if not i.get_closest_marker("soak")]
 
 
+#: The session OpenFGA runs its check query cache with a short TTL, and every gateway of
+#: the tests declares it: after a quiet time (docs/cache.md) retrievals may use it.
+SESSION_CHECK_CACHE_TTL_S = 0.5
+SESSION_REQUEST_TIMEOUT_S = 3.0
+
+
 @pytest.fixture(scope="session")
 def openfga(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagedOpenFGA]:
-    server = ManagedOpenFGA(tmp_path_factory.mktemp("openfga"))
+    server = ManagedOpenFGA(
+        tmp_path_factory.mktemp("openfga"),
+        check_cache_ttl_s=SESSION_CHECK_CACHE_TTL_S,
+        request_timeout_s=SESSION_REQUEST_TIMEOUT_S,
+    )
     server.start()
     try:
         yield server
@@ -55,6 +65,8 @@ def make_settings(openfga: ManagedOpenFGA, data_dir: Path, **overrides: Any) -> 
         "data_dir": data_dir,
         "openfga_url": openfga.url,
         "openfga_store_name": f"test-{uuid.uuid4().hex[:12]}",
+        "openfga_check_cache_ttl_s": openfga.check_cache_ttl_s,
+        "openfga_request_timeout_s": openfga.request_timeout_s,
     }
     return load_settings(**{**values, **overrides})
 

@@ -168,6 +168,7 @@ REQUIRED = {
     "fronted:served": 0.5,  # exact comparisons whose top-k holds a fronted chunk
     "fronted:nested_folder": 0.5,  # fronted documents two folders deep or more
     "fronted:upstream_changed": 1.0,
+    "openfga_cache:checks": 10.0,  # checks OpenFGA's cache could answer, after quiet times
 }
 WORLD_HANG_S = 600.0  # a world that has not finished by then is reported as hung
 ENFORCED_FROM = 8  # worlds; fewer (a quick local run) only prints what was exercised
@@ -839,6 +840,19 @@ class WorldRun:
             return task.user, task.agent, foreign.id, None
         return task.user, task.agent, task.id, task
 
+    async def check_quiet(self) -> None:
+        """Once the store has been quiet long enough, OpenFGA's check cache answers the
+        gateway's checks (docs/cache.md): the same comparisons then, and the program's
+        revocations right after, with the cache warm."""
+        quiet = self.g.fga.server_cache_quiet_s
+        assert quiet is not None, "the session OpenFGA runs its check cache"
+        await asyncio.sleep(quiet + 0.2)
+        assert self.g.fga.cache is not None
+        self.g.fga.cache.invalidate()  # so that OpenFGA's cache, not the gateway's, answers
+        before = self.g.fga.stats.server_cache_checks
+        await self.check_retrievals("after a quiet time (OpenFGA's check cache trusted)", False)
+        TALLY.exercised["openfga_cache:checks"] += self.g.fga.stats.server_cache_checks - before
+
     async def check_retrievals(self, phase: str, pinned: bool) -> None:
         # A token presented by the wrong user or agent, or with a foreign task, is also asked
         # as its rightful holder: the same query then has something to return.
@@ -884,6 +898,7 @@ class WorldRun:
         for t, batches in enumerate(self.spec.batches):
             await self.load(t, batches)
         await self.check_retrievals("initial", pinned=False)
+        await self.check_quiet()
         for kind, t, seed in self.spec.program:
             await self.mutate(kind, t, seed)
         await self.check_retrievals("after the program", pinned=True)
