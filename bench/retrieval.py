@@ -887,8 +887,12 @@ def machine_notes(load_before: tuple[float, float, float]) -> list[str]:
         f"checks per call, {DEFAULTS['openfga_timeout_s'].default:g} s per OpenFGA call), "
         f"{DEFAULTS['openfga_consistency'].default}, {REQUEST_TIMEOUT_S:g} s per request "
         "(a request past it fails closed and counts as an error), the exact decision cache "
-        "(one ReadChanges probe per request; emptied before every cell); "
-        "`adaptive-nocache` sends every check to OpenFGA",
+        "(one ReadChanges probe per request; emptied before every cell); OpenFGA's check "
+        f"query cache on ({CHECK_CACHE_TTL_S:g} s TTL), asked for once the change log has "
+        "been quiet long enough (docs/cache.md; nothing is written while cells run). "
+        "`floor`, `naive` and the anchor reach the same OpenFGA; `floor` asks its cache "
+        "whenever it is on. `adaptive-nocache` sends every check to OpenFGA as "
+        "HIGHER_CONSISTENCY",
         "- `anchor`: auth0-ai-langchain " + ANCHOR_PACKAGES[0].split("==")[1] + " "
         "`FGARetriever` in its own virtualenv (langchain-core < 0.4, openfga-sdk < 0.10), "
         "same OpenFGA store and Chroma collection; its p50 is timed inside its process",
