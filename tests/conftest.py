@@ -67,6 +67,9 @@ def make_settings(openfga: ManagedOpenFGA, data_dir: Path, **overrides: Any) -> 
         "openfga_store_name": f"test-{uuid.uuid4().hex[:12]}",
         "openfga_check_cache_ttl_s": openfga.check_cache_ttl_s,
         "openfga_request_timeout_s": openfga.request_timeout_s,
+        # Two test workers share two cores with their servers: a call of 2 s (the
+        # default) can run out on a busy machine. Tests about timeouts set their own.
+        "openfga_timeout_s": 10.0,
     }
     return load_settings(**{**values, **overrides})
 
