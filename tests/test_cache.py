@@ -58,6 +58,15 @@ async def cached(
         decision_cache_bucket_s=1.0,
         strategy="postfilter",
     )
+    async with _over_http(settings, embeddings) as pair:
+        yield pair
+
+
+@contextlib.asynccontextmanager
+async def _over_http(
+    settings: Any, embeddings: Any
+) -> AsyncIterator[tuple[Gateway, httpx.AsyncClient]]:
+    """A gateway started with ``settings`` and an HTTP client on its app."""
     g = await Gateway.start(settings, embeddings=embeddings)
     transport = httpx.ASGITransport(app=create_app(gateway=g))
     try:
@@ -580,19 +589,11 @@ async def _behind_cached_openfga(
         tmp_path / "fga", check_cache_ttl_s=ttl_s, request_timeout_s=SERVER_TIMEOUT_S
     )
     server.start()
-    settings = make_settings(
-        server,
-        tmp_path / "data",
-        openfga_check_cache_ttl_s=ttl_s,
-        openfga_request_timeout_s=SERVER_TIMEOUT_S,
-    )
-    g = await Gateway.start(settings, embeddings=embeddings)
-    transport = httpx.ASGITransport(app=create_app(gateway=g))
     try:
-        async with httpx.AsyncClient(transport=transport, base_url="http://scopegate") as http:
-            yield g, http
+        # make_settings declares the server's TTL and request timeout to the gateway.
+        async with _over_http(make_settings(server, tmp_path / "data"), embeddings) as pair:
+            yield pair
     finally:
-        await g.close()
         server.stop()
 
 
