@@ -557,10 +557,13 @@ async def test_a_search_started_before_the_probe_is_used_only_for_the_vouched_su
     task = await w.task("alice", "bot", ["source:docs"])
     token = w.agent_token("alice", "bot", task)
 
+    narrowest: list[str | None] = []
+
     async def retrieve() -> tuple[list[str], list[str]]:
         ctx = gateway.verifier.verify_delegation(token)
         result = await gateway.retrieve(ctx, "revenue forecast", k=3, strategy="adaptive")
         assert "prefilter" in result.outcome.strategy
+        narrowest.append(result.outcome.narrowest)
         return sorted(c.document_id for c in result.chunks), result.outcome.notes
 
     assert (await retrieve())[0] == ["d1", "d2"]  # a new task: every list is asked
@@ -571,7 +574,13 @@ async def test_a_search_started_before_the_probe_is_used_only_for_the_vouched_su
     )
     found, notes = await retrieve()
     assert found == ["d1", "d2", "d3"]  # the grant counts on the very next request
-    assert SPECULATION_DROPPED in notes and SPECULATION_USED not in notes
+    if narrowest[0] == "user_can_read":  # the list the grant changed: the head start goes
+        assert SPECULATION_DROPPED in notes and SPECULATION_USED not in notes
+    else:
+        # A busy machine cut the user's first ListObjects short (an answer near its
+        # deadline counts as truncated), so the agent's or the task's list is the one
+        # reused, and the grant did not change it: the head start rightly stands.
+        assert SPECULATION_USED in notes
 
 
 # -- OpenFGA's own check cache, trusted only after a quiet time ----------------------------
