@@ -232,6 +232,7 @@ class FgaClient:
         cache: DecisionCache | None = None,
         exact_cache: bool = False,
         server_cache_quiet_s: float | None = None,
+        model: Mapping[str, Any] | None = None,
     ) -> None:
         credentials = None
         if api_token:
@@ -263,8 +264,9 @@ class FgaClient:
         # None: never ask for it.
         self.server_cache_quiet_s = server_cache_quiet_s
         # Checks of relations that can never reach a conditional tuple are sent without
-        # the clock, so OpenFGA's cache can reuse their answers across requests.
-        self._timed = time_dependent_relations(load_model())
+        # the clock, so OpenFGA's cache can reuse their answers across requests. Read from
+        # the model this client checks against (``model``; default: the shipped one).
+        self._timed = time_dependent_relations(model if model is not None else load_model())
         self._probe: ChangeProbe | None = None
         self._api_token = api_token
         self._parallel = asyncio.Semaphore(max_parallel_batches)
@@ -860,7 +862,11 @@ class FgaClient:
                 timeout=self.timeout_s,
             )
         scratch = FgaClient(
-            self.api_url, created.id, timeout_s=self.timeout_s, api_token=self._api_token
+            self.api_url,
+            created.id,
+            timeout_s=self.timeout_s,
+            api_token=self._api_token,
+            model=model,
         )
         try:
             body = WriteAuthorizationModelRequest(

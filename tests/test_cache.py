@@ -309,6 +309,21 @@ def test_time_dependent_relations_follow_the_condition_through_the_model() -> No
     assert ("tenant", "member") not in timed
 
 
+def test_the_clock_is_left_out_only_where_the_checked_model_cannot_need_it() -> None:
+    """A client reads the time-dependent relations from the model it checks against:
+    a replay's scratch store may hold an archived model with other conditions."""
+    from gateway.fga import FgaClient
+
+    model = copy.deepcopy(load_model())
+    document = next(t for t in model["type_definitions"] if t["type"] == "document")
+    viewers = document["metadata"]["relations"]["viewer"]["directly_related_user_types"]
+    viewers.append({"type": "user", "condition": "not_expired"})
+    shipped = FgaClient("http://127.0.0.1:9", "01ARZ3NDEKTSV4RRFFQ69G5FAV")
+    archived = FgaClient("http://127.0.0.1:9", "01ARZ3NDEKTSV4RRFFQ69G5FAV", model=model)
+    assert ("document", "user_can_read") not in shipped._timed
+    assert ("document", "user_can_read") in archived._timed
+
+
 def test_models_with_other_conditions_refuse_the_cache() -> None:
     model = copy.deepcopy(load_model())
     check_conditions(model)
