@@ -47,10 +47,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -74,6 +76,7 @@ from connectors.chroma import (  # noqa: E402
     ChromaStore,
     collection_name,
 )
+from gateway.catalog import SourceCatalog, open_catalog  # noqa: E402
 from gateway.decision import plan_checks  # noqa: E402
 from gateway.errors import ScopegateError  # noqa: E402
 from gateway.fga import FgaClient, FgaStats, Tuple  # noqa: E402
@@ -584,6 +587,7 @@ class Bench:
         corpus: Corpus,
         k: int,
         anchor: Anchor | None = None,
+        catalog: SourceCatalog | None = None,
     ) -> None:
         self.fga = fga
         self.chroma = chroma
@@ -595,7 +599,16 @@ class Bench:
         self.anchor_checks = 0
         #: Per strategy request, ms spent in each phase (logged per cell: where time goes).
         self.phases: list[dict[str, float]] = []
-        self.handle = SourceHandle(TENANT, corpus.source, chroma, corpus.documents, exact=False)
+        # The content versions come from a catalog, as the gateway's do: the store keeps
+        # the vectors it read for documents whose version stays the same.
+        versions = (
+            None
+            if catalog is None
+            else functools.partial(catalog.content_versions, TENANT, source=corpus.source)
+        )
+        self.handle = SourceHandle(
+            TENANT, corpus.source, chroma, corpus.documents, exact=False, versions=versions
+        )
         # Configured as the gateway is by default (gateway/settings.py).
         post = PostFilter(fga, DEFAULTS["overfetch"].default, DEFAULTS["max_candidates"].default)
         pre = PreFilter(fga, post, DEFAULTS["listobjects_max_results"].default)
@@ -705,6 +718,7 @@ async def measure(
         run = bench.method(name, ctx)
         if bench.fga.cache is not None:
             bench.fga.cache.invalidate()  # every cell starts with an empty cache
+        bench.chroma.vector_cache.forget(TENANT, bench.corpus.source)  # and no vectors kept
         started = time.monotonic()
         for q in queries[:warmup]:  # never among the measured queries
             await attempt(run, q)
@@ -1136,7 +1150,7 @@ async def run(
     try:
         for size in sizes:
             corpus, fga, manifest = await prepare(args, size, url, chroma, log)
-            anchor = None
+            anchor, catalog = None, None
             try:
                 oracle = Oracle(corpus)
                 rng = np.random.default_rng(args.seed + 100 + size)
@@ -1145,7 +1159,8 @@ async def run(
                     corpus.centers[rng.integers(0, CLUSTERS, n)] + NOISE * rng.normal(size=(n, DIM))
                 ).astype(np.float32)
                 anchor = Anchor(python, data / "chroma", corpus, fga) if python else None
-                bench = Bench(fga, chroma, corpus, args.k, anchor)
+                catalog = await content_catalog(data, corpus)
+                bench = Bench(fga, chroma, corpus, args.k, anchor, catalog)
                 await chroma.search(TENANT, corpus.source, queries[0], args.k)  # open index
                 res: Results = {}
                 for profile in profiles():
@@ -1173,6 +1188,8 @@ async def run(
             finally:
                 if anchor is not None:
                     anchor.close()
+                if catalog is not None:
+                    await catalog.close()
                 await fga.close()
     finally:
         chroma.close()
@@ -1188,6 +1205,25 @@ async def run(
         time.monotonic() - started,
     )
     print(summary)
+
+
+async def content_catalog(data: Path, corpus: Corpus) -> SourceCatalog:
+    """A fresh SQLite catalog recording every document of the corpus as ingested (one
+    content version each), read as the gateway reads its own."""
+    path = data / f"catalog-{corpus.size}"
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    catalog = open_catalog(None, path)
+    await catalog.add_tenant(TENANT)
+    await catalog.add_source(TENANT, corpus.source, "chroma", {})
+    ids = [f"d{d:06d}" for d in range(corpus.documents)]
+    for start in range(0, len(ids), 5000):
+        part = ids[start : start + 5000]
+        await catalog.claim(TENANT, corpus.source, [], part, lease=False)
+        await catalog.complete_documents(
+            TENANT, [(d, CHUNKS_PER_DOC, f"bench:{d}", None, {}) for d in part]
+        )
+    return catalog
 
 
 def corpus_note(corpus: Corpus, manifest: dict[str, Any]) -> str:

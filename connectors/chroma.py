@@ -28,6 +28,7 @@ import threading
 import urllib.parse
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import chromadb
@@ -44,6 +45,13 @@ from chromadb.errors import ChromaError, NotFoundError
 from connectors.base import Candidate, ChunkRecord, Metadata
 from connectors.chunking import chunk_index
 from connectors.memory import STAMP_KEYS, Matrix, check_chunks, cosine_top_n
+from connectors.vectors import (
+    DEFAULT_MAX_BYTES,
+    ContentVersions,
+    DocumentVectors,
+    VectorCache,
+    confirmed,
+)
 from gateway.errors import ScopegateError, SourceUnavailable
 
 T = TypeVar("T")
@@ -127,6 +135,7 @@ class ChromaStore:
         headers: Mapping[str, str] | None = None,
         timeout: float | None = 10.0,
         write_timeout: float | None = 300.0,
+        vector_cache_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
         if path is not None and url is None:
             self._connect = _persistent_connector(path)
@@ -147,6 +156,12 @@ class ChromaStore:
         self._connect_lock = threading.Lock()
         # Index entries are read, merged and written back: one writer at a time.
         self._write_lock = threading.Lock()
+        self._vector_cache = VectorCache(vector_cache_bytes)
+
+    @property
+    def vector_cache(self) -> VectorCache:
+        """The chunk vectors kept for :meth:`search_documents_versioned`."""
+        return self._vector_cache
 
     async def upsert(self, tenant: str, source: str, chunks: Sequence[ChunkRecord]) -> None:
         """Insert or replace chunks by chunk id (InvalidRequest for a malformed batch)."""
@@ -176,9 +191,35 @@ class ChromaStore:
         document_ids: Sequence[str],
     ) -> list[Candidate]:
         """The exact ``n`` nearest chunks of ``document_ids``, nearest first."""
-        return await self._run(
+        hits, _ = await self._run(
             "get by document", self._search_documents, tenant, source, embedding, n, document_ids
         )
+        return hits
+
+    async def search_documents_versioned(
+        self,
+        tenant: str,
+        source: str,
+        embedding: Sequence[float],
+        n: int,
+        document_ids: Sequence[str],
+        versions: ContentVersions,
+    ) -> list[Candidate]:
+        """:meth:`search_documents`, reusing the vectors of documents whose content
+        version (``versions``, the gateway's catalog) is the one they were read under.
+
+        Vectors read here are kept only for documents whose version was the same before
+        and after the read (an update in flight clears it, a finished one changes it).
+        """
+        ids = list(dict.fromkeys(document_ids))
+        before = await versions(ids) if ids and n > 0 and self._vector_cache.max_bytes else {}
+        hits, fill = await self._run(
+            "get by document", self._search_documents, tenant, source, embedding, n, ids, before
+        )
+        labelled = {d: e.version for d, e in fill.read.items()}
+        for d in await confirmed(versions, labelled):
+            self._vector_cache.put((tenant, source, d), fill.read[d], fill.generation)
+        return hits
 
     async def count(self, tenant: str, source: str) -> int:
         """How many chunks (tenant, source) holds."""
@@ -286,6 +327,7 @@ class ChromaStore:
         collection = self._writable(tenant, source, CHUNKS)
         index = self._writable(tenant, source, DOCUMENT_INDEX)
         with self._write_lock:
+            self._vector_cache.forget(tenant, source, [c.document_id for c in chunks])
             self._index_chunks(index, tenant, source, chunks)
             for batch in _batches(chunks, self._batch):
                 collection.upsert(
@@ -320,6 +362,7 @@ class ChromaStore:
         collection, index = pair
         wanted = set(document_ids)
         with self._write_lock:
+            self._vector_cache.forget(tenant, source, document_ids)
             listed = _listed_chunk_ids(index, document_ids)
             if not listed:
                 return 0  # none of them is stored: nothing to read or delete
@@ -364,17 +407,33 @@ class ChromaStore:
         embedding: Sequence[float],
         n: int,
         document_ids: Sequence[str],
-    ) -> list[Candidate]:
+        versions: Mapping[str, str | None] | None = None,
+    ) -> tuple[list[Candidate], _Fill]:
+        """The exact ``n`` nearest chunks, and the vectors read for documents that have
+        a version in ``versions`` (to be cached once the version is confirmed)."""
         wanted = set(document_ids)
         pair = self._open_pair(tenant, source) if wanted and n > 0 else None
         if pair is None:
-            return []
+            return [], _Fill(0, {})
         collection, index = pair
-        listed = _listed_chunk_ids(index, sorted(wanted))
+        generation = self._vector_cache.generation(tenant, source)
+        known = versions or {}
+        where = str(collection.id)
+        cached: list[DocumentVectors] = []
+        unread: list[str] = []
+        for d in sorted(wanted):
+            entry = self._vector_cache.get((tenant, source, d), known.get(d), where)
+            if entry is None:
+                unread.append(d)
+            else:
+                cached.append(entry)
+        listed = _listed_chunk_ids(index, unread) if unread else {}
         chunk_ids = list(dict.fromkeys(cid for ids in listed.values() for cid in ids))
         # Rank on the vectors alone, then read texts and stamps for the winners only:
         # fetching everything for every listed chunk costs about twice as much.
-        ids, vectors = _vectors(collection, chunk_ids, self._batch)
+        fresh_ids, fresh = _vectors(collection, chunk_ids, self._batch)
+        fill = _Fill(generation, _read_documents(where, known, listed, fresh_ids, fresh))
+        ids, vectors = _stack(cached, fresh_ids, fresh)
         ranked = cosine_top_n(embedding, ids, vectors, len(ids))
         hits: list[Candidate] = []
         for page in _batches(ranked, n):
@@ -386,13 +445,14 @@ class ChromaStore:
                     hits.append(_candidate(ids[row], text, meta, distance))
             if len(hits) >= n:
                 break
-        return hits[:n]
+        return hits[:n], fill
 
     def _count(self, tenant: str, source: str) -> int:
         collection = self._open(tenant, source, CHUNKS, create=False)
         return 0 if collection is None else collection.count()
 
     def _drop(self, tenant: str, source: str) -> None:
+        self._vector_cache.forget(tenant, source)
         client = self._connected()
         for kind in (CHUNKS, DOCUMENT_INDEX):
             # Opening verifies the owner first: never drop a collection we did not make.
@@ -526,6 +586,52 @@ def _vectors(collection: Collection, ids: list[str], batch: int) -> tuple[list[s
             found_ids += found["ids"]
             rows.append(np.asarray(found["embeddings"], dtype=np.float64))
     return found_ids, (np.vstack(rows) if rows else np.zeros((0, 0), dtype=np.float64))
+
+
+@dataclass(frozen=True, slots=True)
+class _Fill:
+    """Vectors read by one search, by document, labelled with the version presented;
+    ``generation``: the pair's write generation when the read began."""
+
+    generation: int
+    read: dict[str, DocumentVectors]
+
+
+def _read_documents(
+    collection: str,
+    versions: Mapping[str, str | None],
+    listed: Mapping[str, list[str]],
+    ids: list[str],
+    vectors: Matrix,
+) -> dict[str, DocumentVectors]:
+    """Per-document entries of the vectors just read, for documents with a version."""
+    rows = {cid: row for row, cid in enumerate(ids)}
+    read: dict[str, DocumentVectors] = {}
+    for document_id, chunk_ids in listed.items():
+        version = versions.get(document_id)
+        found = [cid for cid in dict.fromkeys(chunk_ids) if cid in rows]
+        if version is None or not found:
+            continue
+        matrix = vectors[[rows[cid] for cid in found]].astype(np.float32)
+        read[document_id] = DocumentVectors(collection, version, tuple(found), matrix)
+    return read
+
+
+def _stack(
+    cached: Sequence[DocumentVectors], ids: list[str], vectors: Matrix
+) -> tuple[list[str], Matrix]:
+    """Cached and freshly read rows as one matrix, each chunk id once."""
+    if not cached:
+        return ids, vectors
+    parts: list[Matrix] = [e.matrix.astype(np.float64) for e in cached]
+    if ids:
+        parts.append(vectors)
+    all_ids = [cid for e in cached for cid in e.chunk_ids] + ids
+    matrix = np.vstack(parts)
+    if len(set(all_ids)) == len(all_ids):
+        return all_ids, matrix
+    keep = sorted({cid: row for row, cid in reversed(list(enumerate(all_ids)))}.values())
+    return [all_ids[row] for row in keep], matrix[keep]
 
 
 def _records(

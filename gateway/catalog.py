@@ -528,17 +528,19 @@ class SourceCatalog:
         return DocumentEntry(str(r[0]), str(r[1]), int(r[2]), r[3], r[4])
 
     async def content_versions(
-        self, tenant: str, document_ids: Sequence[str]
+        self, tenant: str, document_ids: Sequence[str], source: str | None = None
     ) -> dict[str, str | None]:
         """document id -> catalog fingerprint (None while an update is in flight), for
-        the ids the catalog knows."""
+        the ids the catalog knows (in ``source``, when given)."""
         found: dict[str, str | None] = {}
+        in_source, extra = ("AND source=? ", (source,)) if source is not None else ("", ())
         for i in range(0, len(document_ids), 500):
             part = list(document_ids[i : i + 500])
             marks = ", ".join("?" for _ in part)
             rows = await self._rows(
-                f"SELECT id, fingerprint FROM documents WHERE tenant=? AND id IN ({marks})",  # noqa: S608
-                (tenant, *part),
+                f"SELECT id, fingerprint FROM documents WHERE tenant=? {in_source}"  # noqa: S608
+                f"AND id IN ({marks})",
+                (tenant, *extra, *part),
             )
             found.update({str(r[0]): r[1] for r in rows})
         return found

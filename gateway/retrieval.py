@@ -51,6 +51,7 @@ travel with every call to OpenFGA and to the stores.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import time
 from collections import OrderedDict
@@ -59,6 +60,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from connectors.base import Candidate, VectorStore
+from connectors.vectors import ContentVersions, VersionedSearch
 from gateway import tracing
 from gateway.decision import (
     REQUEST_CHECKS,
@@ -105,6 +107,9 @@ class SourceHandle:
     store: VectorStore
     documents: int = 0
     exact: bool = False
+    #: The catalog's content versions of this source's documents: lets a store that
+    #: can (:class:`~connectors.vectors.VersionedSearch`) reuse vectors it read before.
+    versions: ContentVersions | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -804,7 +809,7 @@ class PreFilter:
                 # Its cost, for the cost model, is from when it started, not the wait.
                 ms = (time.perf_counter() - begun) * 1000
                 outcome.phases[-1] = Phase("exact", len(ids), ms)
-            exact = [SourceHandle(s.tenant, s.id, s.store, s.documents, True) for s in sources]
+            exact = [dataclasses.replace(s, exact=True) for s in sources]
             window = trusted_prefix(list(zip(exact, found, strict=True)), n, 1.0)
             documents = _examine(outcome, ctx, window)
             await checks.verify(documents, outcome)
@@ -853,9 +858,17 @@ def _exact_search(
     ids: Sequence[str] | frozenset[str],
 ) -> asyncio.Future[list[list[Candidate]]]:
     ordered = sorted(ids)
-    return asyncio.gather(
-        *(s.store.search_documents(s.tenant, s.id, vector, n, ordered) for s in sources)
-    )
+    return asyncio.gather(*(_search_source(s, vector, n, ordered) for s in sources))
+
+
+async def _search_source(
+    s: SourceHandle, vector: Sequence[float], n: int, ordered: list[str]
+) -> list[Candidate]:
+    if s.versions is not None and isinstance(s.store, VersionedSearch):
+        return await s.store.search_documents_versioned(
+            s.tenant, s.id, vector, n, ordered, s.versions
+        )
+    return await s.store.search_documents(s.tenant, s.id, vector, n, ordered)
 
 
 def _drop(ahead: _Speculation | None) -> None:

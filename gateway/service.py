@@ -35,6 +35,7 @@ from connectors.fronted import (
     source_config,
 )
 from connectors.fronted import production_problems as source_production_problems
+from connectors.vectors import DEFAULT_MAX_BYTES
 from gateway import scim, tracing
 from gateway.audit import AuditRecord, AuditStore, CandidateVerdict, open_audit_store, redact_query
 from gateway.cache import ChangeWatcher, DecisionCache
@@ -142,6 +143,8 @@ class StoreRegistry:
     data_dir: Path
     chroma_url: str | None = None
     chroma_headers: Mapping[str, str] = field(default_factory=dict)
+    #: Bytes of chunk vectors each Chroma store keeps for exact ranking (0: none).
+    vector_cache_bytes: int = DEFAULT_MAX_BYTES
     _stores: dict[str, VectorStore] = field(default_factory=dict)
 
     def for_source(self, info: SourceInfo) -> VectorStore:
@@ -168,9 +171,11 @@ class StoreRegistry:
         from connectors.chroma import ChromaStore
 
         url = config.get("url") or self.chroma_url
+        cache = self.vector_cache_bytes
         if url:
-            return ChromaStore(url=str(url), headers=dict(self.chroma_headers) or None)
-        return ChromaStore(path=self.data_dir / "chroma")
+            headers = dict(self.chroma_headers) or None
+            return ChromaStore(url=str(url), headers=headers, vector_cache_bytes=cache)
+        return ChromaStore(path=self.data_dir / "chroma", vector_cache_bytes=cache)
 
     async def healthy(self) -> bool:
         checks = await asyncio.gather(*(s.healthy() for s in self._stores.values()))
@@ -200,7 +205,12 @@ class Gateway:
         self.verifier = verifier
         self.managed = managed
         self.signing_key = signing_key
-        self.stores = StoreRegistry(settings.data_dir, settings.chroma_url, settings.chroma_headers)
+        self.stores = StoreRegistry(
+            settings.data_dir,
+            settings.chroma_url,
+            settings.chroma_headers,
+            settings.vector_cache_mb << 20,
+        )
         self.ingestor = Ingestor(fga, catalog, embeddings)
         self.watcher: ChangeWatcher | None = None
         self.changelog: ChangeArchiver | None = None
@@ -797,7 +807,16 @@ class Gateway:
                 raise NotFound(f"source {name} not found")
             info, count = found
             store = self.stores.for_source(info)
-            handles.append(SourceHandle(tenant, name, store, count, exact=info.kind == "memory"))
+            # Ingestion records a managed source's content versions; a fronted
+            # collection's text changes without the catalog knowing.
+            versions = (
+                None
+                if is_fronted(info.config)
+                else functools.partial(self.catalog.content_versions, tenant, source=name)
+            )
+            handles.append(
+                SourceHandle(tenant, name, store, count, info.kind == "memory", versions)
+            )
         return handles
 
     @tracing.traced("scopegate.retrieve")
