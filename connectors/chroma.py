@@ -316,6 +316,18 @@ class ChromaStore:
             raise SourceUnavailable(f"Chroma did not create the {kind} collection")
         return collection
 
+    @contextlib.contextmanager
+    def _forgetting(
+        self, tenant: str, source: str, document_ids: Sequence[str] | None = None
+    ) -> Iterator[None]:
+        """Forget the kept vectors of what a write touches, before and after it, so
+        that no search that read during the write keeps what it read."""
+        self._vector_cache.forget(tenant, source, document_ids)
+        try:
+            yield
+        finally:
+            self._vector_cache.forget(tenant, source, document_ids)
+
     def _open_pair(self, tenant: str, source: str) -> tuple[Collection, Collection] | None:
         chunks = self._open(tenant, source, CHUNKS, create=False)
         index = self._open(tenant, source, DOCUMENT_INDEX, create=False)
@@ -326,8 +338,7 @@ class ChromaStore:
     def _upsert(self, tenant: str, source: str, chunks: list[ChunkRecord]) -> None:
         collection = self._writable(tenant, source, CHUNKS)
         index = self._writable(tenant, source, DOCUMENT_INDEX)
-        with self._write_lock:
-            self._vector_cache.forget(tenant, source, [c.document_id for c in chunks])
+        with self._write_lock, self._forgetting(tenant, source, [c.document_id for c in chunks]):
             self._index_chunks(index, tenant, source, chunks)
             for batch in _batches(chunks, self._batch):
                 collection.upsert(
@@ -361,8 +372,7 @@ class ChromaStore:
             return 0
         collection, index = pair
         wanted = set(document_ids)
-        with self._write_lock:
-            self._vector_cache.forget(tenant, source, document_ids)
+        with self._write_lock, self._forgetting(tenant, source, document_ids):
             listed = _listed_chunk_ids(index, document_ids)
             if not listed:
                 return 0  # none of them is stored: nothing to read or delete
@@ -452,13 +462,13 @@ class ChromaStore:
         return 0 if collection is None else collection.count()
 
     def _drop(self, tenant: str, source: str) -> None:
-        self._vector_cache.forget(tenant, source)
         client = self._connected()
-        for kind in (CHUNKS, DOCUMENT_INDEX):
-            # Opening verifies the owner first: never drop a collection we did not make.
-            if self._open(tenant, source, kind, create=False) is not None:
-                with contextlib.suppress(NotFoundError):
-                    client.delete_collection(collection_name(tenant, source, kind))
+        with self._forgetting(tenant, source):
+            for kind in (CHUNKS, DOCUMENT_INDEX):
+                # Opening verifies the owner first: never drop a collection we did not make.
+                if self._open(tenant, source, kind, create=False) is not None:
+                    with contextlib.suppress(NotFoundError):
+                        client.delete_collection(collection_name(tenant, source, kind))
         self._forget_collections()
 
 
@@ -620,14 +630,16 @@ def _read_documents(
 def _stack(
     cached: Sequence[DocumentVectors], ids: list[str], vectors: Matrix
 ) -> tuple[list[str], Matrix]:
-    """Cached and freshly read rows as one matrix, each chunk id once."""
+    """Cached and freshly read rows as one float64 matrix, each chunk id once."""
     if not cached:
         return ids, vectors
-    parts: list[Matrix] = [e.matrix.astype(np.float64) for e in cached]
+    parts: list[npt.NDArray[Any]] = [e.matrix for e in cached]
     if ids:
         parts.append(vectors)
     all_ids = [cid for e in cached for cid in e.chunk_ids] + ids
-    matrix = np.vstack(parts)
+    # One pass: the float32 rows are widened as they are copied in.
+    matrix: Matrix = np.empty((len(all_ids), parts[0].shape[1]), dtype=np.float64)
+    np.concatenate(parts, axis=0, out=matrix)
     if len(set(all_ids)) == len(all_ids):
         return all_ids, matrix
     keep = sorted({cid: row for row, cid in reversed(list(enumerate(all_ids)))}.values())
