@@ -10,7 +10,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -18,6 +18,7 @@ from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -149,6 +150,35 @@ class RelationshipBody(_Strict):
 class RelationshipsBody(_Strict):
     writes: list[RelationshipBody] = Field(default_factory=list, max_length=500)
     deletes: list[RelationshipBody] = Field(default_factory=list, max_length=500)
+
+
+class RequestIds:
+    """Gives every HTTP request its id (``request.state.request_id``; a handler may
+    replace it), returns it as ``x-request-id`` and records the request's latency.
+
+    Plain ASGI: it only wraps ``send``, so the request body is not copied through
+    task groups and streams on its way to the handler."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = scope.setdefault("state", {})
+        state["request_id"] = uuid.uuid4().hex
+        started = time.monotonic()
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                elapsed = time.monotonic() - started
+                self.metrics.observe_http(scope["path"], message["status"], elapsed)
+                MutableHeaders(scope=message)["x-request-id"] = state["request_id"]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
 
 
 class BodyGuard:
@@ -328,16 +358,7 @@ def create_app(
         )
         return JSONResponse(_error_body(err, rid), status_code=500)
 
-    @app.middleware("http")
-    async def request_id(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        request.state.request_id = uuid.uuid4().hex
-        started = time.monotonic()
-        response = await call_next(request)
-        metrics.observe_http(request.url.path, response.status_code, time.monotonic() - started)
-        response.headers["x-request-id"] = request.state.request_id
-        return response
+    app.add_middleware(RequestIds, metrics=metrics)
 
     @app.post("/v1/retrieve")
     async def retrieve(

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from aiohttp.helpers import get_env_proxy_for_url
 from openfga_sdk import ClientConfiguration, OpenFgaClient
 from openfga_sdk.client.models import (
     ClientListObjectsRequest,
@@ -42,6 +43,7 @@ from openfga_sdk.models.relationship_condition import RelationshipCondition
 from openfga_sdk.models.write_authorization_model_request import (
     WriteAuthorizationModelRequest,
 )
+from yarl import URL
 
 from gateway import tracing
 from gateway.cache import (
@@ -271,6 +273,8 @@ class FgaClient:
         self._api_token = api_token
         self._parallel = asyncio.Semaphore(max_parallel_batches)
         self._client: OpenFgaClient | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._proxy: tuple[Any, aiohttp.BasicAuth | None] = (None, None)
         self.stats = FgaStats()
 
     @property
@@ -305,10 +309,26 @@ class FgaClient:
     def model_id(self) -> str:
         return str(self._config.authorization_model_id or "")
 
+    @property
+    def _http(self) -> aiohttp.ClientSession:
+        """The connection pool of the decision path's calls (BatchCheck, ListObjects,
+        ReadChanges). The environment's proxy for OpenFGA is read once, here: a session
+        that trusts the environment reads it, and ``~/.netrc``, in a worker thread on
+        every call."""
+        if self._session is None:
+            with contextlib.suppress(LookupError):
+                self._proxy = get_env_proxy_for_url(URL(self.api_url))
+            connector = aiohttp.TCPConnector(limit=self._config.connection_pool_maxsize)
+            self._session = aiohttp.ClientSession(connector=connector, trust_env=False)
+        return self._session
+
     async def close(self) -> None:
         if self._client is not None:
             client, self._client = self._client, None
             await client.close()
+        if self._session is not None:
+            session, self._session = self._session, None
+            await session.close()
 
     async def __aenter__(self) -> FgaClient:
         return self
@@ -576,7 +596,8 @@ class FgaClient:
         AuthorizationUnavailable (OpenFGA's text goes to the error's detail only);
         transport and decoding errors are left to :func:`fga_errors`. ``traced``: carry
         the current trace (not for calls shared by requests, such as change probes)."""
-        session: aiohttp.ClientSession = self.client._api_client.rest_client.pool_manager
+        session = self._http
+        proxy, proxy_auth = self._proxy
         url = f"{self.api_url}/stores/{self.store_id}/{path}"
         headers = {"Content-Type": "application/json"}
         if traced:
@@ -586,7 +607,13 @@ class FgaClient:
         payload = json.dumps(body, separators=(",", ":")) if body is not None else None
         async with asyncio.timeout(timeout):
             async with session.request(
-                method, url, data=payload, params=params, headers=headers
+                method,
+                url,
+                data=payload,
+                params=params,
+                headers=headers,
+                proxy=proxy,
+                proxy_auth=proxy_auth,
             ) as response:
                 raw = await response.read()
                 status = response.status
@@ -741,13 +768,16 @@ class FgaClient:
         self, body: Mapping[str, Any], prefix: str, limit: int, found: set[str]
     ) -> bool:
         """Read ``{"result": {"object": ...}}`` lines; False once more than ``limit``."""
-        session: aiohttp.ClientSession = self.client._api_client.rest_client.pool_manager
+        session = self._http
+        proxy, proxy_auth = self._proxy
         url = f"{self.api_url}/stores/{self.store_id}/streamed-list-objects"
         headers = {"Content-Type": "application/json", **tracing.headers()}
         if self._api_token:
             headers["Authorization"] = f"Bearer {self._api_token}"
         payload = json.dumps({k: v for k, v in body.items() if v is not None})
-        async with session.post(url, data=payload, headers=headers) as response:
+        async with session.post(
+            url, data=payload, headers=headers, proxy=proxy, proxy_auth=proxy_auth
+        ) as response:
             if response.status != 200:
                 raise AuthorizationUnavailable(
                     f"OpenFGA StreamedListObjects failed with HTTP {response.status}"
