@@ -611,7 +611,7 @@ class Bench:
         )
         # Configured as the gateway is by default (gateway/settings.py).
         post = PostFilter(fga, DEFAULTS["overfetch"].default, DEFAULTS["max_candidates"].default)
-        pre = PreFilter(fga, post, DEFAULTS["listobjects_max_results"].default)
+        pre = PreFilter(fga, post, DEFAULTS["prefilter_max_documents"].default)
         self.strategies: dict[str, Any] = {
             "postfilter": post,
             "prefilter": pre,

@@ -284,7 +284,15 @@ class ChangeArchiver:
             # OpenFGA refuses a start time that is not in its past: never later than
             # the overlap before now (more than that much clock difference between the
             # gateway and OpenFGA is a misconfiguration the failures counter shows).
-            latest = micros(datetime.now(UTC)) - int(self.overlap_s * 1_000_000)
+            overlap_us = int(self.overlap_s * 1_000_000)
+            latest = micros(datetime.now(UTC)) - overlap_us
+            if resume is not None and self._last_sweep_wall is not None:
+                # The last complete sweep read every change that had committed when it
+                # began; one stamped more than the overlap before that had. Start there,
+                # not before the newest change: a quiet store is not read again and
+                # again. (Twice the overlap: a clock difference up to it is covered.)
+                swept = micros(self._last_sweep_wall) - 2 * overlap_us
+                resume = max(resume, swept)
             start_time = None if resume is None else from_micros(min(resume, latest))
             token = None
         read: list[LoggedChange] = []

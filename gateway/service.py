@@ -216,7 +216,7 @@ class Gateway:
         self.changelog: ChangeArchiver | None = None
         self.retention: asyncio.Task[None] | None = None
         post = PostFilter(fga, settings.overfetch, settings.max_candidates)
-        pre = PreFilter(fga, post, settings.listobjects_max_results)
+        pre = PreFilter(fga, post, settings.prefilter_max_documents)
         self.strategies: dict[str, RetrievalStrategy] = {
             "postfilter": post,
             "prefilter": pre,

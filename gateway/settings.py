@@ -106,6 +106,10 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(default=10.0, gt=0)
     strategy: Literal["postfilter", "prefilter", "adaptive"] = "adaptive"
     listobjects_max_results: int = Field(default=1000, ge=1)
+    # The largest permitted superset (documents) the pre-filter ranks exactly. Streamed
+    # ListObjects has no server-side cap; a longer answer is abandoned and the request
+    # post-filters instead.
+    prefilter_max_documents: int = Field(default=5000, ge=1)
     # Chunk vectors each Chroma store keeps for ranking permitted documents exactly,
     # reused while a document's content version is unchanged (0 turns it off).
     vector_cache_mb: int = Field(default=256, ge=0)

@@ -1085,6 +1085,9 @@ async def world_gateway(
             Path(tmp),
             openfga_url=proxy.url,  # every OpenFGA call of the gateway, faults when set
             listobjects_max_results=spec.listobjects_max_results,
+            # The pre-filter's own limit: small values make supersets overflow and the
+            # request fall back to the post-filter.
+            prefilter_max_documents=spec.listobjects_max_results,
             overfetch=spec.overfetch,
         )
         g = await Gateway.start(settings, embeddings=HashEmbeddings())

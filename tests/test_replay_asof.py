@@ -933,3 +933,60 @@ def test_every_as_of_replay_equals_the_recorded_verdicts(
     # that changed since their decision for reasons the replay named.
     assert totals["was_allow"] and totals["was_deny"] and totals["flipped_since"]
     assert totals["changes_named"]
+
+
+class _Recorded:
+    """The gateway's own OpenFGA client, with the reads the archiver makes written down."""
+
+    def __init__(self, fga: Any) -> None:
+        self.fga = fga
+        self.reads: list[tuple[datetime | None, int]] = []
+
+    async def read_change_log(
+        self, start_time: datetime | None, token: str | None, page_size: int
+    ) -> Any:
+        page, next_token = await self.fga.read_change_log(start_time, token, page_size)
+        self.reads.append((start_time, len(page)))
+        return page, next_token
+
+    async def remove_stale_scratch_stores(self) -> int:
+        return 0
+
+
+async def test_a_sweep_of_a_quiet_store_starts_after_what_the_last_sweep_read(
+    gateway: Gateway, http: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    """A sweep re-reads the overlap before the last complete sweep began, not the overlap
+    before the newest change: a store that stays quiet is not read again and again."""
+    from gateway.changelog import ChangeArchiver
+
+    await World(gateway, http, "acme").setup(members=["alice"], agents=["bot"])
+    overlap = 0.5
+    await asyncio.sleep(4 * overlap)  # the setup's changes are well before the sweeps
+    feed = _Recorded(gateway.fga)
+    archive = SqliteAuditStore(tmp_path / "archive.db")
+    archiver = ChangeArchiver(feed, archive, gateway.fga.store_id, overlap_s=overlap)
+    try:
+        first_began = datetime.now(UTC)
+        await archiver.poll_once(sweep=True)
+        assert feed.reads[0][0] is None  # never archived: the whole log
+        archived = (await archive.archive_head(gateway.fga.store_id)).seq
+        assert archived > 0
+
+        feed.reads.clear()
+        await archiver.poll_once(sweep=True)
+        start, read = feed.reads[0]
+        assert start is not None
+        assert first_began - timedelta(seconds=2 * overlap + 0.1) <= start
+        assert start <= datetime.now(UTC) - timedelta(seconds=overlap)
+        assert read == 0  # nothing of the setup again
+
+        # A change made now is read by the next sweep, which starts before it.
+        await World(gateway, http, "acme").relationships(
+            writes=[{"user": "user:alice", "relation": "member", "object": "group:eng"}]
+        )
+        await asyncio.sleep(2 * overlap)
+        await archiver.poll_once(sweep=True)
+        assert (await archive.archive_head(gateway.fga.store_id)).seq == archived + 1
+    finally:
+        await archive.close()
