@@ -903,7 +903,8 @@ def machine_notes(load_before: tuple[float, float, float]) -> list[str]:
         "(a request past it fails closed and counts as an error), the exact decision cache "
         "(one ReadChanges probe per request; emptied before every cell); OpenFGA's check "
         f"query cache on ({CHECK_CACHE_TTL_S:g} s TTL), asked for once the change log has "
-        "been quiet long enough (docs/cache.md; nothing is written while cells run). "
+        "been quiet long enough (docs/cache.md; the run waits that out once before its first "
+        "cell, and nothing is written while cells run). "
         "`floor`, `naive` and the anchor reach the same OpenFGA; `floor` asks its cache "
         "whenever it is on. `adaptive-nocache` sends every check to OpenFGA as "
         "HIGHER_CONSISTENCY",
@@ -1162,6 +1163,7 @@ async def run(
                 catalog = await content_catalog(data, corpus)
                 bench = Bench(fga, chroma, corpus, args.k, anchor, catalog)
                 await chroma.search(TENANT, corpus.source, queries[0], args.k)  # open index
+                await settle(bench.fga, log)
                 res: Results = {}
                 for profile in profiles():
                     log(f"{size}: profile {profile.name}")
@@ -1205,6 +1207,19 @@ async def run(
         time.monotonic() - started,
     )
     print(summary)
+
+
+async def settle(fga: FgaClient, log: Callable[[str], None]) -> None:
+    """Wait until the gateway may ask OpenFGA's check cache, as a gateway running for
+    longer than its quiet time with no change in the store would: the first probe
+    after a start counts as a change (docs/cache.md). Without this wait the first cell
+    measured would send every check as HIGHER_CONSISTENCY and the later ones not."""
+    probe, quiet = fga.change_probe, fga.server_cache_quiet_s
+    if probe is None or quiet is None:
+        return
+    await probe.fresh()
+    log(f"waiting {quiet:.0f} s: the change log must be quiet that long for OpenFGA's cache")
+    await asyncio.sleep(quiet + 0.5)
 
 
 async def content_catalog(data: Path, corpus: Corpus) -> SourceCatalog:

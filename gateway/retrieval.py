@@ -1081,8 +1081,9 @@ class Adaptive:
     a post-filter at a selectivity far below the prior's checks the store until it is
     exhausted. Known keys take the cheaper strategy under :class:`CostModel`, counting
     the rate at which their ListObjects answers came back unusable (a failed probe
-    costs its budget and then the post-filter); a key whose ListObjects keep failing
-    is probed again every ``reprobe_every`` requests, since grants change. A known
+    costs its budget and then the post-filter); a key whose ListObjects failed is
+    probed again after its 1st, 2nd, 4th, 8th ... request and then every ``reprobe_every``
+    requests, since servers warm up and grants change. A known
     key's pre-filter asks only the ListObjects that was narrowest last time: one
     OpenFGA call instead of three, and no CPU spent on the wide lists. With the exact
     decision cache that answer is reused while nothing changes (a per-task permitted
@@ -1125,7 +1126,7 @@ class Adaptive:
         if superset > self.pre.max_results:
             return Plan("postfilter", overfetch, f"superset ~{superset:.0f} over the limit")
         limit = max(1, min(self.pre.max_results, math.ceil(4 * superset) + 16))
-        if seen.list_failures > 0 and seen.samples % self.reprobe_every == 0:
+        if seen.list_failures > 0 and self._reprobe_due(seen.samples):
             return Plan("prefilter", overfetch, "ListObjects failed before: probe", limit)
         # Room for three times the measured cost of the list: a slow answer is still
         # far cheaper than a post-filter that needs many check rounds.
@@ -1142,6 +1143,11 @@ class Adaptive:
             narrowest = (seen.narrowest,) if seen.narrowest else None
             return Plan("prefilter", overfetch, reason, limit, precision, narrowest, budget)
         return Plan("postfilter", overfetch, reason)
+
+    def _reprobe_due(self, samples: int) -> bool:
+        """After the 1st, 2nd, 4th ... request, then every ``reprobe_every``: one slow
+        answer (a cold server) does not hold a task on the post-filter for long."""
+        return samples % self.reprobe_every == 0 or samples & (samples - 1) == 0
 
     async def retrieve(
         self,

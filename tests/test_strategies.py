@@ -528,6 +528,23 @@ async def test_adaptive_learns_and_records_its_choice(
         assert again.narrowest == first.narrowest == "user_can_read"
 
 
+def test_a_task_whose_list_failed_is_probed_again_soon_then_every_32() -> None:
+    """One slow answer (a server just started) costs a few probes, not 32 post-filters."""
+    fga = FgaClient("http://127.0.0.1:9")  # plans only: never called
+    adaptive = Adaptive(PostFilter(fga), PreFilter(fga, PostFilter(fga)), reprobe_every=32)
+    ctx = _ctx("acme", "alice", "bot", "t1")
+    handle = SourceHandle("acme", SOURCE, InMemoryStore(), documents=1000)
+    probes = []
+    for request in range(1, 100):
+        plan = adaptive.plan(ctx, 10, [handle])
+        if plan.reason == "ListObjects failed before: probe":
+            probes.append(request)
+        adaptive.stats.update(ctx, 0.1, list_failed=True)
+    assert probes == [2, 3, 5, 9, 17, 33, 65, 97]
+    adaptive.stats.update(ctx, 0.1, superset=100, list_failed=False)
+    assert adaptive.plan(ctx, 10, [handle]).reason != "ListObjects failed before: probe"
+
+
 # -- SelectivityStats ---------------------------------------------------------------
 
 

@@ -81,9 +81,7 @@ async def test_cached_vectors_answer_until_the_version_changes(
     assert first[0].document_id != "d5"
 
     client = raw_client(tmp_path / "chroma")
-    client.get_collection(collection_name("acme", "docs")).update(
-        ids=["d5#0"], embeddings=[target]
-    )
+    client.get_collection(collection_name("acme", "docs")).update(ids=["d5#0"], embeddings=[target])
     client.close()
     assert (await store.search_documents("acme", "docs", target, 1, wanted))[0].chunk_id == "d5#0"
     kept = await store.search_documents_versioned("acme", "docs", target, 1, wanted, catalog)
