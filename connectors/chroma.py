@@ -26,6 +26,7 @@ import os
 import sqlite3
 import threading
 import urllib.parse
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -73,6 +74,7 @@ HNSW_MAX_NEIGHBORS = 32
 HNSW_EF_CONSTRUCTION = 400
 DOCUMENT_INDEX = "document_index"
 _TEXT: Include = ["documents", "metadatas"]
+_STACKS = 2  # stacked supersets remembered per store (float64: 3 kB per 384-dim chunk)
 _WORKERS = 8  # threads per store; Chroma's embedded client releases the GIL in Rust
 
 # Everything a Chroma call can raise: its own errors; every httpx exception (HTTPError
@@ -157,6 +159,9 @@ class ChromaStore:
         # Index entries are read, merged and written back: one writer at a time.
         self._write_lock = threading.Lock()
         self._vector_cache = VectorCache(vector_cache_bytes)
+        self._stacks: OrderedDict[
+            tuple[str, str, tuple[int, ...]], tuple[list[DocumentVectors], list[str], Matrix]
+        ] = OrderedDict()
 
     @property
     def vector_cache(self) -> VectorCache:
@@ -429,24 +434,24 @@ class ChromaStore:
         generation = self._vector_cache.generation(tenant, source)
         known = versions or {}
         where = str(collection.id)
-        cached: list[DocumentVectors] = []
-        unread: list[str] = []
-        for d in sorted(wanted):
-            entry = self._vector_cache.get((tenant, source, d), known.get(d), where)
-            if entry is None:
-                unread.append(d)
-            else:
-                cached.append(entry)
+        ordered = sorted(wanted)
+        entries = self._vector_cache.get_many(
+            [((tenant, source, d), known.get(d)) for d in ordered], where
+        )
+        cached = [e for e in entries if e is not None]
+        unread = [d for d, e in zip(ordered, entries, strict=True) if e is None]
         listed = _listed_chunk_ids(index, unread) if unread else {}
         chunk_ids = list(dict.fromkeys(cid for ids in listed.values() for cid in ids))
         # Rank on the vectors alone, then read texts and stamps for the winners only:
         # fetching everything for every listed chunk costs about twice as much.
         fresh_ids, fresh = _vectors(collection, chunk_ids, self._batch)
         fill = _Fill(generation, _read_documents(where, known, listed, fresh_ids, fresh))
-        ids, vectors = _stack(cached, fresh_ids, fresh)
-        ranked = cosine_top_n(embedding, ids, vectors, len(ids))
+        if fresh_ids:
+            ids, vectors = _stack(cached, fresh_ids, fresh)
+        else:
+            ids, vectors = self._stacked(tenant, source, cached)
         hits: list[Candidate] = []
-        for page in _batches(ranked, n):
+        for page in _ranked_pages(embedding, ids, vectors, n):
             stored = _records(collection, [ids[row] for row, _ in page], _TEXT, self._batch)
             for row, distance in page:
                 text, meta = stored.get(ids[row], (None, None))
@@ -456,6 +461,25 @@ class ChromaStore:
             if len(hits) >= n:
                 break
         return hits[:n], fill
+
+    def _stacked(
+        self, tenant: str, source: str, cached: list[DocumentVectors]
+    ) -> tuple[list[str], Matrix]:
+        """:func:`_stack` of kept entries only, remembered for the last few supersets
+        (a task's retrievals rank the same documents again and again)."""
+        key = (tenant, source, tuple(map(id, cached)))
+        with self._lock:
+            memo = self._stacks.get(key)
+            if memo is not None:
+                self._stacks.move_to_end(key)
+                return memo[1], memo[2]
+        ids, matrix = _stack(cached, [], np.zeros((0, 0)))
+        with self._lock:
+            # The entries are kept with it: their ids cannot be reused while it lives.
+            self._stacks[key] = (cached, ids, matrix)
+            while len(self._stacks) > _STACKS:
+                self._stacks.popitem(last=False)
+        return ids, matrix
 
     def _count(self, tenant: str, source: str) -> int:
         collection = self._open(tenant, source, CHUNKS, create=False)
@@ -625,6 +649,17 @@ def _read_documents(
         matrix = vectors[[rows[cid] for cid in found]].astype(np.float32)
         read[document_id] = DocumentVectors(collection, version, tuple(found), matrix)
     return read
+
+
+def _ranked_pages(
+    embedding: Sequence[float], ids: list[str], vectors: Matrix, n: int
+) -> Iterator[list[tuple[int, float]]]:
+    """Rows nearest first, in pages of ``n``: the nearest few are ranked first, the
+    rest only if the winners run out (chunks stamped for other documents)."""
+    first = min(len(ids), max(4 * n, 64))
+    yield from _batches(cosine_top_n(embedding, ids, vectors, first), n)
+    if first < len(ids):
+        yield from _batches(cosine_top_n(embedding, ids, vectors, len(ids))[first:], n)
 
 
 def _stack(

@@ -111,6 +111,25 @@ class VectorCache:
             self.hits += 1
             return entry
 
+    def get_many(
+        self, wanted: Sequence[tuple[Key, str | None]], collection: str
+    ) -> list[DocumentVectors | None]:
+        """:meth:`get` for many keys at once (one lock)."""
+        if self.max_bytes <= 0:
+            return [None] * len(wanted)
+        found: list[DocumentVectors | None] = []
+        with self._lock:
+            for key, version in wanted:
+                entry = self._entries.get(key) if version is not None else None
+                if entry is None or entry.version != version or entry.collection != collection:
+                    self.misses += version is not None
+                    found.append(None)
+                    continue
+                self._entries.move_to_end(key)
+                self.hits += 1
+                found.append(entry)
+        return found
+
     def put(self, key: Key, entry: DocumentVectors, generation: int) -> None:
         """Keep ``entry`` unless the pair was written since ``generation`` was read."""
         size = entry.nbytes

@@ -1052,13 +1052,11 @@ class CostModel:
         rounds = 1.3
         return (self.phases["search"](window) + self.phases["check"](4 * examined)) * rounds
 
-    def pre_ms(self, k: int, superset: float, precision: float) -> float:
+    def pre_ms(self, k: int, superset: float, precision: float, *, listed: bool = True) -> float:
+        """``listed``: False when the ListObjects answer is kept in the exact cache."""
         checked = 4 * k * 1.25 / max(precision, 0.05)
-        return (
-            self.phases["list"](superset)
-            + self.phases["exact"](superset)
-            + self.phases["check"](checked)
-        )
+        listing = self.phases["list"](superset) if listed else 0.0
+        return listing + self.phases["exact"](superset) + self.phases["check"](checked)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1126,23 +1124,36 @@ class Adaptive:
         if superset > self.pre.max_results:
             return Plan("postfilter", overfetch, f"superset ~{superset:.0f} over the limit")
         limit = max(1, min(self.pre.max_results, math.ceil(4 * superset) + 16))
-        if seen.list_failures > 0 and self._reprobe_due(seen.samples):
-            return Plan("prefilter", overfetch, "ListObjects failed before: probe", limit)
         # Room for three times the measured cost of the list: a slow answer is still
         # far cheaper than a post-filter that needs many check rounds.
         budget = min(
             4 * self.pre.list_budget_s,
             max(self.pre.list_budget_s, 3 * self.costs.phases["list"](superset) / 1000),
         )
-        failed = seen.list_failure_rate
-        pre_ms = (1 - failed) * self.costs.pre_ms(k, superset, precision) + failed * (
-            1000 * budget + post_ms
-        )
+        if seen.list_failures > 0 and self._reprobe_due(seen.samples):
+            reason = "ListObjects failed before: probe"
+            return Plan("prefilter", overfetch, reason, limit, budget_s=budget)
+        # A known task's narrowest answer kept by the exact cache costs no ListObjects,
+        # and cannot come back over budget.
+        listed = not self._list_kept(ctx, seen.narrowest, limit)
+        failed = seen.list_failure_rate if listed else 0.0
+        pre_cost = self.costs.pre_ms(k, superset, precision, listed=listed)
+        pre_ms = (1 - failed) * pre_cost + failed * (1000 * budget + post_ms)
         reason = f"s={s:.4f} post~{post_ms:.0f}ms pre~{pre_ms:.0f}ms"
         if pre_ms < post_ms:
             narrowest = (seen.narrowest,) if seen.narrowest else None
             return Plan("prefilter", overfetch, reason, limit, precision, narrowest, budget)
         return Plan("postfilter", overfetch, reason)
+
+    def _list_kept(self, ctx: DelegationContext, relation: str | None, limit: int) -> bool:
+        """Whether the exact cache holds a usable answer of ``relation``'s ListObjects
+        (read without a probe: it only prices the plan; a request still lists anew
+        unless its own probe vouches for the cache)."""
+        user = _list_queries(ctx, (relation,)).get(relation) if relation else None
+        if relation is None or user is None:
+            return False
+        kept = self.pre.fga.peek_list(user, relation, "document")
+        return kept is not None and len(kept) <= limit
 
     def _reprobe_due(self, samples: int) -> bool:
         """After the 1st, 2nd, 4th ... request, then every ``reprobe_every``: one slow
