@@ -467,3 +467,29 @@ async def test_a_collection_recreated_by_another_replica_is_reopened(chroma_serv
     finally:
         a.close()
         b.close()
+
+
+async def test_the_ranking_goes_past_its_first_rows_when_they_belong_elsewhere(store):
+    """The nearest rows are ranked first; when every one of them has moved to another
+    document, the rest are ranked too and the document's own chunk is still found."""
+    far = [1.0] + [0.0] * (DIM - 1)
+    near = [0.0, 1.0] + [0.0] * (DIM - 2)
+    rng = np.random.default_rng(3)
+    chunks = [ChunkRecord("a#0", "a", "acme", "docs", "the last", far)]
+    chunks += [
+        ChunkRecord(
+            f"a#{i}",
+            "a",
+            "acme",
+            "docs",
+            f"moved {i}",
+            (np.array(near) + 0.01 * rng.normal(size=DIM)).tolist(),
+        )
+        for i in range(1, 100)
+    ]
+    await store.upsert("acme", "docs", chunks)
+    moved = [ChunkRecord(c.chunk_id, "b", "acme", "docs", c.text, c.embedding) for c in chunks[1:]]
+    await store.upsert("acme", "docs", moved)  # the index still lists them under a
+    found = await store.search_documents("acme", "docs", near, 1, ["a"])
+    assert [c.chunk_id for c in found] == ["a#0"]
+    assert len(await store.search_documents("acme", "docs", near, 200, ["b"])) == 99
