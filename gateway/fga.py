@@ -322,6 +322,39 @@ class FgaClient:
             self._session = aiohttp.ClientSession(connector=connector, trust_env=False)
         return self._session
 
+    async def _request(
+        self,
+        method: str,
+        url: str,
+        payload: str | None,
+        headers: Mapping[str, str],
+        params: Mapping[str, str] | None = None,
+    ) -> aiohttp.ClientResponse:
+        """Send one decision-path call (each is a read) and return its response.
+
+        A kept-alive connection that OpenFGA, or a proxy between, closed just as it was
+        reused fails while the request is written; the call is then sent once more on a
+        fresh connection, as aiohttp itself does for idempotent methods. A connection
+        that cannot be opened is not retried, and a second failure is raised."""
+        proxy, proxy_auth = self._proxy
+        for attempt in (1, 2):
+            try:
+                return await self._http.request(
+                    method,
+                    url,
+                    data=payload,
+                    params=params,
+                    headers=headers,
+                    proxy=proxy,
+                    proxy_auth=proxy_auth,
+                )
+            except aiohttp.ClientConnectorError:
+                raise
+            except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
     async def close(self) -> None:
         if self._client is not None:
             client, self._client = self._client, None
@@ -596,8 +629,6 @@ class FgaClient:
         AuthorizationUnavailable (OpenFGA's text goes to the error's detail only);
         transport and decoding errors are left to :func:`fga_errors`. ``traced``: carry
         the current trace (not for calls shared by requests, such as change probes)."""
-        session = self._http
-        proxy, proxy_auth = self._proxy
         url = f"{self.api_url}/stores/{self.store_id}/{path}"
         headers = {"Content-Type": "application/json"}
         if traced:
@@ -606,15 +637,8 @@ class FgaClient:
             headers["Authorization"] = f"Bearer {self._api_token}"
         payload = json.dumps(body, separators=(",", ":")) if body is not None else None
         async with asyncio.timeout(timeout):
-            async with session.request(
-                method,
-                url,
-                data=payload,
-                params=params,
-                headers=headers,
-                proxy=proxy,
-                proxy_auth=proxy_auth,
-            ) as response:
+            response = await self._request(method, url, payload, headers, params)
+            async with response:
                 raw = await response.read()
                 status = response.status
         if status != 200:
@@ -768,16 +792,13 @@ class FgaClient:
         self, body: Mapping[str, Any], prefix: str, limit: int, found: set[str]
     ) -> bool:
         """Read ``{"result": {"object": ...}}`` lines; False once more than ``limit``."""
-        session = self._http
-        proxy, proxy_auth = self._proxy
         url = f"{self.api_url}/stores/{self.store_id}/streamed-list-objects"
         headers = {"Content-Type": "application/json", **tracing.headers()}
         if self._api_token:
             headers["Authorization"] = f"Bearer {self._api_token}"
         payload = json.dumps({k: v for k, v in body.items() if v is not None})
-        async with session.post(
-            url, data=payload, headers=headers, proxy=proxy, proxy_auth=proxy_auth
-        ) as response:
+        response = await self._request("POST", url, payload, headers)
+        async with response:
             if response.status != 200:
                 raise AuthorizationUnavailable(
                     f"OpenFGA StreamedListObjects failed with HTTP {response.status}"

@@ -304,3 +304,34 @@ def test_unreadable_change_pages_fail_the_probe(answer: object) -> None:
 
     with pytest.raises(AuthorizationUnavailable), fga_errors("ReadChanges"):
         _changes(answer)
+
+
+async def test_a_kept_alive_connection_closed_under_it_is_sent_again(
+    openfga: ManagedOpenFGA,
+) -> None:
+    """OpenFGA, or a proxy between, closes idle connections; a call that picks one up
+    just then is sent once more on a fresh connection instead of failing closed."""
+    from tests.faultproxy import Fault, FaultProxy
+
+    store = await _client(openfga)
+    await store.close()
+    with FaultProxy(openfga.http_port) as proxy:
+        client = FgaClient(proxy.url, store.store_id, store.model_id)
+        try:
+            await client.write([Tuple("user:acme/alice", "viewer", "document:acme/d1")])
+            for _ in range(5):
+                outcomes = await client.batch_check([_item(1), _item(2)])
+                assert [o.allowed for o in outcomes.values()] == [True, False]
+                changes, _ = await client.read_change_log(None, None, 10)
+                assert changes
+                proxy.clear()  # closes every open connection, kept-alive ones included
+            # A connection that keeps failing still fails the call: sent twice, on
+            # fresh connections (the pool holds none once the resets closed them).
+            proxy.set(Fault.reset("/batch-check"))
+            for _ in range(2):
+                before = len(proxy.requests("/batch-check"))
+                with pytest.raises(AuthorizationUnavailable):
+                    await client.batch_check([_item(1)])
+            assert len(proxy.requests("/batch-check")) - before == 2
+        finally:
+            await client.close()
