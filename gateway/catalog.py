@@ -533,16 +533,16 @@ class SourceCatalog:
         """document id -> catalog fingerprint (None while an update is in flight), for
         the ids the catalog knows (in ``source``, when given)."""
         found: dict[str, str | None] = {}
-        in_source, extra = ("AND source=? ", (source,)) if source is not None else ("", ())
         for i in range(0, len(document_ids), 500):
             part = list(document_ids[i : i + 500])
             marks = ", ".join("?" for _ in part)
+            # By primary key; the source is compared here, not in SQL, where SQLite
+            # would pick the (tenant, source) index and scan the whole source.
             rows = await self._rows(
-                f"SELECT id, fingerprint FROM documents WHERE tenant=? {in_source}"  # noqa: S608
-                f"AND id IN ({marks})",
-                (tenant, *extra, *part),
+                f"SELECT id, source, fingerprint FROM documents WHERE tenant=? AND id IN ({marks})",  # noqa: S608
+                (tenant, *part),
             )
-            found.update({str(r[0]): r[1] for r in rows})
+            found.update({str(r[0]): r[2] for r in rows if source is None or r[1] == source})
         return found
 
     async def document_source(self, tenant: str, document_id: str) -> str | None:

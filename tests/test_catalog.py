@@ -62,6 +62,34 @@ async def test_claims_are_all_or_nothing(open_replica: Opener) -> None:
     await catalog.release(await catalog.claim("globex", "wiki", ["payroll"], ["pay"]))
 
 
+async def test_content_versions_are_read_per_source(open_replica: Opener) -> None:
+    """What the vector cache keys on: a document's version, only in its own source."""
+    catalog = open_replica()
+    await _two_sources(catalog)
+    await catalog.claim("acme", "hr", [], ["pay", "leave"], lease=False)
+    await catalog.claim("acme", "wiki", [], ["w1"], lease=False)
+    await catalog.complete_documents(
+        "acme", [("pay", 1, "fp-pay", None, {}), ("w1", 1, "fp-w1", None, {})]
+    )
+    ids = ["pay", "leave", "w1", "unknown"]
+    assert await catalog.content_versions("acme", ids, source="hr") == {
+        "pay": "fp-pay",
+        "leave": None,  # claimed, not complete: an update in flight
+    }
+    assert await catalog.content_versions("acme", ids, source="wiki") == {"w1": "fp-w1"}
+    assert await catalog.content_versions("acme", ids) == {
+        "pay": "fp-pay",
+        "leave": None,
+        "w1": "fp-w1",
+    }
+    assert await catalog.content_versions("globex", ids, source="hr") == {}
+    many = [f"x{i}" for i in range(1200)]  # more than one statement's worth
+    await catalog.claim("acme", "wiki", [], many, lease=False)
+    await catalog.complete_documents("acme", [(d, 1, f"fp-{d}", None, {}) for d in many])
+    found = await catalog.content_versions("acme", ["pay", *many], source="wiki")
+    assert found == {d: f"fp-{d}" for d in many}
+
+
 async def test_leases_keep_two_requests_off_one_document(open_replica: Opener) -> None:
     catalog = open_replica()
     await _two_sources(catalog)
