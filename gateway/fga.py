@@ -625,10 +625,11 @@ class FgaClient:
         traced: bool = True,
     ) -> Any:
         """One call to ``/stores/{store}/{path}`` on the decision path's connection pool
-        (:attr:`_http`), bounded by ``timeout``; the decoded JSON of a 200 answer. Any other status raises
-        AuthorizationUnavailable (OpenFGA's text goes to the error's detail only);
-        transport and decoding errors are left to :func:`fga_errors`. ``traced``: carry
-        the current trace (not for calls shared by requests, such as change probes)."""
+        (:attr:`_http`), bounded by ``timeout``; the decoded JSON of a 200 answer. Any
+        other status raises AuthorizationUnavailable (OpenFGA's text goes to the error's
+        detail only); transport and decoding errors are left to :func:`fga_errors`.
+        ``traced``: carry the current trace (not for calls shared by requests, such as
+        change probes)."""
         url = f"{self.api_url}/stores/{self.store_id}/{path}"
         headers = {"Content-Type": "application/json"}
         if traced:
