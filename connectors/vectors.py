@@ -100,16 +100,7 @@ class VectorCache:
 
     def get(self, key: Key, version: str | None, collection: str) -> DocumentVectors | None:
         """The entry of ``key`` if it was read from ``collection`` under ``version``."""
-        if version is None or self.max_bytes <= 0:
-            return None
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is None or entry.version != version or entry.collection != collection:
-                self.misses += 1
-                return None
-            self._entries.move_to_end(key)
-            self.hits += 1
-            return entry
+        return self.get_many([(key, version)], collection)[0]
 
     def get_many(
         self, wanted: Sequence[tuple[Key, str | None]], collection: str

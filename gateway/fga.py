@@ -337,23 +337,24 @@ class FgaClient:
         fresh connection, as aiohttp itself does for idempotent methods. A connection
         that cannot be opened is not retried, and a second failure is raised."""
         proxy, proxy_auth = self._proxy
-        for attempt in (1, 2):
-            try:
-                return await self._http.request(
-                    method,
-                    url,
-                    data=payload,
-                    params=params,
-                    headers=headers,
-                    proxy=proxy,
-                    proxy_auth=proxy_auth,
-                )
-            except aiohttp.ClientConnectorError:
-                raise
-            except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
+
+        async def send() -> aiohttp.ClientResponse:
+            return await self._http.request(
+                method,
+                url,
+                data=payload,
+                params=params,
+                headers=headers,
+                proxy=proxy,
+                proxy_auth=proxy_auth,
+            )
+
+        try:
+            return await send()
+        except aiohttp.ClientConnectorError:
+            raise
+        except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
+            return await send()
 
     async def close(self) -> None:
         if self._client is not None:

@@ -667,16 +667,23 @@ class PreFilter:
         is cancelled. (The cache is never *read* as an answer before the probe.)"""
         if relations is None or len(relations) != 1:
             return None
-        ((relation, user),) = _list_queries(ctx, relations).items()
-        peeked = self.fga.peek_list(user, relation, "document")
-        limit = self.max_results if limit is None else limit
-        if peeked is None or len(peeked) > limit:
-            return None
-        ids = _bare(ctx, peeked)
+        peeked = self.kept_list(ctx, relations[0], limit)
+        ids = _bare(ctx, peeked) if peeked is not None else None
         if not ids:
             return None
         n = _first_exact_window(k, precision)
         return _Speculation(ids, n, time.perf_counter(), _exact_search(sources, vector, n, ids))
+
+    def kept_list(
+        self, ctx: DelegationContext, relation: str, limit: int | None = None
+    ) -> frozenset[str] | None:
+        """The exact cache's complete ListObjects answer for ``relation``, if it fits
+        ``limit``; read without a probe, so only to price a plan or to start work that
+        is dropped unless a probe then vouches for the same answer."""
+        user = _list_queries(ctx, (relation,)).get(relation)
+        kept = self.fga.peek_list(user, relation, "document") if user is not None else None
+        limit = self.max_results if limit is None else limit
+        return kept if kept is not None and len(kept) <= limit else None
 
     async def _collect(
         self, tasks: dict[asyncio.Future[ListObjectsResult], str]
@@ -1135,7 +1142,8 @@ class Adaptive:
             return Plan("prefilter", overfetch, reason, limit, budget_s=budget)
         # A known task's narrowest answer kept by the exact cache costs no ListObjects,
         # and cannot come back over budget.
-        listed = not self._list_kept(ctx, seen.narrowest, limit)
+        kept = self.pre.kept_list(ctx, seen.narrowest, limit) if seen.narrowest else None
+        listed = kept is None
         failed = seen.list_failure_rate if listed else 0.0
         pre_cost = self.costs.pre_ms(k, superset, precision, listed=listed)
         pre_ms = (1 - failed) * pre_cost + failed * (1000 * budget + post_ms)
@@ -1144,16 +1152,6 @@ class Adaptive:
             narrowest = (seen.narrowest,) if seen.narrowest else None
             return Plan("prefilter", overfetch, reason, limit, precision, narrowest, budget)
         return Plan("postfilter", overfetch, reason)
-
-    def _list_kept(self, ctx: DelegationContext, relation: str | None, limit: int) -> bool:
-        """Whether the exact cache holds a usable answer of ``relation``'s ListObjects
-        (read without a probe: it only prices the plan; a request still lists anew
-        unless its own probe vouches for the cache)."""
-        user = _list_queries(ctx, (relation,)).get(relation) if relation else None
-        if relation is None or user is None:
-            return False
-        kept = self.pre.fga.peek_list(user, relation, "document")
-        return kept is not None and len(kept) <= limit
 
     def _reprobe_due(self, samples: int) -> bool:
         """After the 1st, 2nd, 4th ... request, then every ``reprobe_every``: one slow
