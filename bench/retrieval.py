@@ -599,6 +599,8 @@ class Bench:
         self.anchor_checks = 0
         #: Per strategy request, ms spent in each phase (logged per cell: where time goes).
         self.phases: list[dict[str, float]] = []
+        #: When the last cell that sent checks to OpenFGA ended (monotonic).
+        self.checked_until: float | None = None
         # The content versions come from a catalog, as the gateway's do: the store keeps
         # the vectors it read for documents whose version stays the same.
         versions = (
@@ -619,6 +621,20 @@ class Bench:
             # Its own statistics: what it learns must not steer the cached one.
             "adaptive-nocache": Adaptive(post, pre),
         }
+
+    async def forget_checks(self, log: Callable[[str], None]) -> None:
+        """Wait until OpenFGA's check cache has dropped what the previous cell asked.
+
+        Every method asks about the same queries' documents: without this wait a cell
+        run within the cache's TTL of the one before it reads that cell's answers (the
+        floor after ``naive``, adaptive after the post-filter) and looks cheaper than
+        it is. Each cell starts as the first to ask about its queries' documents."""
+        if self.checked_until is None or self.fga.server_cache_quiet_s is None:
+            return
+        wait = self.checked_until + CHECK_CACHE_TTL_S + 0.5 - time.monotonic()
+        if wait > 0:
+            log(f"  waiting {wait:.0f} s: OpenFGA's check cache forgets the last cell's answers")
+            await asyncio.sleep(wait)
 
     def method(self, name: str, ctx: DelegationContext) -> Run:
         """An async callable: query vector -> (chunk ids, sequential FGA rounds, label)."""
@@ -715,6 +731,8 @@ async def measure(
     for name in methods:
         if name == "anchor" and bench.anchor is None:
             continue
+        if name != "raw":
+            await bench.forget_checks(log)
         run = bench.method(name, ctx)
         if bench.fga.cache is not None:
             bench.fga.cache.invalidate()  # every cell starts with an empty cache
@@ -765,6 +783,8 @@ async def measure(
         where = " ".join(
             f"{n}={statistics.median(spent.get(n, 0.0) for spent in phases):.1f}" for n in names
         )
+        if name != "raw":
+            bench.checked_until = time.monotonic()
         log(
             f"  {profile.name} {name}: n={len(samples)} p50={results[name]['p50']:.1f}ms "
             f"recall={results[name]['recall']:.3f} errors={errors} "
@@ -904,7 +924,8 @@ def machine_notes(load_before: tuple[float, float, float]) -> list[str]:
         "(one ReadChanges probe per request; emptied before every cell); OpenFGA's check "
         f"query cache on ({CHECK_CACHE_TTL_S:g} s TTL), asked for once the change log has "
         "been quiet long enough (docs/cache.md; the run waits that out once before its first "
-        "cell, and nothing is written while cells run). "
+        "cell, and nothing is written while cells run); every cell that asks OpenFGA "
+        "starts a TTL after the last one ended, so none reads another's answers. "
         "`floor`, `naive` and the anchor reach the same OpenFGA; `floor` asks its cache "
         "whenever it is on. `adaptive-nocache` sends every check to OpenFGA as "
         "HIGHER_CONSISTENCY",

@@ -532,12 +532,14 @@ def storage_errors() -> Iterator[None]:
     try:
         yield
     except (sqlite3.Error, psycopg.Error, OSError) as exc:
-        detail = (str(exc).splitlines() or [""])[0][:200]
-        # The driver's text may name hosts or files: logged, kept out of the message.
-        log.warning("audit store unavailable: %s: %s", type(exc).__name__, detail)
-        raise AuditUnavailable(
-            f"audit store unavailable ({type(exc).__name__})", detail=detail
-        ) from exc
+        raise _unavailable(exc) from exc
+
+
+def _unavailable(exc: BaseException) -> AuditUnavailable:
+    detail = (str(exc).splitlines() or [""])[0][:200]
+    # The driver's text may name hosts or files: logged, kept out of the message.
+    log.warning("audit store unavailable: %s: %s", type(exc).__name__, detail)
+    return AuditUnavailable(f"audit store unavailable ({type(exc).__name__})", detail=detail)
 
 
 # -- schema (shared by both stores; "?" placeholders) ------------------------------------
@@ -1154,6 +1156,11 @@ class SqliteAuditStore(_SqlAuditStore):
     or processes take turns on one chain, waiting up to ``busy_timeout_s``. Calls run
     in a worker thread, one at a time per store. ``max_pages`` caps the file's size
     in pages (usually 4 KiB): past it, appends fail as on a full disk.
+
+    Appends commit in groups: the appends that queue up while one transaction is
+    being written go into the next one, so a burst costs one fsync, not one each.
+    Each append still returns only once its own record is on disk, and one record
+    the database refuses (a request id already recorded) fails alone.
     """
 
     def __init__(
@@ -1166,11 +1173,32 @@ class SqliteAuditStore(_SqlAuditStore):
         self._conn: sqlite3.Connection | None = None
         self._closed = False
         self._archive_ready = False
+        self._queue: list[_Pending] = []
+        self._queue_lock = threading.Lock()
 
     async def append(self, record: AuditRecord) -> AuditEntry:
         """Chain ``record`` after the current head; return once it is on disk."""
-        text = canonical_json(record.to_dict())
-        return await self._call(lambda conn: _sqlite_append(conn, record, text))
+        pending = _Pending(record, canonical_json(record.to_dict()))
+        with self._queue_lock:
+            self._queue.append(pending)
+        return await asyncio.to_thread(self._append, pending)
+
+    def _append(self, pending: _Pending) -> AuditEntry:
+        """Write every queued append in one transaction, unless one that took the lock
+        before this one already wrote ``pending``."""
+        with self._lock:
+            if not pending.done:
+                with self._queue_lock:
+                    group, self._queue = self._queue, []
+                try:
+                    self._guarded(lambda conn: _sqlite_append_group(conn, group))
+                except AuditUnavailable as exc:
+                    for queued in group:  # one exception each: they are raised in parallel
+                        queued.fail(AuditUnavailable(exc.message, detail=exc.detail))
+                except BaseException as exc:
+                    for queued in group:
+                        queued.fail(exc)
+        return pending.result()
 
     async def verify(self) -> VerifyResult:
         """Recompute the chain on a separate read snapshot (appends keep going)."""
@@ -1220,7 +1248,12 @@ class SqliteAuditStore(_SqlAuditStore):
         return await asyncio.to_thread(self._run, work)
 
     def _run(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
-        with self._lock, storage_errors():
+        with self._lock:
+            return self._guarded(work)
+
+    def _guarded(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
+        """``work`` on the connection, its errors translated (the caller holds the lock)."""
+        with storage_errors():
             try:
                 return self._attempt(work)
             except sqlite3.OperationalError as exc:
@@ -1339,13 +1372,55 @@ def _sqlite_noop(conn: sqlite3.Connection) -> None:
     """Opening the store (file, pragmas, migrations) is the work."""
 
 
-def _sqlite_append(conn: sqlite3.Connection, record: AuditRecord, text: str) -> AuditEntry:
+@dataclass(slots=True)
+class _Pending:
+    """One append waiting for its group's transaction (set by whichever thread writes it)."""
+
+    record: AuditRecord
+    text: str
+    entry: AuditEntry | None = None
+    error: BaseException | None = None
+    done: bool = False
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.done:
+            self.error, self.done = exc, True
+
+    def result(self) -> AuditEntry:
+        if self.error is not None:
+            raise self.error
+        if self.entry is None:  # never: the group's writer sets one or the other
+            raise AuditUnavailable("audit record not written")
+        return self.entry
+
+
+def _sqlite_append_group(conn: sqlite3.Connection, group: Sequence[_Pending]) -> None:
+    """Chain every record of ``group`` in order, in one transaction (one fsync).
+
+    A record the database refuses (a constraint: its request id is recorded already)
+    is rolled back to its savepoint and fails alone; the chain goes on from the record
+    before it. Any other error fails the whole group, none of it written. Entries are
+    handed out only after the commit."""
+    written: list[tuple[_Pending, AuditEntry]] = []
     with _sqlite_transaction(conn):
         _, _, head_seq, head_hash = _sqlite_one(conn, _SELECT_CHAIN)
-        entry = _link(head_seq, head_hash, record, text)
-        conn.execute(_INSERT_ENTRY, _insert_params(entry, text))
-        conn.execute(_UPDATE_HEAD, (entry.seq, entry.hash))
-    return entry
+        for pending in group:
+            entry = _link(head_seq, head_hash, pending.record, pending.text)
+            conn.execute("SAVEPOINT record")
+            try:
+                conn.execute(_INSERT_ENTRY, _insert_params(entry, pending.text))
+            except sqlite3.IntegrityError as exc:
+                conn.execute("ROLLBACK TO record")
+                conn.execute("RELEASE record")
+                pending.fail(_unavailable(exc))
+                continue
+            conn.execute("RELEASE record")
+            written.append((pending, entry))
+            head_seq, head_hash = entry.seq, entry.hash
+        if written:
+            conn.execute(_UPDATE_HEAD, (head_seq, head_hash))
+    for pending, entry in written:
+        pending.entry, pending.done = entry, True
 
 
 def _sqlite_verify(conn: sqlite3.Connection) -> VerifyResult:

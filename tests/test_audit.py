@@ -271,6 +271,72 @@ async def test_concurrent_appends_from_two_handles_form_one_chain(backend: Backe
     assert await first.verify() == audit.VerifyResult(True, 200, None, None)
 
 
+async def _queued_behind_the_lock(
+    store: SqliteAuditStore, records: Sequence[AuditRecord]
+) -> list[AuditEntry | BaseException]:
+    """Append ``records`` while the store's write lock is held, so that they all queue
+    up and go into one group; release it once every one is queued."""
+    store._lock.acquire()
+    try:
+        appends = [asyncio.ensure_future(store.append(r)) for r in records]
+        for _ in range(500):
+            await asyncio.sleep(0.01)
+            if len(store._queue) == len(records):
+                break
+        assert len(store._queue) == len(records)
+    finally:
+        store._lock.release()
+    return list(await asyncio.gather(*appends, return_exceptions=True))
+
+
+async def test_sqlite_appends_queued_together_commit_as_one_group(tmp_path: Path) -> None:
+    store = SqliteAuditStore(tmp_path / "audit.db")
+    try:
+        await store.append(make_record("old"))
+        statements: list[str] = []
+        conn = store._connection()
+        conn.set_trace_callback(statements.append)
+        records = [make_record(f"r{i}") for i in range(20)]
+        records[7] = make_record("old")  # already recorded: refused, alone
+        records[12] = make_record("r3")  # the same id twice in one group: the second refused
+
+        results = await _queued_behind_the_lock(store, records)
+
+        refused = [i for i, r in enumerate(results) if isinstance(r, BaseException)]
+        assert refused == [7, 12]
+        assert all(isinstance(results[i], AuditUnavailable) for i in refused)
+        assert results[7] is not results[12]
+        entries = [r for r in results if isinstance(r, AuditEntry)]
+        assert [e.seq for e in entries] == list(range(2, 20))  # in queue order, no gap
+        assert [e.record.request_id for e in entries] == [
+            r.request_id for i, r in enumerate(records) if i not in refused
+        ]
+        assert statements.count("COMMIT") == 1  # one transaction, one fsync
+        assert await store.verify() == audit.VerifyResult(True, 19, None, None)
+        for entry in entries:
+            assert await store.get("acme", entry.record.request_id) == entry
+        assert (await store.append(make_record("after"))).seq == 20
+    finally:
+        await store.close()
+
+
+async def test_sqlite_group_that_cannot_be_written_fails_every_append(tmp_path: Path) -> None:
+    store = SqliteAuditStore(tmp_path / "audit.db", max_pages=12)
+    try:
+        await store.append(make_record("first"))
+        big = {"note": "x" * 3_000}  # the group overflows the file; one record alone fits
+        results = await _queued_behind_the_lock(
+            store, [make_record(f"r{i}", extra=big) for i in range(8)]
+        )
+        assert all(isinstance(r, AuditUnavailable) for r in results)
+        assert len({id(r) for r in results}) == len(results)  # one exception each
+        assert await store.verify() == audit.VerifyResult(True, 1, None, None)
+        assert len((await store.list("acme"))[0]) == 1
+        assert (await store.append(make_record("r0", extra=big))).seq == 2
+    finally:
+        await store.close()
+
+
 async def test_handles_racing_to_create_the_sqlite_file_all_open_it(tmp_path: Path) -> None:
     for attempt in range(40):
         stores = [SqliteAuditStore(tmp_path / f"race{attempt}.db") for _ in range(3)]
