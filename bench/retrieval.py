@@ -21,7 +21,9 @@ permitted are measured. For each profile, every method runs the same queries:
   2 s per OpenFGA call, the exact decision cache); a request that fails closed counts
   as an error and as a query that returned nothing;
 - ``adaptive-nocache``: the default strategy with every request demanding fresh
-  answers (``Cache-Control: no-cache``): what the exact cache adds.
+  answers (``Cache-Control: no-cache``): what the exact cache adds;
+- ``adaptive-noscreen``: the default strategy asking every conjunct of every document
+  in one round (no screen): what screening a task's documents adds.
 
 The exact decision cache is emptied before every cell, and the warm-up queries are not
 among the measured ones, so a cell measures one task's different queries (documents,
@@ -117,8 +119,9 @@ METHODS = (
     "prefilter",
     "adaptive",
     "adaptive-nocache",
+    "adaptive-noscreen",
 )
-STRATEGIES = ("postfilter", "prefilter", "adaptive", "adaptive-nocache")
+STRATEGIES = ("postfilter", "prefilter", "adaptive", "adaptive-nocache", "adaptive-noscreen")
 #: The baseline's package (its own virtualenv: it pins langchain-core < 0.4 and
 #: openfga-sdk < 0.10) and the chromadb it reads the gateway's collections with.
 ANCHOR_PACKAGES = ("auth0-ai-langchain==1.0.1",)
@@ -620,6 +623,8 @@ class Bench:
             "adaptive": Adaptive(post, pre),
             # Its own statistics: what it learns must not steer the cached one.
             "adaptive-nocache": Adaptive(post, pre),
+            # Every conjunct of every document in one round, as before screens.
+            "adaptive-noscreen": Adaptive(post, pre, screening=False),
         }
 
     async def forget_checks(self, log: Callable[[str], None]) -> None:

@@ -41,7 +41,9 @@ Strategies:
 - :class:`Adaptive` picks one per request from measured selectivity (per tenant, user,
   agent and task, with coarser levels as priors; bounded LRU) and measured cost of
   each phase (:class:`CostModel`). Once it knows a task, its pre-filter asks only the
-  ListObjects that was narrowest: any one complete answer is a superset.
+  ListObjects that was narrowest: any one complete answer is a superset. When most of
+  a known task's documents fail one conjunct, that conjunct is its *screen*: it is
+  asked first, and the other three only for the documents that passed it.
 
 All OpenFGA calls of one request go through one :class:`RequestChecks`: request-level
 checks are asked once, each document once, and the request deadline and consistency
@@ -63,8 +65,10 @@ from connectors.base import Candidate, VectorStore
 from connectors.vectors import ContentVersions, VersionedSearch
 from gateway import tracing
 from gateway.decision import (
+    DOCUMENT_CHECKS,
     REQUEST_CHECKS,
     CheckItem,
+    CheckName,
     CheckOutcome,
     DocumentVerdict,
     decide,
@@ -92,6 +96,13 @@ REFILL_MARGIN = 2.0
 #: answer while the change probe ran (see :meth:`PreFilter.retrieve`).
 SPECULATION_USED = "exact search started while the change probe ran; the probe vouched"
 SPECULATION_DROPPED = "exact search started while the change probe ran; dropped"
+#: A task whose documents mostly fail one conjunct (at most this share passes it, in
+#: recent requests) has that conjunct asked first, and the other three only for the
+#: documents that passed: a second round trip that saves most of the checks. Only for
+#: a round of at least ``SCREEN_MIN_DOCUMENTS`` documents.
+SCREEN_MAX_PASS = 0.6
+SCREEN_MIN_DOCUMENTS = 8
+DOCUMENT_LEVEL = tuple(c.value for c in DOCUMENT_CHECKS)
 #: Note of a request whose checks OpenFGA could answer from its check cache.
 OPENFGA_CACHE_NOTE = "OpenFGA check cache allowed: no change for longer than its TTL"
 
@@ -286,14 +297,23 @@ class RequestChecks:
             return False
         return await asyncio.shield(self._fresh)
 
-    async def verify(self, document_ids: Sequence[str], outcome: RetrievalOutcome) -> None:
-        """Decide every document not decided yet, in at most one BatchCheck round.
+    async def verify(
+        self,
+        document_ids: Sequence[str],
+        outcome: RetrievalOutcome,
+        screen: CheckName | None = None,
+    ) -> None:
+        """Decide every document not decided yet, in one BatchCheck round (two with
+        ``screen``).
 
         What the exact cache already knows is not asked again, and once one conjunct
         of a document is known false its other conjuncts are not asked at all (a
-        request-level one known false: nothing more is asked). If the round fails, its
-        documents are recorded in ``outcome`` with verdict ``error`` (and the
-        conjuncts that went unanswered) before the error is raised; the per-item
+        request-level one known false: nothing more is asked). ``screen``: the
+        conjunct most documents of this task fail; with at least
+        ``SCREEN_MIN_DOCUMENTS`` documents it is asked first (with the request-level
+        checks), and the others only for the documents that passed it. If a round
+        fails, its documents are recorded in ``outcome`` with verdict ``error`` (and
+        the conjuncts that went unanswered) before the error is raised; the per-item
         texts of OpenFGA go into the error's ``detail`` only.
         """
         fresh = [d for d in dict.fromkeys(document_ids) if d not in self.verdicts]
@@ -302,15 +322,27 @@ class RequestChecks:
             vouched = await self.cache_fresh()
             known = self.fga.cached(items) if vouched else {}
             send = _still_needed(items, {**self.outcomes, **known})
+            if screen is not None and len(fresh) >= SCREEN_MIN_DOCUMENTS:
+                first = [i for i in send if i.document_id is None or i.name == screen]
+            else:
+                first = send
             # OpenFGA's own check cache, only once the change log shows it holds nothing
             # older than the last change (docs/cache.md).
             server_cache = vouched and self.fga.server_cache_ready()
+            answered: dict[CheckItem, CheckOutcome] = dict(known)
             try:
-                answered = await self._ask(send, len(fresh), outcome, server_cache) if send else {}
+                if first:
+                    answered |= await self._ask(first, len(fresh), outcome, server_cache)
+                rest = _still_needed(send, {**self.outcomes, **answered}) if first != send else []
+                if rest and all(o.allowed is not None for o in answered.values()):
+                    passed = len({i.document_id for i in rest})
+                    outcome.notes.append(
+                        f"{screen} asked first: {passed} of {len(fresh)} documents passed it"
+                    )
+                    answered |= await self._ask(rest, passed, outcome, server_cache)
             except BaseException:
-                outcome.verdicts.update(decide(self.ctx, fresh, {**self.outcomes, **known}))
+                outcome.verdicts.update(decide(self.ctx, fresh, {**self.outcomes, **answered}))
                 raise
-            answered = {**known, **answered}
             errored = [item for item, o in answered.items() if o.allowed is None]
             if errored:
                 outcome.verdicts.update(decide(self.ctx, fresh, {**self.outcomes, **answered}))
@@ -513,7 +545,9 @@ class PostFilter:
         overfetch: float | None = None,
         checks: RequestChecks | None = None,
         outcome: RetrievalOutcome | None = None,
+        screen: CheckName | None = None,
     ) -> RetrievalOutcome:
+        """``screen``: the conjunct to ask first (see :meth:`RequestChecks.verify`)."""
         options = options or RequestOptions()
         checks = checks or RequestChecks(self.fga, ctx, options, self.model_id)
         outcome = _started(outcome, self.name)
@@ -522,7 +556,7 @@ class PostFilter:
         while True:
             found = await _search_all(outcome, sources, vector, n, options.deadline)
             window = trusted_prefix(found, n, self.ann_trust)
-            await checks.verify(_examine(outcome, ctx, window), outcome)
+            await checks.verify(_examine(outcome, ctx, window), outcome, screen)
             permitted = _finish(outcome, ctx, checks, window)
             if len(permitted) >= k or window.exhausted or checks.request_denied:
                 outcome.chunks = [] if checks.request_denied else permitted[:k]
@@ -735,9 +769,11 @@ class PreFilter:
         budget_s: float | None = None,
         outcome: RetrievalOutcome | None = None,
         reuse_lists: bool = False,
+        screen: CheckName | None = None,
     ) -> RetrievalOutcome:
         """``reuse_lists``: a ListObjects answer may come from the exact cache
-        (:class:`Adaptive` asks for it; the plain pre-filter lists on every request)."""
+        (:class:`Adaptive` asks for it; the plain pre-filter lists on every request).
+        ``screen``: the conjunct to ask first (see :meth:`RequestChecks.verify`)."""
         options = options or RequestOptions()
         checks = checks or RequestChecks(self.fga, ctx, options, self.model_id)
         probe = _started(outcome, self.name)
@@ -769,7 +805,15 @@ class PreFilter:
                 "fell back to post-filter"
             )
             result = await self.fallback.retrieve(
-                ctx, vector, k, sources, options, overfetch=overfetch, checks=checks, outcome=probe
+                ctx,
+                vector,
+                k,
+                sources,
+                options,
+                overfetch=overfetch,
+                checks=checks,
+                outcome=probe,
+                screen=screen,
             )
             result.strategy = "prefilter->postfilter"
             return result
@@ -781,7 +825,7 @@ class PreFilter:
         corpus = sum(s.documents for s in sources)
         outcome.selectivity = len(superset.ids) / corpus if corpus else None
         await self._rank_exactly(
-            outcome, ctx, vector, k, sources, superset.ids, checks, precision, ahead
+            outcome, ctx, vector, k, sources, superset.ids, checks, precision, ahead, screen
         )
         return outcome
 
@@ -796,6 +840,7 @@ class PreFilter:
         checks: RequestChecks,
         precision: float,
         ahead: _Speculation | None = None,
+        screen: CheckName | None = None,
     ) -> None:
         """``ahead``: the first search, already started on exactly ``allowed``."""
         deadline = checks.options.deadline
@@ -819,7 +864,7 @@ class PreFilter:
             exact = [dataclasses.replace(s, exact=True) for s in sources]
             window = trusted_prefix(list(zip(exact, found, strict=True)), n, 1.0)
             documents = _examine(outcome, ctx, window)
-            await checks.verify(documents, outcome)
+            await checks.verify(documents, outcome, screen)
             permitted = _finish(outcome, ctx, checks, window)
             if len(permitted) >= k or window.exhausted or checks.request_denied or not ids:
                 outcome.chunks = [] if checks.request_denied else permitted[:k]
@@ -902,6 +947,16 @@ class Observation:
     list_failure_rate: float = 0.0
     #: The relation whose complete ListObjects answer was the smallest last time.
     narrowest: str | None = None
+    #: Per document-level conjunct, the weighted share of checked documents it denied.
+    denials: dict[str, float] = field(default_factory=dict)
+
+    def screen(self) -> CheckName | None:
+        """The conjunct to ask first: the one that denies the most documents, when at
+        most ``SCREEN_MAX_PASS`` of them pass it."""
+        if not self.denials:
+            return None
+        name, share = max(self.denials.items(), key=lambda pair: pair[1])
+        return CheckName(name) if 1 - share <= SCREEN_MAX_PASS else None
 
 
 StatsKey = tuple[str, ...]
@@ -953,6 +1008,7 @@ class SelectivityStats:
         precision: float | None = None,
         list_failed: bool | None = None,
         narrowest: str | None = None,
+        denials: Mapping[str, float] | None = None,
     ) -> None:
         fraction = min(1.0, max(0.0, fraction))
         for level, key in enumerate(self.keys(ctx)):
@@ -971,6 +1027,9 @@ class SelectivityStats:
                 old.list_failure_rate += self.alpha * (list_failed - old.list_failure_rate)
                 # A failed answer may mean the grants changed: ask every list next time.
                 old.narrowest = None if list_failed else narrowest or old.narrowest
+            if denials is not None:
+                for name, share in denials.items():
+                    old.denials[name] = _ewma(old.denials.get(name), share, self.alpha, 1)
             table.move_to_end(key)
             while len(table) > self.capacity:
                 table.popitem(last=False)
@@ -1075,6 +1134,7 @@ class Plan:
     precision: float = 1.0
     relations: tuple[str, ...] | None = None
     budget_s: float | None = None
+    screen: CheckName | None = None
 
 
 class Adaptive:
@@ -1107,12 +1167,14 @@ class Adaptive:
         costs: CostModel | None = None,
         *,
         reprobe_every: int = 32,
+        screening: bool = True,
     ) -> None:
         self.post = post
         self.pre = pre
         self.stats = stats or SelectivityStats()
         self.costs = costs or CostModel()
         self.reprobe_every = reprobe_every
+        self.screening = screening
 
     def plan(self, ctx: DelegationContext, k: int, sources: Sequence[SourceHandle]) -> Plan:
         found = self.stats.estimate(ctx)
@@ -1123,6 +1185,15 @@ class Adaptive:
         overfetch = min(1.25 / s, 1e4)
         if level > 0:
             return Plan("prefilter", overfetch, f"new task (prior s={s:.4f}): ListObjects probe")
+        plan = self._known(ctx, k, sources, seen)
+        return dataclasses.replace(plan, screen=seen.screen()) if self.screening else plan
+
+    def _known(
+        self, ctx: DelegationContext, k: int, sources: Sequence[SourceHandle], seen: Observation
+    ) -> Plan:
+        """The cheaper strategy for a task seen before."""
+        s = max(seen.selectivity, 1e-4)
+        overfetch = min(1.25 / s, 1e4)
         trust = 1.0 if all(h.exact for h in sources) else self.post.ann_trust
         post_ms = self.costs.post_ms(k, s, trust)
         corpus = sum(h.documents for h in sources)
@@ -1188,6 +1259,7 @@ class Adaptive:
                 budget_s=plan.budget_s,
                 outcome=outcome,
                 reuse_lists=True,
+                screen=plan.screen,
             )
         else:
             result = await self.post.retrieve(
@@ -1199,6 +1271,7 @@ class Adaptive:
                 overfetch=plan.overfetch,
                 checks=checks,
                 outcome=outcome,
+                screen=plan.screen,
             )
         self.learn(ctx, result, sources)
         result.strategy = f"adaptive:{result.strategy}"
@@ -1228,12 +1301,25 @@ class Adaptive:
             precision=precision,
             list_failed=True if fell_back else (False if result.superset is not None else None),
             narrowest=result.narrowest,
+            denials=denial_shares(result),
         )
 
 
 def _request_denied(result: RetrievalOutcome) -> bool:
     """When a request-level conjunct fails, nothing about selectivity was learned."""
     return any(REQUEST_LEVEL.intersection(v.failed_checks) for v in result.verdicts.values())
+
+
+def denial_shares(result: RetrievalOutcome) -> dict[str, float] | None:
+    """Per document-level conjunct, the share of the checked documents it denied
+    (None when no document was checked)."""
+    checked = [v for v in result.verdicts.values() if MISSING_METADATA not in v.failed_checks]
+    if not checked:
+        return None
+    return {
+        name: sum(name in v.failed_checks for v in checked) / len(checked)
+        for name in DOCUMENT_LEVEL
+    }
 
 
 def permitted_fraction(result: RetrievalOutcome) -> float:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import math
 import time
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -35,8 +37,8 @@ from hypothesis import strategies as st
 from connectors.base import ChunkRecord
 from connectors.chroma import ChromaStore
 from connectors.memory import InMemoryStore
-from gateway import fga_server
-from gateway.decision import plan_checks
+from gateway import fga_server, retrieval
+from gateway.decision import CheckName, plan_checks
 from gateway.errors import AuthorizationUnavailable, SourceUnavailable
 from gateway.fga import FgaClient, FgaStats, Tuple
 from gateway.fga_server import ManagedOpenFGA
@@ -45,6 +47,7 @@ from gateway.retrieval import (
     Adaptive,
     PostFilter,
     PreFilter,
+    RequestChecks,
     RequestOptions,
     RetrievalOutcome,
     SelectivityStats,
@@ -325,6 +328,25 @@ async def loaded(
         await fga.close()
 
 
+@dataclass
+class Screened:
+    """A strategy that asks one conjunct first, as :class:`Adaptive` does for a task
+    whose documents mostly fail it."""
+
+    inner: PostFilter | PreFilter
+    screen: CheckName
+
+    async def retrieve(
+        self,
+        ctx: DelegationContext,
+        vector: Any,
+        k: int,
+        sources: list[SourceHandle],
+        options: RequestOptions | None = None,
+    ) -> RetrievalOutcome:
+        return await self.inner.retrieve(ctx, vector, k, sources, options, screen=self.screen)
+
+
 def strategies(fga: FgaClient) -> dict[str, Any]:
     post = PostFilter(fga)
     tight = PostFilter(fga, overfetch=1)  # small windows: refills happen
@@ -336,6 +358,8 @@ def strategies(fga: FgaClient) -> dict[str, Any]:
         "prefilter": pre,
         "prefilter-starved": starved,
         "adaptive": Adaptive(post, pre),
+        "postfilter-tight-user-first": Screened(tight, CheckName.USER_CAN_READ),
+        "prefilter-scope-first": Screened(pre, CheckName.DOCUMENT_IN_TASK_SCOPE),
     }
 
 
@@ -360,6 +384,18 @@ async def test_every_strategy_equals_the_oracle(
     permitted = permitted_documents(w)
     found = "none" if not expected else "fewer than k" if len(expected) < w.k else "k"
     event(f"permitted chunks: {found}")
+    # Every round of the worlds' few documents is screened when a strategy asks for it.
+    with mock.patch.object(retrieval, "SCREEN_MIN_DOCUMENTS", 1):
+        await _every_strategy(w, openfga, chroma, expected, permitted)
+
+
+async def _every_strategy(
+    w: World,
+    openfga: ManagedOpenFGA,
+    chroma: ChromaStore,
+    expected: list[str],
+    permitted: set[str],
+) -> None:
     async with loaded(w, openfga.url, chroma) as (fga, handles):
         for (name, strategy), (kind, handle) in itertools.product(
             strategies(fga).items(), handles.items()
@@ -526,6 +562,71 @@ async def test_adaptive_learns_and_records_its_choice(
         # A known task's pre-filter asks only the ListObjects that was narrowest.
         assert again.strategy == "adaptive:prefilter" and again.list_objects_calls == 1
         assert again.narrowest == first.narrowest == "user_can_read"
+
+
+async def test_a_screen_asks_the_other_conjuncts_only_of_documents_that_pass_it(
+    openfga: ManagedOpenFGA, chroma: ChromaStore
+) -> None:
+    w = wide_world(documents=30, allowed=6)
+    documents = [f"d{d}" for d in range(30)]
+    async with loaded(w, openfga.url, chroma) as (fga, _):
+        outcomes = {}
+        for screen in (None, CheckName.USER_CAN_READ):
+            checks = RequestChecks(fga, context(w))
+            outcome = RetrievalOutcome("test")
+            before = fga.stats.snapshot()
+            await checks.verify(documents, outcome, screen)
+            spent = fga.stats.since(before)
+            outcomes[screen] = outcome
+            if screen is None:  # one round: four conjuncts of every document
+                assert (checks.rounds, spent.checks_sent) == (1, 6 + 4 * 30)
+            else:  # the screen of all 30, then the other three of the 6 that passed
+                assert (checks.rounds, spent.checks_sent) == (2, 6 + 30 + 3 * 6)
+                assert "user_can_read asked first: 6 of 30 documents passed it" in outcome.notes
+        screened = outcomes[CheckName.USER_CAN_READ].verdicts
+        assert {d for d, v in screened.items() if v.allowed} == {f"d{d}" for d in range(6)}
+        assert {d: v.verdict for d, v in screened.items()} == {
+            d: v.verdict for d, v in outcomes[None].verdicts.items()
+        }
+        assert screened["d9"].failed_checks == ("user_can_read",)
+
+        # Fewer documents than SCREEN_MIN_DOCUMENTS: one round as before.
+        checks = RequestChecks(fga, context(w))
+        await checks.verify(documents[:7], RetrievalOutcome("test"), CheckName.USER_CAN_READ)
+        assert checks.rounds == 1
+
+
+async def test_a_screen_stops_at_a_failed_request_level_check(
+    openfga: ManagedOpenFGA, chroma: ChromaStore
+) -> None:
+    w = dataclasses.replace(wide_world(documents=30, allowed=6), task_state="revoked")
+    async with loaded(w, openfga.url, chroma) as (fga, _):
+        checks = RequestChecks(fga, context(w))
+        outcome = RetrievalOutcome("test")
+        before = fga.stats.snapshot()
+        await checks.verify([f"d{d}" for d in range(30)], outcome, CheckName.USER_CAN_READ)
+        assert (checks.rounds, fga.stats.since(before).checks_sent) == (1, 6 + 30)
+        assert checks.request_denied
+        assert not any(v.allowed for v in outcome.verdicts.values())
+        assert all("task_active" in v.failed_checks for v in outcome.verdicts.values())
+
+
+async def test_adaptive_screens_a_task_by_the_conjunct_that_denies_most(
+    openfga: ManagedOpenFGA, chroma: ChromaStore
+) -> None:
+    narrow, everything = wide_world(documents=40, allowed=4), wide_world(40, allowed=40)
+    for w, screen in ((narrow, CheckName.USER_CAN_READ), (everything, None)):
+        async with loaded(w, openfga.url, chroma) as (fga, handles):
+            # ListObjects over the limit: the post-filter checks what the search finds.
+            post = PostFilter(fga)
+            adaptive = Adaptive(post, PreFilter(fga, post, max_results=1))
+            assert adaptive.plan(context(w), w.k, [handles["chroma"]]).screen is None
+            await adaptive.retrieve(context(w), QUERIES[0], w.k, [handles["chroma"]])
+            plan = adaptive.plan(context(w), w.k, [handles["chroma"]])
+            assert (plan.strategy, plan.screen) == ("postfilter", screen)
+            again = await adaptive.retrieve(context(w), QUERIES[1], w.k, [handles["chroma"]])
+            assert returned(again) == oracle(World(**{**w.__dict__, "query": 1}))
+            assert any("asked first" in n for n in again.notes) == (screen is not None)
 
 
 def test_a_task_whose_list_failed_is_probed_again_soon_then_every_32() -> None:
