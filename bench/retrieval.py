@@ -694,6 +694,9 @@ class Bench:
                 for phase in out.phases:
                     spent[phase.name] = spent.get(phase.name, 0.0) + phase.ms
                 self.phases.append(spent)
+                if os.environ.get("SCOPEGATE_BENCH_TRACE"):  # why each request went its way
+                    shown = " ".join(f"{n}={ms:.0f}" for n, ms in spent.items())
+                    print(f"    {out.strategy}: {' | '.join(out.notes)} [{shown}]", flush=True)
                 rounds = out.batch_rounds + (1 if out.list_objects_calls else 0)
                 return [c.chunk_id for c in out.chunks], rounds, out.strategy
 

@@ -950,13 +950,13 @@ class Observation:
     #: Per document-level conjunct, the weighted share of checked documents it denied.
     denials: dict[str, float] = field(default_factory=dict)
 
-    def screen(self) -> CheckName | None:
-        """The conjunct to ask first: the one that denies the most documents, when at
-        most ``SCREEN_MAX_PASS`` of them pass it."""
+    def screen(self) -> tuple[CheckName, float] | None:
+        """The conjunct to ask first and the share of documents that pass it: the one
+        that denies the most documents, when at most ``SCREEN_MAX_PASS`` pass it."""
         if not self.denials:
             return None
         name, share = max(self.denials.items(), key=lambda pair: pair[1])
-        return CheckName(name) if 1 - share <= SCREEN_MAX_PASS else None
+        return (CheckName(name), 1 - share) if 1 - share <= SCREEN_MAX_PASS else None
 
 
 StatsKey = tuple[str, ...]
@@ -1111,12 +1111,21 @@ class CostModel:
             if model is not None:
                 model.observe(phase.size, phase.ms)
 
-    def post_ms(self, k: int, selectivity: float, trust: float) -> float:
+    def post_ms(
+        self, k: int, selectivity: float, trust: float, screen_pass: float | None = None
+    ) -> float:
+        """``screen_pass``: the share of documents that pass the task's screen, when it
+        has one (its checks then take two rounds, the second only for those)."""
         examined = k * 1.25 / max(selectivity, 1e-4)
         window = examined / trust
+        check = self.phases["check"]
+        if screen_pass is None:
+            checking = check(4 * examined)
+        else:
+            checking = check(examined) + check(3 * examined * screen_pass)
         # A refill (a second round of both) happens when the estimate was optimistic.
         rounds = 1.3
-        return (self.phases["search"](window) + self.phases["check"](4 * examined)) * rounds
+        return (self.phases["search"](window) + checking) * rounds
 
     def pre_ms(self, k: int, superset: float, precision: float, *, listed: bool = True) -> float:
         """``listed``: False when the ListObjects answer is kept in the exact cache."""
@@ -1148,7 +1157,9 @@ class Adaptive:
     the rate at which their ListObjects answers came back unusable (a failed probe
     costs its budget and then the post-filter); a key whose ListObjects failed is
     probed again after its 1st, 2nd, 4th, 8th ... request and then every ``reprobe_every``
-    requests, since servers warm up and grants change. A known
+    requests, since servers warm up and grants change; a task kept on the post-filter
+    although its ListObjects answer is kept tries the pre-filter on the same schedule
+    (one cold exact ranking must not price it out for good). A known
     key's pre-filter asks only the ListObjects that was narrowest last time: one
     OpenFGA call instead of three, and no CPU spent on the wide lists. With the exact
     decision cache that answer is reused while nothing changes (a per-task permitted
@@ -1185,17 +1196,23 @@ class Adaptive:
         overfetch = min(1.25 / s, 1e4)
         if level > 0:
             return Plan("prefilter", overfetch, f"new task (prior s={s:.4f}): ListObjects probe")
-        plan = self._known(ctx, k, sources, seen)
-        return dataclasses.replace(plan, screen=seen.screen()) if self.screening else plan
+        screen = seen.screen() if self.screening else None
+        plan = self._known(ctx, k, sources, seen, screen[1] if screen else None)
+        return dataclasses.replace(plan, screen=screen[0]) if screen else plan
 
     def _known(
-        self, ctx: DelegationContext, k: int, sources: Sequence[SourceHandle], seen: Observation
+        self,
+        ctx: DelegationContext,
+        k: int,
+        sources: Sequence[SourceHandle],
+        seen: Observation,
+        screen_pass: float | None,
     ) -> Plan:
         """The cheaper strategy for a task seen before."""
         s = max(seen.selectivity, 1e-4)
         overfetch = min(1.25 / s, 1e4)
         trust = 1.0 if all(h.exact for h in sources) else self.post.ann_trust
-        post_ms = self.costs.post_ms(k, s, trust)
+        post_ms = self.costs.post_ms(k, s, trust, screen_pass)
         corpus = sum(h.documents for h in sources)
         superset = seen.superset if seen.superset is not None else s * max(corpus, 1)
         precision = seen.precision if seen.precision is not None else 1.0
@@ -1219,8 +1236,13 @@ class Adaptive:
         pre_cost = self.costs.pre_ms(k, superset, precision, listed=listed)
         pre_ms = (1 - failed) * pre_cost + failed * (1000 * budget + post_ms)
         reason = f"s={s:.4f} post~{post_ms:.0f}ms pre~{pre_ms:.0f}ms"
-        if pre_ms < post_ms:
+        # The pre-filter's measured cost may be one cold run (its first exact ranking
+        # reads every vector from the store); with its list kept it is tried again on
+        # the probe schedule, or the task would stay on the post-filter for good.
+        retry = kept is not None and pre_ms >= post_ms and self._reprobe_due(seen.samples)
+        if pre_ms < post_ms or retry:
             narrowest = (seen.narrowest,) if seen.narrowest else None
+            reason += "; the pre-filter tried again" if retry else ""
             return Plan("prefilter", overfetch, reason, limit, precision, narrowest, budget)
         return Plan("postfilter", overfetch, reason)
 

@@ -45,6 +45,7 @@ from gateway.fga_server import ManagedOpenFGA
 from gateway.identity import DelegationContext
 from gateway.retrieval import (
     Adaptive,
+    Phase,
     PostFilter,
     PreFilter,
     RequestChecks,
@@ -644,6 +645,34 @@ def test_a_task_whose_list_failed_is_probed_again_soon_then_every_32() -> None:
     assert probes == [2, 3, 5, 9, 17, 33, 65, 97]
     adaptive.stats.update(ctx, 0.1, superset=100, list_failed=False)
     assert adaptive.plan(ctx, 10, [handle]).reason != "ListObjects failed before: probe"
+
+
+def test_a_task_on_the_post_filter_with_its_list_kept_tries_the_pre_filter_again() -> None:
+    """One cold exact ranking (every vector read from the store) priced the pre-filter
+    out: with its list kept, it is tried again on the probe schedule."""
+    fga = FgaClient("http://127.0.0.1:9")  # plans only: never called
+    adaptive = Adaptive(PostFilter(fga), PreFilter(fga, PostFilter(fga), max_results=5000))
+    for _ in range(5):
+        adaptive.costs.observe([Phase("exact", 2000, 5000.0)])
+    ctx = _ctx("acme", "alice", "bot", "t1")
+    handle = SourceHandle("acme", SOURCE, InMemoryStore(), documents=20_000)
+    adaptive.stats.update(ctx, 0.1, superset=2000, list_failed=False, narrowest="user_can_read")
+
+    def tried(kept: frozenset[str] | None) -> list[int]:
+        adaptive.pre.kept_list = lambda *args, **kwargs: kept  # type: ignore[method-assign]
+        again = []
+        for request in range(2, 100):
+            plan = adaptive.plan(ctx, 10, [handle])
+            assert plan.strategy == "prefilter" or "tried again" not in plan.reason
+            if plan.strategy == "prefilter":
+                assert plan.reason.endswith("the pre-filter tried again")
+                assert plan.relations == ("user_can_read",)
+                again.append(request)
+            adaptive.stats.update(ctx, 0.1)
+        return again
+
+    assert tried(frozenset({"acme/d1"})) == [2, 3, 5, 9, 17, 33, 65, 97]
+    assert tried(None) == []  # its list would cost a ListObjects call: no retry
 
 
 # -- SelectivityStats ---------------------------------------------------------------
