@@ -1192,10 +1192,10 @@ class Adaptive:
         if found is None:
             return Plan("prefilter", self.post.overfetch, "no statistics: ListObjects probe")
         level, seen = found
-        s = max(seen.selectivity, 1e-4)
-        overfetch = min(1.25 / s, 1e4)
         if level > 0:
-            return Plan("prefilter", overfetch, f"new task (prior s={s:.4f}): ListObjects probe")
+            s = max(seen.selectivity, 1e-4)
+            reason = f"new task (prior s={s:.4f}): ListObjects probe"
+            return Plan("prefilter", min(1.25 / s, 1e4), reason)
         screen = seen.screen() if self.screening else None
         plan = self._known(ctx, k, sources, seen, screen[1] if screen else None)
         return dataclasses.replace(plan, screen=screen[0]) if screen else plan
@@ -1306,11 +1306,9 @@ class Adaptive:
         if _request_denied(result):
             return
         fraction = permitted_fraction(result)
+        checked = [v for v in result.verdicts.values() if MISSING_METADATA not in v.failed_checks]
         precision = None
         if result.superset is not None:
-            checked = [
-                v for v in result.verdicts.values() if MISSING_METADATA not in v.failed_checks
-            ]
             precision = sum(v.allowed for v in checked) / len(checked) if checked else 1.0
             corpus = sum(s.documents for s in sources)
             if corpus:
@@ -1323,7 +1321,7 @@ class Adaptive:
             precision=precision,
             list_failed=True if fell_back else (False if result.superset is not None else None),
             narrowest=result.narrowest,
-            denials=denial_shares(result),
+            denials=denial_shares(checked),
         )
 
 
@@ -1332,10 +1330,9 @@ def _request_denied(result: RetrievalOutcome) -> bool:
     return any(REQUEST_LEVEL.intersection(v.failed_checks) for v in result.verdicts.values())
 
 
-def denial_shares(result: RetrievalOutcome) -> dict[str, float] | None:
-    """Per document-level conjunct, the share of the checked documents it denied
-    (None when no document was checked)."""
-    checked = [v for v in result.verdicts.values() if MISSING_METADATA not in v.failed_checks]
+def denial_shares(checked: Sequence[DocumentVerdict]) -> dict[str, float] | None:
+    """Per document-level conjunct, the share of the ``checked`` documents (those
+    OpenFGA decided) it denied; None when there were none."""
     if not checked:
         return None
     return {
