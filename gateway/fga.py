@@ -745,6 +745,17 @@ class FgaClient:
             cache.put_list(key, result.ids, generation)
         return result
 
+    def kept_list(self, user: str, relation: str, object_type: str) -> frozenset[str] | None:
+        """The exact cache's complete ListObjects answer, counted as a hit: only once this
+        request's change probe vouched for the cache (see ``RequestChecks.cache_fresh``)."""
+        cache = self.cache
+        if cache is None or not cache.exact or not self.model_id:
+            return None
+        ids = cache.get_list(ListKey(self.store_id, self.model_id, user, relation, object_type))
+        if ids is not None:
+            self.stats.list_cache_hits += 1
+        return ids
+
     def peek_list(self, user: str, relation: str, object_type: str) -> frozenset[str] | None:
         """The exact cache's complete ListObjects answer, read without a probe: only to
         start work that is thrown away unless a probe then vouches for the same answer."""

@@ -213,6 +213,68 @@ async def test_adaptive_reuses_list_objects_answers_until_a_change(
     assert gateway.fga.stats.list_objects_calls > calls  # the change dropped the lists
 
 
+async def test_a_listed_post_filter_denies_outside_its_kept_list_and_sees_changes_at_once(
+    gateway: Gateway, http: httpx.AsyncClient
+) -> None:
+    """A task too wide for the pre-filter: once the list of the conjunct that denies
+    most of its documents is kept, candidates outside it are denied without a check.
+    A grant and a revoke still count on the very next request (over HTTP)."""
+    from gateway.retrieval import LISTED_NOTE
+
+    adaptive = gateway.strategies["adaptive"]
+    assert isinstance(adaptive, Adaptive)
+    adaptive.pre.max_results = 2  # every superset of this task is over the limit
+    w = await World(gateway, http, "acme").setup(members=["alice"], agents=["bot"])
+    await w.ingest(
+        [
+            doc(
+                f"d{i}",
+                f"{TEXT} Part {i}.",
+                viewers=["user:alice"] if i <= 6 else [],
+                agents=["agent:bot"],
+            )
+            for i in range(1, 13)
+        ]
+    )
+    w.task_id = await w.task("alice", "bot", ["source:docs"])  # type: ignore[attr-defined]
+
+    async def retrieve() -> tuple[list[str], dict[str, Any]]:
+        token = w.agent_token("alice", "bot", w.task_id)  # type: ignore[attr-defined]
+        response = await http.post(
+            "/v1/retrieve", json={"query": "revenue forecast", "k": 12}, headers=bearer(token)
+        )
+        assert response.status_code == 200, response.text
+        records = [e.record async for e in gateway.audit.iter_all("acme")]
+        last = [r for r in records if r.kind == "retrieve"][-1]
+        return sorted(c["document_id"] for c in response.json()["chunks"]), last.to_dict()
+
+    mine = [f"d{i}" for i in range(1, 7)]
+    assert (await retrieve())[0] == sorted(mine)  # a new task: a probe, over the limit
+    assert (await retrieve())[0] == sorted(mine)  # known: the list is fetched aside
+    assert adaptive.pre._warming is not None
+    await adaptive.pre._warming
+    before = gateway.fga.stats.snapshot()
+    found, record = await retrieve()
+    assert found == sorted(mine)
+    assert any(LISTED_NOTE in n for n in record["extra"]["notes"]), record["extra"]["notes"]
+    spent = gateway.fga.stats.since(before)
+    # Nothing is asked about the six documents outside alice's list.
+    assert spent.checks_requested <= 6 + 4 * 6, spent
+    verdicts = {c["document_id"]: c for c in record["candidates"]}
+    assert {d for d, c in verdicts.items() if c["verdict"] == "allow"} == set(mine)
+    for d in (f"d{i}" for i in range(7, 13)):
+        assert verdicts[d]["failed_checks"] == ["user_can_read"], verdicts[d]
+
+    await w.relationships(
+        writes=[{"user": "user:alice", "relation": "viewer", "object": "document:d7"}]
+    )
+    assert (await retrieve())[0] == sorted([*mine, "d7"])  # the grant, at once
+    await w.relationships(
+        deletes=[{"user": "user:alice", "relation": "viewer", "object": "document:d1"}]
+    )
+    assert (await retrieve())[0] == sorted([*mine[1:], "d7"])  # the revoke, at once
+
+
 async def test_repeated_retrieval_is_answered_from_the_cache(
     cached: tuple[Gateway, httpx.AsyncClient],
 ) -> None:

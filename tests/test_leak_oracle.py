@@ -174,6 +174,8 @@ REQUIRED = {
     # retrievals that asked a task's screening conjunct first (every page is screened
     # here, however few its documents: SCREEN_MIN_DOCUMENTS is 1 in these worlds)
     "screened": 1.0,
+    # retrievals whose post-filter denied candidates outside a kept ListObjects answer
+    "listed": 0.25,
 }
 WORLD_HANG_S = 600.0  # a world that has not finished by then is reported as hung
 ENFORCED_FROM = 8  # worlds; fewer (a quick local run) only prints what was exercised
@@ -1117,6 +1119,7 @@ async def run_world(proxy: FaultProxy, openfga: ManagedOpenFGA, spec: WorldSpec)
         async for entry in g.audit.iter_all(None):
             notes = entry.record.extra.get("notes", ())
             TALLY.exercised["screened"] += any("asked first" in n for n in notes)
+            TALLY.exercised["listed"] += any(retrieval.LISTED_NOTE in n for n in notes)
     TALLY.worlds += 1
 
 

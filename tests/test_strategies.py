@@ -348,7 +348,39 @@ class Screened:
         return await self.inner.retrieve(ctx, vector, k, sources, options, screen=self.screen)
 
 
-def strategies(fga: FgaClient) -> dict[str, Any]:
+@dataclass
+class Listed:
+    """A post-filter that denies the candidates outside the kept ListObjects answer of
+    one conjunct without a check, as :class:`Adaptive` does for a task too wide for the
+    pre-filter. Its client has the exact cache; the answer is fetched (and kept) first,
+    after a probe has set the change log's horizon, so the request's probe vouches."""
+
+    inner: PostFilter
+    conjunct: CheckName
+
+    async def retrieve(
+        self,
+        ctx: DelegationContext,
+        vector: Any,
+        k: int,
+        sources: list[SourceHandle],
+        options: RequestOptions | None = None,
+    ) -> RetrievalOutcome:
+        fga = self.inner.fga
+        assert fga.change_probe is not None
+        await fga.change_probe.fresh()  # the horizon: the request's own probe vouches
+        relation = retrieval.LIST_RELATIONS[self.conjunct]
+        user = retrieval._list_queries(ctx, (relation,))[relation]
+        answer = await fga.stream_list_objects(user, relation, "document", limit=10_000)
+        assert not answer.truncated
+        outcome = await self.inner.retrieve(
+            ctx, vector, k, sources, options, listed=self.conjunct, precision=0.5
+        )
+        assert outcome.listed == self.conjunct.value, outcome.notes  # the list was used
+        return outcome
+
+
+def strategies(fga: FgaClient, cached: FgaClient | None = None) -> dict[str, Any]:
     post = PostFilter(fga)
     tight = PostFilter(fga, overfetch=1)  # small windows: refills happen
     pre = PreFilter(fga, tight)
@@ -361,7 +393,16 @@ def strategies(fga: FgaClient) -> dict[str, Any]:
         "adaptive": Adaptive(post, pre),
         "postfilter-tight-user-first": Screened(tight, CheckName.USER_CAN_READ),
         "prefilter-scope-first": Screened(pre, CheckName.DOCUMENT_IN_TASK_SCOPE),
-    }
+    } | (
+        {}
+        if cached is None
+        else {
+            "postfilter-user-listed": Listed(PostFilter(cached), CheckName.USER_CAN_READ),
+            "postfilter-tight-scope-listed": Listed(
+                PostFilter(cached, overfetch=1), CheckName.DOCUMENT_IN_TASK_SCOPE
+            ),
+        }
+    )
 
 
 def returned(outcome: RetrievalOutcome) -> list[str]:
@@ -397,9 +438,13 @@ async def _every_strategy(
     expected: list[str],
     permitted: set[str],
 ) -> None:
-    async with loaded(w, openfga.url, chroma) as (fga, handles):
+    async with (
+        loaded(w, openfga.url, chroma) as (fga, handles),
+        # The same store through a client with the exact cache, for the listed ones.
+        _same_store(fga, exact_cache=True) as cached,
+    ):
         for (name, strategy), (kind, handle) in itertools.product(
-            strategies(fga).items(), handles.items()
+            strategies(fga, cached).items(), handles.items()
         ):
             rounds = 2 if name == "adaptive" else 1  # the second run uses what it learned
             for attempt in range(rounds):
@@ -409,6 +454,15 @@ async def _every_strategy(
                 assert {c.document_id for c in outcome.chunks} <= permitted
                 for c in outcome.chunks:
                     assert outcome.verdicts[str(c.document_id)].allowed
+
+
+@contextlib.asynccontextmanager
+async def _same_store(fga: FgaClient, **options: Any) -> AsyncIterator[FgaClient]:
+    client = FgaClient(fga.api_url, fga.store_id, fga.model_id, **options)
+    try:
+        yield client
+    finally:
+        await client.close()
 
 
 # -- examples that pin the interesting paths ---------------------------------------------
@@ -673,6 +727,55 @@ def test_a_task_on_the_post_filter_with_its_list_kept_tries_the_pre_filter_again
 
     assert tried(frozenset({"acme/d1"})) == [2, 3, 5, 9, 17, 33, 65, 97]
     assert tried(None) == []  # its list would cost a ListObjects call: no retry
+
+
+async def test_a_list_that_failed_off_the_request_path_rests_before_it_is_tried_again() -> None:
+    """A background list whose OpenFGA is unreachable fails quietly; its key rests
+    (doubling) instead of sending a list per request."""
+    fga = FgaClient("http://127.0.0.1:9", "store", "model", exact_cache=True)
+    pre = PreFilter(fga, PostFilter(fga))
+    ctx = _ctx("acme", "alice", "bot", "t1")
+    try:
+        rests = []
+        for _ in range(3):
+            assert pre.warm(ctx, "user_can_read")
+            assert not pre.warm(ctx, "user_can_read")  # one list at a time
+            assert pre._warming is not None
+            await pre._warming  # never raises: a failure is only remembered
+            assert not pre.warm(ctx, "user_can_read")  # resting
+            (key,) = pre._warm_failures
+            failures, until = pre._warm_failures[key]
+            rests.append(round(until - time.monotonic()))
+            pre._warm_failures[key] = (failures, 0.0)  # as if the rest were over
+        assert rests == [30, 60, 120]
+        assert pre.warm(ctx, "agent_can_read")  # another key is not held back
+    finally:
+        await fga.close()
+
+
+def test_a_task_too_wide_for_the_pre_filter_is_listed_by_the_conjunct_that_denies_most() -> None:
+    fga = FgaClient("http://127.0.0.1:9", "store", "model", exact_cache=True)  # plans only
+    adaptive = Adaptive(PostFilter(fga), PreFilter(fga, PostFilter(fga), max_results=100))
+    handle = SourceHandle("acme", SOURCE, InMemoryStore(), documents=20_000)
+    ctx = _ctx("acme", "alice", "bot", "t1")
+    started: list[str] = []
+    adaptive.pre.warm = lambda ctx, relation: started.append(relation) or True  # type: ignore[method-assign]
+    denials = {"document_in_tenant": 0.0, "user_can_read": 0.2, "agent_can_read": 0.5}
+    adaptive.stats.update(ctx, 0.4, denials={**denials, "document_in_task_scope": 0.0})
+    kept: dict[str, frozenset[str]] = {}
+    adaptive.pre.kept_list = lambda ctx, relation, limit=None: kept.get(relation)  # type: ignore[method-assign]
+    plan = adaptive.plan(ctx, 10, [handle])
+    assert (plan.strategy, plan.listed) == ("postfilter", None)
+    assert started == ["agent_can_read"] and "listing agent_can_read" in plan.reason
+    kept["agent_can_read"] = frozenset({"acme/d1"})
+    plan = adaptive.plan(ctx, 10, [handle])
+    assert (plan.strategy, plan.listed) == ("postfilter", CheckName.AGENT_CAN_READ)
+    assert started == ["agent_can_read"]
+    # No conjunct denies a quarter of the documents: nothing worth listing.
+    other = _ctx("acme", "bob", "bot", "t2")
+    adaptive.stats.update(other, 0.9, denials={**denials, "agent_can_read": 0.1})
+    assert adaptive.plan(other, 10, [handle]).listed is None
+    assert started == ["agent_can_read"]
 
 
 # -- SelectivityStats ---------------------------------------------------------------
