@@ -234,6 +234,7 @@ class DecisionCache:
         ttl_s: float = 300.0,
         max_entries: int = 100_000,
         max_lists: int = 1_000,
+        max_list_ids: int = 2_000_000,
         max_staleness_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], datetime] | None = None,
@@ -246,6 +247,10 @@ class DecisionCache:
         # A time-dependent denial is reusable only if time can never turn it into an allow.
         self.monotone = not has_exclusion(model)
         self.max_lists = max_lists
+        # Object ids over all kept answers (a listed task's answer may hold tens of
+        # thousands): about 150 MB at the default.
+        self.max_list_ids = max_list_ids
+        self._list_ids = 0
         self._lists: OrderedDict[ListKey, _ListEntry] = OrderedDict()
         self.bucket_s = bucket_s
         self.ttl_s = ttl_s
@@ -281,6 +286,7 @@ class DecisionCache:
         self.generation += 1
         self._entries.clear()
         self._lists.clear()
+        self._list_ids = 0
         self.stats.invalidations += 1
 
     # -- time --------------------------------------------------------------------------
@@ -360,13 +366,15 @@ class DecisionCache:
 
     def put_list(self, key: ListKey, ids: frozenset[str], generation: int) -> None:
         """Keep a *complete* answer fetched while ``generation`` was current."""
-        if not self.exact or generation != self.generation:
+        if not self.exact or generation != self.generation or len(ids) > self.max_list_ids:
             return
+        old = self._lists.pop(key, None)
+        self._list_ids += len(ids) - (len(old.ids) if old is not None else 0)
         self._lists[key] = _ListEntry(ids, generation, self._clock())
-        self._lists.move_to_end(key)
         self.stats.list_stores += 1
-        while len(self._lists) > self.max_lists:
-            self._lists.popitem(last=False)
+        while len(self._lists) > self.max_lists or self._list_ids > self.max_list_ids:
+            _, dropped = self._lists.popitem(last=False)
+            self._list_ids -= len(dropped.ids)
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,6 +31,7 @@ from gateway.cache import (
     ChangeProbe,
     ChangeWatcher,
     DecisionCache,
+    ListKey,
     check_conditions,
     time_dependent_relations,
 )
@@ -406,6 +407,26 @@ def test_answers_computed_across_an_invalidation_are_dropped() -> None:
     assert cache.get(key) is None
     cache.put(key, True, cache.generation)
     assert cache.get(key) is True
+
+
+def test_kept_list_answers_are_bounded_by_their_total_ids() -> None:
+    cache = DecisionCache(load_model(), exact=True, max_list_ids=10)
+
+    def key(user: str) -> ListKey:
+        return ListKey("store", "model", user, "user_can_read", "document")
+
+    def ids(n: int) -> frozenset[str]:
+        return frozenset(f"acme/d{i}" for i in range(n))
+
+    cache.put_list(key("user:a"), ids(4), cache.generation)
+    cache.put_list(key("user:b"), ids(4), cache.generation)
+    cache.put_list(key("user:a"), ids(5), cache.generation)  # replaced, counted once
+    assert cache.peek_list(key("user:a")) == ids(5) and cache.peek_list(key("user:b"))
+    cache.put_list(key("user:c"), ids(3), cache.generation)  # 12 > 10: the oldest goes
+    assert cache.peek_list(key("user:b")) is None
+    assert cache.peek_list(key("user:a")) == ids(5) and cache.peek_list(key("user:c"))
+    cache.put_list(key("user:d"), ids(11), cache.generation)  # never fits: not kept
+    assert cache.peek_list(key("user:d")) is None and cache.peek_list(key("user:a"))
 
 
 def test_time_dependent_keys_carry_the_bucket_and_others_do_not() -> None:
