@@ -627,7 +627,12 @@ class Bench:
         )
         # Configured as the gateway is by default (gateway/settings.py).
         post = PostFilter(fga, DEFAULTS["overfetch"].default, DEFAULTS["max_candidates"].default)
-        pre = PreFilter(fga, post, DEFAULTS["prefilter_max_documents"].default)
+        pre = PreFilter(
+            fga,
+            post,
+            DEFAULTS["prefilter_max_documents"].default,
+            listed_max=DEFAULTS["listed_max_documents"].default,
+        )
         self.strategies: dict[str, Any] = {
             "postfilter": post,
             "prefilter": pre,

@@ -43,7 +43,11 @@ Strategies:
   each phase (:class:`CostModel`). Once it knows a task, its pre-filter asks only the
   ListObjects that was narrowest: any one complete answer is a superset. When most of
   a known task's documents fail one conjunct, that conjunct is its *screen*: it is
-  asked first, and the other three only for the documents that passed it.
+  asked first, and the other three only for the documents that passed it. A task
+  too wide for the pre-filter is *listed* when it can be: the complete ListObjects
+  answer of the conjunct that denies most of its documents is fetched off the request
+  path and kept by the exact cache, and its post-filter denies the candidates outside
+  it without a check (see ``LISTED_MIN_DENIAL``).
 
 All OpenFGA calls of one request go through one :class:`RequestChecks`: request-level
 checks are asked once, each document once, and the request deadline and consistency
@@ -53,6 +57,7 @@ travel with every call to OpenFGA and to the stores.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import math
 import time
@@ -790,6 +795,14 @@ class PreFilter:
             return False
         self._warming = asyncio.ensure_future(self._warm(user, relation))
         return True
+
+    async def close(self) -> None:
+        """Cancel the list being fetched off the request path, if any."""
+        warming, self._warming = self._warming, None
+        if warming is not None and not warming.done():
+            warming.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await warming
 
     async def _warm(self, user: str, relation: str) -> None:
         key = (user, relation)

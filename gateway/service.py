@@ -216,11 +216,16 @@ class Gateway:
         self.changelog: ChangeArchiver | None = None
         self.retention: asyncio.Task[None] | None = None
         post = PostFilter(fga, settings.overfetch, settings.max_candidates)
-        pre = PreFilter(fga, post, settings.prefilter_max_documents)
+        pre = PreFilter(
+            fga,
+            post,
+            settings.prefilter_max_documents,
+            listed_max=settings.listed_max_documents,
+        )
         self.strategies: dict[str, RetrievalStrategy] = {
             "postfilter": post,
             "prefilter": pre,
-            "adaptive": Adaptive(post, pre),
+            "adaptive": Adaptive(post, pre, listing=settings.listed_max_documents > 0),
         }
 
     # -- lifecycle -------------------------------------------------------------------
@@ -317,6 +322,9 @@ class Gateway:
             await self.watcher.stop()
         if self.changelog is not None:
             await self.changelog.close()
+        for strategy in self.strategies.values():
+            if isinstance(strategy, Adaptive):
+                await strategy.pre.close()
         with contextlib.suppress(Exception):
             await self.fga.close()
         with contextlib.suppress(Exception):

@@ -110,6 +110,10 @@ class Settings(BaseSettings):
     # ListObjects has no server-side cap; a longer answer is abandoned and the request
     # post-filters instead.
     prefilter_max_documents: int = Field(default=5000, ge=1)
+    # A task too wide for the pre-filter: the largest ListObjects answer (documents)
+    # fetched off the request path so that its post-filter denies candidates outside it
+    # without a check (retrieval.LISTED_MIN_DENIAL; 0 turns it off).
+    listed_max_documents: int = Field(default=50_000, ge=0)
     # Chunk vectors each Chroma store keeps for ranking permitted documents exactly,
     # reused while a document's content version is unchanged (0 turns it off).
     vector_cache_mb: int = Field(default=256, ge=0)
