@@ -125,14 +125,7 @@ METHODS = (
     "adaptive-noscreen",
     "adaptive-nolist",
 )
-STRATEGIES = (
-    "postfilter",
-    "prefilter",
-    "adaptive",
-    "adaptive-nocache",
-    "adaptive-noscreen",
-    "adaptive-nolist",
-)
+STRATEGIES = METHODS[METHODS.index("postfilter") :]  # the gateway's own
 #: The baseline's package (its own virtualenv: it pins langchain-core < 0.4 and
 #: openfga-sdk < 0.10) and the chromadb it reads the gateway's collections with.
 ANCHOR_PACKAGES = ("auth0-ai-langchain==1.0.1",)
