@@ -265,6 +265,17 @@ async def test_a_listed_post_filter_denies_outside_its_kept_list_and_sees_change
     assert {d for d, c in verdicts.items() if c["verdict"] == "allow"} == set(mine)
     for d in (f"d{i}" for i in range(7, 13)):
         assert verdicts[d]["failed_checks"] == ["user_can_read"], verdicts[d]
+    # A reviewer's replay asks OpenFGA what the list answered: the same verdicts.
+    replay = await http.post(
+        f"/v1/audit/decisions/{record['request_id']}/replay", headers=bearer(w.admin_token)
+    )
+    assert replay.status_code == 200, replay.text
+    replayed = {d["document_id"]: d for d in replay.json()["documents"]}
+    assert replayed.keys() == verdicts.keys()
+    for d, c in verdicts.items():
+        assert replayed[d]["was"] == replayed[d]["now"] == c["verdict"], replayed[d]
+        if c["verdict"] == "deny":
+            assert "user_can_read" in replayed[d]["failed_checks"], replayed[d]
 
     await w.relationships(
         writes=[{"user": "user:alice", "relation": "viewer", "object": "document:d7"}]
