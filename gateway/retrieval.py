@@ -59,6 +59,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import math
 import time
 from collections import OrderedDict
@@ -86,6 +87,7 @@ from gateway.identity import DelegationContext
 from gateway.ids import is_valid_scoped_id, scoped, unscoped
 
 T = TypeVar("T")
+log = logging.getLogger("scopegate.retrieval")
 
 MISSING_METADATA = "chunk_metadata"
 #: Per-item errors of one failed round kept in the error's detail (audit only).
@@ -806,18 +808,39 @@ class PreFilter:
 
     async def _warm(self, user: str, relation: str) -> None:
         key = (user, relation)
+        started = time.monotonic()
         try:
             answer = await self.fga.stream_list_objects(
                 user, relation, "document", limit=self.listed_max
             )
-            ok = not answer.truncated
-        except Exception:  # a background list that fails only costs its retry
-            ok = False
-        if ok:
-            self._warm_failures.pop(key, None)
-            return
+        except Exception as exc:  # a background list that fails only costs its retry
+            why = f"failed: {exc}"
+        else:
+            if not answer.truncated:
+                self._warm_failures.pop(key, None)
+                log.info(
+                    "listed %s %s off the request path: %d documents in %.2f s",
+                    relation,
+                    user,
+                    len(answer.ids),
+                    time.monotonic() - started,
+                )
+                return
+            why = (
+                f"incomplete after {len(answer.ids)} documents in "
+                f"{time.monotonic() - started:.2f} s (over {self.listed_max} documents "
+                "or the server's ListObjects deadline)"
+            )
         failures = self._warm_failures.pop(key, (0, 0.0))[0] + 1
         rest = min(WARM_BACKOFF_MAX_S, WARM_BACKOFF_S * 2 ** (failures - 1))
+        log.warning(
+            "listing %s %s off the request path %s; its post-filter checks every "
+            "candidate, and the list is tried again in %.0f s",
+            relation,
+            user,
+            why,
+            rest,
+        )
         self._warm_failures[key] = (failures, time.monotonic() + rest)
         while len(self._warm_failures) > 1024:
             self._warm_failures.popitem(last=False)

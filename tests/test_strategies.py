@@ -750,6 +750,7 @@ async def test_a_list_that_failed_off_the_request_path_rests_before_it_is_tried_
         assert rests == [30, 60, 120]
         assert pre.warm(ctx, "agent_can_read")  # another key is not held back
     finally:
+        await pre.close()  # cancels the list still in flight
         await fga.close()
 
 
