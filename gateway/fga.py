@@ -745,13 +745,18 @@ class FgaClient:
             cache.put_list(key, result.ids, generation)
         return result
 
+    @property
+    def keeps_lists(self) -> bool:
+        """Whether complete ListObjects answers are kept (the exact cache, a known model)."""
+        return self.cache is not None and self.cache.exact and bool(self.model_id)
+
     def kept_list(self, user: str, relation: str, object_type: str) -> frozenset[str] | None:
         """The exact cache's complete ListObjects answer, counted as a hit: only once this
         request's change probe vouched for the cache (see ``RequestChecks.cache_fresh``)."""
-        cache = self.cache
-        if cache is None or not cache.exact or not self.model_id:
+        if self.cache is None or not self.keeps_lists:
             return None
-        ids = cache.get_list(ListKey(self.store_id, self.model_id, user, relation, object_type))
+        key = ListKey(self.store_id, self.model_id, user, relation, object_type)
+        ids = self.cache.get_list(key)
         if ids is not None:
             self.stats.list_cache_hits += 1
         return ids
@@ -759,10 +764,10 @@ class FgaClient:
     def peek_list(self, user: str, relation: str, object_type: str) -> frozenset[str] | None:
         """The exact cache's complete ListObjects answer, read without a probe: only to
         start work that is thrown away unless a probe then vouches for the same answer."""
-        cache = self.cache
-        if cache is None or not cache.exact or not self.model_id:
+        if self.cache is None or not self.keeps_lists:
             return None
-        return cache.peek_list(ListKey(self.store_id, self.model_id, user, relation, object_type))
+        key = ListKey(self.store_id, self.model_id, user, relation, object_type)
+        return self.cache.peek_list(key)
 
     async def _stream(
         self,

@@ -787,7 +787,7 @@ class PreFilter:
         answer fetched while nothing changed). One such list runs at a time; a key
         whose list failed rests ``WARM_BACKOFF_S``, doubled per failure. True when a
         list was started."""
-        if self.fga.cache is None or not self.fga.cache.exact or not self.fga.model_id:
+        if not self.fga.keeps_lists:
             return False
         if self._warming is not None and not self._warming.done():
             return False
